@@ -1,0 +1,17 @@
+//! skyspool: a job queue for GPU clusters whose interface is a filesystem spool.
+//!
+//! Modules, one job each:
+//! - [`resources`]: exact quantities (GPU shares, CPUs) and job demands.
+//! - [`spec`]: SkyPilot task YAML, parsed and validated.
+//! - [`scheduler`]: pure placement logic (no I/O).
+//! - [`inventory`]: nodes and GPUs (NVML, flags or a cluster file).
+//! - [`spool`]: every on-disk file and atomic move (`spool-layout.md` is its contract).
+//! - [`supervisor`]: the per-job process that runs setup/run and records the outcome.
+//! - [`watcher`]: inotify on the spool.
+//! - [`daemon`]: the event loop tying them together.
+//! - [`cli`]: the command-line front end.
+
+pub mod resources;
+pub mod scheduler;
+pub mod spec;
+pub mod inventory;
