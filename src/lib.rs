@@ -11,7 +11,13 @@
 //! - [`daemon`]: the event loop tying them together.
 //! - [`cli`]: the command-line front end.
 
+pub mod cli;
+pub mod daemon;
+pub mod executor;
+pub mod inventory;
+pub mod queue;
 pub mod resources;
 pub mod scheduler;
 pub mod spec;
-pub mod inventory;
+pub mod spool;
+pub mod watcher;

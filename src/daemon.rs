@@ -1,0 +1,1032 @@
+//! The scheduler daemon: one event loop that admits submissions, places jobs, starts their
+//! supervisors, applies cancels and keeps `queue` and `nodes` current.
+//!
+//! All state is in the spool; the loop's memory is a cache rebuilt from it at start-up.
+
+use crate::executor::{self, LaunchPlan, NodeLaunch, RunAs};
+use crate::inventory::{self, Inventory};
+use crate::queue::{self, TimeStyle};
+use crate::resources::Milli;
+use crate::scheduler::{JobId, NodeGrant, Placement, Scheduler};
+use crate::spec::{self, JobSpec};
+use crate::spool::{
+    self, Claimed, Incoming, JobInfo, JobResult, NodeAssignment, Spool, State, Status,
+};
+use crate::watcher::{SpoolEvent, Watcher};
+use anyhow::Context;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How `skyspool serve` was asked to run.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub spool: PathBuf,
+    pub config: Option<PathBuf>,
+    pub gpus: Option<String>,
+    pub cpus: Option<Milli>,
+    pub cluster_name: Option<String>,
+    pub kill_grace: Duration,
+}
+
+macro_rules! note {
+    ($($arg:tt)*) => {
+        eprintln!("{} skyspool: {}", chrono::Local::now().format("%Y-%m-%d %H:%M:%S%.3f"), format!($($arg)*))
+    };
+}
+
+enum Msg {
+    SupervisorExited(JobId, u32),
+}
+
+struct Daemon {
+    spool: Spool,
+    inventory: Inventory,
+    sched: Scheduler,
+    /// Every job's record (the queue's rows), by id.
+    jobs: BTreeMap<JobId, JobInfo>,
+    /// Supervisor pid of each job that has one.
+    supervisors: HashMap<JobId, u32>,
+    watcher: Watcher,
+    exe: PathBuf,
+    next_id: JobId,
+    tx: mpsc::UnboundedSender<Msg>,
+    kill_grace: Duration,
+    am_root: bool,
+    dirty: bool,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Jobs keep running when it stops; the next start
+/// re-adopts them.
+pub fn serve(cfg: DaemonConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the event loop")?;
+    rt.block_on(serve_async(cfg))
+}
+
+async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
+    let spool = Spool::create(&cfg.spool)
+        .with_context(|| format!("preparing the spool at {}", cfg.spool.display()))?;
+    let _lock = spool.lock()?;
+    let inventory = inventory::detect(
+        cfg.config.as_deref(),
+        cfg.gpus.as_deref(),
+        cfg.cpus,
+        cfg.cluster_name.as_deref(),
+    )?;
+    let sched = Scheduler::new(inventory.capacities());
+    let inventory_json = serde_json::to_vec_pretty(&inventory).context("encoding the inventory")?;
+    spool::write_atomic(spool.root(), "nodes.json", &inventory_json, false)?;
+    let watcher = Watcher::new(&spool.incoming()).context("watching incoming/ (inotify)")?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let exe = std::env::current_exe().context("locating the skyspool binary")?;
+    let next_id = spool.next_id()?;
+    let mut d = Daemon {
+        spool,
+        inventory,
+        sched,
+        jobs: BTreeMap::new(),
+        supervisors: HashMap::new(),
+        watcher,
+        exe,
+        next_id,
+        tx,
+        kill_grace: cfg.kill_grace,
+        am_root: nix::unistd::geteuid().is_root(),
+        dirty: true,
+    };
+    note!(
+        "serving {} for cluster {} ({} node(s): {})",
+        d.spool.root().display(),
+        d.inventory.cluster_name,
+        d.inventory.nodes.len(),
+        d.inventory
+            .nodes
+            .iter()
+            .map(|n| format!(
+                "{} with {} GPU(s) and {} CPUs",
+                n.name,
+                n.gpus.len(),
+                n.cpus
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    d.recover()?;
+    d.rescan();
+    d.after_batch();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            batch = d.watcher.next_batch() => {
+                match batch {
+                    Ok(events) => d.handle_events(events),
+                    Err(e) => {
+                        note!("inotify read failed ({e}); rescanning");
+                        d.rescan();
+                    }
+                }
+            }
+            Some(msg) = rx.recv() => {
+                d.handle_msg(msg);
+                while let Ok(more) = rx.try_recv() {
+                    d.handle_msg(more);
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+        d.after_batch();
+    }
+    note!(
+        "stopping; {} running job(s) keep running and will be re-adopted by the next start",
+        d.supervisors.len()
+    );
+    Ok(())
+}
+
+/// Everything a job needs before the scheduler sees it.
+struct Admission {
+    spec: JobSpec,
+    yaml: Vec<u8>,
+}
+
+impl Daemon {
+    // ------------------------------------------------------------------ start-up
+
+    /// Rebuilds state from the spool: finishes staged admissions, re-adopts or settles
+    /// jobs whose supervisor ran while no daemon watched, re-queues pending jobs in order.
+    fn recover(&mut self) -> anyhow::Result<()> {
+        for id in self.spool.job_ids()? {
+            let info = match self.spool.read_info(id) {
+                Ok(i) => i,
+                Err(e) => {
+                    note!("job {id}: skipped, unreadable record: {e}");
+                    continue;
+                }
+            };
+            let status = self.spool.read_status(id).unwrap_or(info.status);
+            let mut info = info;
+            info.status = status;
+            if status.is_terminal() {
+                self.fix_link(id, State::Done);
+                self.jobs.insert(id, info);
+                continue;
+            }
+            self.jobs.insert(id, info);
+            let private = self.spool.job_private(id);
+            if private.join("launched").exists() {
+                self.recover_launched(id);
+            } else {
+                self.fix_link(id, State::Pending);
+                self.enqueue(id);
+            }
+        }
+        for claimed in self.spool.list_staged()? {
+            let id = claimed.id;
+            match self.spool.read_claimed_yaml(&claimed) {
+                Ok(yaml) => match self.validate(&claimed.source, &yaml, claimed.uid) {
+                    Ok(adm) => {
+                        if let Err(e) = self.stage_and_publish(vec![(claimed, adm)]) {
+                            note!("staged job {id}: {e}");
+                        }
+                    }
+                    Err(reason) => {
+                        let _ = self.spool.reject_claimed(&claimed, &reason);
+                    }
+                },
+                Err(reason) => {
+                    let _ = self.spool.reject_claimed(&claimed, &reason);
+                }
+            }
+        }
+        self.next_id = self.next_id.max(self.spool.next_id()?);
+        let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        for id in ids {
+            if self.jobs.get(&id).is_some_and(|j| !j.status.is_terminal()) {
+                let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
+                self.handle_cancel(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// A job whose launch was recorded: its supervisor is alive (re-adopt), finished
+    /// (settle), died (FAILED_DRIVER), or never started (back to pending).
+    fn recover_launched(&mut self, id: JobId) {
+        let private = self.spool.job_private(id);
+        let held = executor::lock_fd_is_held(&private.join("supervisor.lock")).unwrap_or(false);
+        let record = self.spool.read_supervisor(id);
+        if held {
+            if let Some(rec) = record.as_ref() {
+                if executor::process_start_ticks(rec.pid) == Some(rec.start_ticks) {
+                    let placement = self.placement_of(id);
+                    if let Err(e) = self.sched.restore(id, &placement) {
+                        note!("job {id}: re-adopted but its resources clash: {e}");
+                    }
+                    self.fix_link(id, State::Running);
+                    self.watch_supervisor(id, rec.pid);
+                    note!("job {id}: re-adopted running supervisor pid {}", rec.pid);
+                    return;
+                }
+            }
+        }
+        if let Some(result) = self.spool.read_result(id) {
+            self.fix_link(id, State::Running);
+            let placement = self.placement_of(id);
+            let _ = self.sched.restore(id, &placement);
+            self.finish(id, Some(result));
+            return;
+        }
+        if record.is_some() {
+            self.fix_link(id, State::Running);
+            self.finish(
+                id,
+                Some(JobResult {
+                    status: Status::FailedDriver,
+                    exit_codes: vec![],
+                    ended: spool::now_rfc3339(),
+                    reason: Some(
+                        "the job's supervisor died without recording a result while no daemon was watching"
+                            .into(),
+                    ),
+                }),
+            );
+            return;
+        }
+        // Launch recorded but no supervisor ever ran: nothing of the job ran. Re-queue it.
+        let _ = std::fs::remove_file(private.join("launched"));
+        let _ = self.spool.write_status(id, Status::Pending);
+        if let Some(info) = self.jobs.get_mut(&id) {
+            info.status = Status::Pending;
+            info.started = None;
+            info.placement.clear();
+            let _ = self.spool.write_info(info);
+        }
+        self.fix_link(id, State::Pending);
+        self.enqueue(id);
+    }
+
+    /// Makes sure exactly `state/<id>` links to the job.
+    fn fix_link(&self, id: JobId, state: State) {
+        if self.spool.state_of(id) != Some(state) {
+            let from = self.spool.state_of(id);
+            match from {
+                Some(f) => {
+                    let _ = self.spool.move_state(id, f, state);
+                }
+                None => {
+                    let _ = self.spool.link_state(id, state);
+                }
+            }
+        }
+        self.spool.unlink_other_states(id, state);
+    }
+
+    fn enqueue(&mut self, id: JobId) {
+        if let Some(info) = self.jobs.get(&id) {
+            self.sched.enqueue(id, info.demand.clone());
+        }
+    }
+
+    /// The scheduler's view of a running job's recorded placement.
+    fn placement_of(&self, id: JobId) -> Placement {
+        let mut p = Placement::default();
+        let Some(info) = self.jobs.get(&id) else {
+            return p;
+        };
+        for a in &info.placement {
+            let Some(node) = self.inventory.nodes.iter().position(|n| n.name == a.node) else {
+                continue;
+            };
+            p.nodes.push(NodeGrant {
+                node,
+                accelerator: a.accelerator.clone(),
+                gpus: a
+                    .gpus
+                    .iter()
+                    .zip(&a.gpu_shares)
+                    .map(|(i, s)| crate::scheduler::GpuGrant {
+                        index: *i,
+                        share: Milli::parse_positive(s).unwrap_or(Milli::ONE),
+                    })
+                    .collect(),
+                cpus: Milli::parse_positive(&a.cpus).unwrap_or(Milli::ZERO),
+            });
+        }
+        p
+    }
+
+    /// Scans `incoming/` for everything present (start-up, lost events).
+    fn rescan(&mut self) {
+        match self.spool.list_incoming() {
+            Ok(names) => self.admit_batch(names),
+            Err(e) => note!("cannot list incoming/: {e}"),
+        }
+    }
+
+    // ------------------------------------------------------------------ events
+
+    fn handle_events(&mut self, events: Vec<SpoolEvent>) {
+        let mut incoming: Vec<OsString> = Vec::new();
+        let mut overflow = false;
+        let mut touched: BTreeSet<(JobId, OsString)> = BTreeSet::new();
+        for ev in events {
+            match ev {
+                SpoolEvent::Incoming(name) => {
+                    if !incoming.contains(&name) {
+                        incoming.push(name);
+                    }
+                }
+                SpoolEvent::JobFile(id, name) => {
+                    touched.insert((id, name));
+                }
+                SpoolEvent::Overflow => overflow = true,
+            }
+        }
+        if overflow {
+            note!("inotify queue overflowed; rescanning the spool");
+            self.rescan();
+            let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+            for id in ids {
+                self.refresh_status(id);
+                self.handle_cancel(id);
+            }
+        } else {
+            self.admit_batch(incoming);
+        }
+        for (id, name) in touched {
+            match name.to_str() {
+                Some("cancel") => self.handle_cancel(id),
+                Some("status") => self.refresh_status(id),
+                _ => {}
+            }
+        }
+    }
+
+    fn handle_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::SupervisorExited(id, pid) => {
+                // Reap it if it is our child (after a restart it is not; ECHILD is fine).
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+                if self.supervisors.get(&id) == Some(&pid) {
+                    let result = self.spool.read_result(id);
+                    self.finish(id, result);
+                }
+            }
+        }
+    }
+
+    /// The supervisor rewrote `status` (SETTING_UP -> RUNNING): mirror it in the record.
+    fn refresh_status(&mut self, id: JobId) {
+        let Ok(status) = self.spool.read_status(id) else {
+            return;
+        };
+        if let Some(info) = self.jobs.get_mut(&id) {
+            if info.status != status && !info.status.is_terminal() && !status.is_terminal() {
+                info.status = status;
+                let _ = self.spool.write_info(info);
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// After each batch: start what fits, then refresh `queue` and `nodes` once.
+    fn after_batch(&mut self) {
+        let started = self.sched.schedule();
+        for (id, placement) in started {
+            self.start(id, placement);
+        }
+        if self.dirty {
+            self.dirty = false;
+            let rows: Vec<&JobInfo> = self.jobs.values().collect();
+            let text = queue::render(&rows, chrono::Utc::now(), TimeStyle::Absolute);
+            if let Err(e) = self.spool.write_queue(&text) {
+                note!("cannot write queue: {e}");
+            }
+            let nodes = self.inventory.render_nodes(&self.sched.usage());
+            if let Err(e) = self.spool.write_nodes(&nodes) {
+                note!("cannot write nodes: {e}");
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ admission
+
+    /// Parses and checks a submission; `Err` is the reason shown next to it in `rejected/`.
+    fn validate(&self, source: &str, yaml: &[u8], _uid: u32) -> Result<Admission, String> {
+        let text = std::str::from_utf8(yaml)
+            .map_err(|e| format!("{source}: the file is not UTF-8 text ({e})"))?;
+        let spec = spec::parse(text, source, &BTreeMap::new()).map_err(|e| e.to_string())?;
+        let demand = spec.demand();
+        self.sched.check_fits_ever(&demand).map_err(|e| {
+            format!(
+                "{source}: this job can never run on cluster {}: {e}",
+                self.inventory.cluster_name
+            )
+        })?;
+        Ok(Admission {
+            spec,
+            yaml: yaml.to_vec(),
+        })
+    }
+
+    /// Admits or rejects each named submission; admitted ones are made durable together
+    /// (one round of fsyncs for the whole batch), then published in order.
+    fn admit_batch(&mut self, names: Vec<OsString>) {
+        let mut ready: Vec<(Claimed, Admission)> = Vec::new();
+        for name in names {
+            match self.take_submission(&name) {
+                Ok(Some(pair)) => ready.push(pair),
+                Ok(None) => {}
+                Err(e) => note!("incoming/{}: {e}", spool::display_name(&name)),
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        if let Err(e) = self.stage_and_publish(ready) {
+            note!("admission failed: {e}");
+        }
+    }
+
+    /// Looks at one name in `incoming/`: `Ok(None)` when there is nothing to admit (gone,
+    /// ignored, rejected, or still being written).
+    fn take_submission(&mut self, name: &OsStr) -> anyhow::Result<Option<(Claimed, Admission)>> {
+        let Some((kind, _meta)) = self.spool.inspect_incoming(name)? else {
+            return Ok(None);
+        };
+        let source = format!("incoming/{}", spool::display_name(name));
+        let yaml = match &kind {
+            Incoming::Ignore => return Ok(None),
+            Incoming::Bad(reason) => {
+                let to = self
+                    .spool
+                    .reject_incoming(name, &format!("{source}: {reason}"))?;
+                note!("rejected {source}: {reason} (now {})", to.display());
+                return Ok(None);
+            }
+            Incoming::File => match self.spool.read_incoming_file(name) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => return Ok(None), // a writer still has it open
+                Err(spool::SpoolError::Io { source: e, .. })
+                    if e.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => {
+                    self.spool
+                        .reject_incoming(name, &format!("{source}: cannot read it: {e}"))?;
+                    return Ok(None);
+                }
+            },
+            Incoming::Dir => {
+                let inner = self.spool.incoming().join(name).join("job.yaml");
+                match spool_read_dir_job(&inner) {
+                    Ok(Some(bytes)) => bytes,
+                    Ok(None) => return Ok(None),
+                    Err(reason) => {
+                        let to = self
+                            .spool
+                            .reject_incoming(name, &format!("{source}/: {reason}"))?;
+                        note!("rejected {source}/: {reason} (now {})", to.display());
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let shown = if kind == Incoming::Dir {
+            format!("{source}/job.yaml")
+        } else {
+            source.clone()
+        };
+        match self.validate(&shown, &yaml, 0) {
+            Ok(adm) => {
+                let id = self.next_id;
+                let claimed = self.spool.claim(name, &kind, id)?;
+                self.next_id += 1;
+                Ok(Some((claimed, adm)))
+            }
+            Err(reason) => {
+                let to = self.spool.reject_incoming(name, &reason)?;
+                note!("rejected {source}: {reason} (now {})", to.display());
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes each claimed job's files, syncs them all, then publishes each job.
+    fn stage_and_publish(&mut self, ready: Vec<(Claimed, Admission)>) -> anyhow::Result<()> {
+        let mut staged: Vec<(Claimed, JobInfo)> = Vec::new();
+        for (claimed, adm) in ready {
+            match self.stage(&claimed, &adm) {
+                Ok(info) => staged.push((claimed, info)),
+                Err(e) => {
+                    let reason = format!("{}: could not be admitted: {e}", claimed.source);
+                    let _ = self.spool.reject_claimed(&claimed, &reason);
+                    note!("{reason}");
+                }
+            }
+        }
+        // Durability: one round of syncs for the batch (the first fsync commits the
+        // journal for all of them; the rest find little left to do).
+        for (claimed, _) in &staged {
+            for f in ["job.yaml", "info.json", "status"] {
+                spool::sync_file(&claimed.dir.join(f))?;
+            }
+            spool::sync_dir(&claimed.dir)?;
+        }
+        spool::sync_dir(&self.spool.staging())?;
+        if let Some(max) = staged.iter().map(|(c, _)| c.id).max() {
+            self.spool.record_last_id(max)?;
+        }
+        for (claimed, info) in staged {
+            let id = claimed.id;
+            self.spool.publish(&claimed)?;
+            note!(
+                "job {id} ({}) admitted from {} for {}, needs {}",
+                info.name,
+                info.source,
+                info.user,
+                info.resources
+            );
+            self.jobs.insert(id, info);
+            let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
+            self.enqueue(id);
+            self.dirty = true;
+            // A cancel may already be waiting (made between publish and watch).
+            self.handle_cancel(id);
+        }
+        spool::sync_dir(&self.spool.jobs())?;
+        spool::sync_dir(&self.spool.state_dir(State::Pending))?;
+        spool::sync_dir(&self.spool.private())?;
+        Ok(())
+    }
+
+    /// Writes `job.yaml`, `status`, `log`, `info.json` (and secrets, privately) of a
+    /// claimed submission inside its staging directory.
+    fn stage(&self, c: &Claimed, adm: &Admission) -> anyhow::Result<JobInfo> {
+        let spec = &adm.spec;
+        std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755))?;
+        if spec.secrets.is_empty() {
+            spool::write_atomic(&c.dir, "job.yaml", &adm.yaml, false)?;
+        } else {
+            spool::write_atomic(
+                &c.dir,
+                "job.yaml",
+                spec.to_redacted_yaml().as_bytes(),
+                false,
+            )?;
+            self.spool.write_secrets(c.id, &spec.secrets)?;
+            if c.has_workdir {
+                // The submitted copy holds the secrets in clear: keep only the redacted one.
+                let _ = std::fs::remove_file(c.dir.join("workdir").join("job.yaml"));
+            }
+        }
+        spool::write_atomic(&c.dir, "status", b"PENDING\n", false)?;
+        spool::write_atomic(&c.dir, "log", b"", false)?;
+        let user = user_name(c.uid);
+        let name = spec.name.clone().unwrap_or_else(|| default_name(&c.source));
+        let info = JobInfo {
+            id: c.id,
+            name,
+            user,
+            uid: c.uid,
+            gid: c.gid,
+            status: Status::Pending,
+            submitted: spool::now_rfc3339(),
+            started: None,
+            ended: None,
+            resources: spec.resources_display(),
+            demand: spec.demand(),
+            num_nodes: spec.num_nodes,
+            source: c.source.clone(),
+            has_workdir: c.has_workdir,
+            placement: vec![],
+            exit_codes: vec![],
+            reason: None,
+        };
+        spool::write_info_in(&c.dir, &info)?;
+        Ok(info)
+    }
+
+    // ------------------------------------------------------------------ running
+
+    /// Starts a placed job: records the launch, moves it to `running/`, spawns its supervisor.
+    fn start(&mut self, id: JobId, placement: Placement) {
+        if let Err(e) = self.try_start(id, &placement) {
+            note!("job {id}: could not start: {e:#}");
+            let _ = self
+                .spool
+                .append_log(id, &format!("skyspool: could not start the job: {e:#}"));
+            self.finish(
+                id,
+                Some(JobResult {
+                    status: Status::FailedDriver,
+                    exit_codes: vec![],
+                    ended: spool::now_rfc3339(),
+                    reason: Some(format!("could not start: {e:#}")),
+                }),
+            );
+        }
+    }
+
+    fn try_start(&mut self, id: JobId, placement: &Placement) -> anyhow::Result<()> {
+        let dir = self.spool.job_dir(id);
+        let yaml = std::fs::read_to_string(dir.join("job.yaml")).context("reading job.yaml")?;
+        let secrets = self.spool.read_secrets(id);
+        let mut spec = spec::parse(&yaml, &format!("jobs/{id}/job.yaml"), &secrets)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        spec.secrets.extend(secrets);
+        let info = self
+            .jobs
+            .get(&id)
+            .cloned()
+            .ok_or(spool::SpoolError::NoSuchJob(id))?;
+        let assignments = self.assignments(placement);
+        let plan = self.plan(&info, &spec, &assignments)?;
+        let private = self.spool.job_private(id);
+        std::fs::create_dir_all(&private)?;
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755))?;
+        let lock = executor::take_launch_lock(&private.join("supervisor.lock"))
+            .context("taking the job's launch lock")?;
+        spool::write_atomic(&private, "launched", spool::now_rfc3339().as_bytes(), true)?;
+        spool::sync_dir(&private)?;
+        let first = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
+            Status::SettingUp
+        } else {
+            Status::Running
+        };
+        self.spool.write_status(id, first)?;
+        let mut info = info;
+        info.status = first;
+        info.started = Some(spool::now_rfc3339());
+        info.placement = assignments;
+        self.spool.write_info(&info)?;
+        self.spool.move_state(id, State::Pending, State::Running)?;
+        self.jobs.insert(id, info);
+        self.dirty = true;
+        let pid = executor::spawn_supervisor(&self.exe, &plan, lock)
+            .context("spawning the job's supervisor")?;
+        note!(
+            "job {id} started (supervisor pid {pid}) on {}",
+            self.jobs
+                .get(&id)
+                .map(|i| i
+                    .placement
+                    .iter()
+                    .map(|a| format!("{} gpus {:?}", a.node, a.gpus))
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        );
+        self.watch_supervisor(id, pid);
+        Ok(())
+    }
+
+    fn assignments(&self, placement: &Placement) -> Vec<NodeAssignment> {
+        placement
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(rank, g)| {
+                let node = self.inventory.nodes.get(g.node);
+                NodeAssignment {
+                    rank: rank as u32,
+                    node: node.map(|n| n.name.clone()).unwrap_or_default(),
+                    ip: node.map(|n| n.addr.clone()).unwrap_or_default(),
+                    accelerator: g.accelerator.clone(),
+                    gpus: g.gpus.iter().map(|x| x.index).collect(),
+                    gpu_shares: g.gpus.iter().map(|x| x.share.to_string()).collect(),
+                    cpus: g.cpus.to_string(),
+                }
+            })
+            .collect()
+    }
+
+    /// Builds the supervisor's plan: user, cwd, and SkyPilot's environment.
+    fn plan(
+        &self,
+        info: &JobInfo,
+        spec: &JobSpec,
+        nodes: &[NodeAssignment],
+    ) -> anyhow::Result<LaunchPlan> {
+        let user = run_as(info.uid, info.gid, self.am_root);
+        let mut notes = Vec::new();
+        let job_dir = self.spool.job_dir(info.id);
+        let cwd = if info.has_workdir {
+            job_dir.join("workdir")
+        } else {
+            match spec.workdir.as_deref() {
+                Some(w) => {
+                    let expanded = if let Some(rest) = w.strip_prefix("~/") {
+                        user.home.join(rest)
+                    } else if w == "~" {
+                        user.home.clone()
+                    } else {
+                        PathBuf::from(w)
+                    };
+                    if expanded.is_absolute() && expanded.is_dir() {
+                        expanded
+                    } else {
+                        notes.push(format!(
+                            "skyspool: workdir '{w}' was not submitted with the job; running in {} \
+                             (submit a directory holding job.yaml and the files, or use `skyspool submit`)",
+                            user.home.display()
+                        ));
+                        user.home.clone()
+                    }
+                }
+                None => user.home.clone(),
+            }
+        };
+        let cluster = &self.inventory.cluster_name;
+        let submitted = chrono::DateTime::parse_from_rfc3339(&info.submitted)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .unwrap_or_else(|_| chrono::Utc::now());
+        let task_id = format!(
+            "sky-{}_{}_{}",
+            submitted.format("%Y-%m-%d-%H-%M-%S-%6f"),
+            cluster,
+            info.id
+        );
+        let cluster_info = serde_json::json!({
+            "cluster_name": cluster,
+            "cloud": "Local",
+            "region": null,
+            "zone": null,
+        });
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.extend(spec.envs.clone());
+        env.extend(spec.secrets.clone());
+        env.insert("SKYPILOT_TASK_ID".into(), task_id);
+        env.insert("SKYPILOT_CLUSTER_INFO".into(), cluster_info.to_string());
+        env.insert("SKYPILOT_USER".into(), info.user.clone());
+        env.insert("SKYPILOT_NUM_NODES".into(), nodes.len().to_string());
+        let gpus_per_node = per_node_gpus(spec);
+        let mut setup_env = BTreeMap::new();
+        let all_ips: Vec<String> = self
+            .inventory
+            .nodes
+            .iter()
+            .map(|n| n.addr.clone())
+            .collect();
+        setup_env.insert("SKYPILOT_SETUP_NODE_IPS".into(), all_ips.join("\n"));
+        setup_env.insert(
+            "SKYPILOT_SETUP_NUM_GPUS_PER_NODE".into(),
+            gpus_per_node.to_string(),
+        );
+        let mut run_env = BTreeMap::new();
+        let job_ips: Vec<String> = nodes.iter().map(|n| n.ip.clone()).collect();
+        run_env.insert("SKYPILOT_NODE_IPS".into(), job_ips.join("\n"));
+        let launches = nodes
+            .iter()
+            .map(|a| {
+                let local = self
+                    .inventory
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == a.node)
+                    .map(|n| n.local)
+                    .unwrap_or(true);
+                NodeLaunch {
+                    rank: a.rank,
+                    name: a.node.clone(),
+                    ip: a.ip.clone(),
+                    local,
+                    gpus: a.gpus.clone(),
+                }
+            })
+            .collect();
+        Ok(LaunchPlan {
+            job_id: info.id,
+            spool: self.spool.root().to_path_buf(),
+            user,
+            setup: spec.setup.clone(),
+            run: spec.run.clone(),
+            cwd,
+            notes,
+            env,
+            setup_env,
+            run_env,
+            nodes: launches,
+            num_gpus_per_node: gpus_per_node,
+            kill_grace_ms: self.kill_grace.as_millis() as u64,
+        })
+    }
+
+    /// Watches a supervisor's pidfd; its exit comes back as a message.
+    fn watch_supervisor(&mut self, id: JobId, pid: u32) {
+        self.supervisors.insert(id, pid);
+        let tx = self.tx.clone();
+        match executor::pidfd_open(pid) {
+            Ok(fd) => {
+                tokio::spawn(async move {
+                    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd; it stays open until dropped.
+                    if let Ok(afd) = unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+                        let _ = afd.readable().await;
+                    }
+                    let _ = tx.send(Msg::SupervisorExited(id, pid));
+                });
+            }
+            Err(_) => {
+                // Already gone.
+                let _ = tx.send(Msg::SupervisorExited(id, pid));
+            }
+        }
+    }
+
+    /// Settles a job that was running: final status, record, `done/`, resources freed.
+    fn finish(&mut self, id: JobId, result: Option<JobResult>) {
+        let pid = self.supervisors.remove(&id);
+        let result = result.unwrap_or_else(|| JobResult {
+            status: Status::FailedDriver,
+            exit_codes: vec![],
+            ended: spool::now_rfc3339(),
+            reason: Some(format!(
+                "the job's supervisor{} exited without recording a result",
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            )),
+        });
+        if result.status == Status::FailedDriver {
+            let _ = self.spool.append_log(
+                id,
+                &format!(
+                    "skyspool: FAILED_DRIVER: {}",
+                    result.reason.as_deref().unwrap_or("driver lost")
+                ),
+            );
+        }
+        let _ = self.spool.write_status(id, result.status);
+        if let Some(info) = self.jobs.get_mut(&id) {
+            info.status = result.status;
+            info.ended = Some(result.ended.clone());
+            info.exit_codes = result.exit_codes.clone();
+            info.reason = result.reason.clone();
+            let _ = self.spool.write_info(info);
+        }
+        let from = self.spool.state_of(id).unwrap_or(State::Running);
+        let _ = self.spool.move_state(id, from, State::Done);
+        self.sched.release(id);
+        self.watcher.unwatch_job(id);
+        self.spool.remove_secrets(id);
+        self.dirty = true;
+        note!("job {id} ended {}", result.status);
+    }
+
+    // ------------------------------------------------------------------ cancel
+
+    /// Acts on `jobs/<id>/cancel` if present: the owner's (or root's) request cancels the
+    /// job; anyone else's is removed and recorded in the job's log.
+    fn handle_cancel(&mut self, id: JobId) {
+        let Some(meta) = self.spool.cancel_requested(id) else {
+            return;
+        };
+        let Some(info) = self.jobs.get(&id) else {
+            return;
+        };
+        if info.status.is_terminal() {
+            return;
+        }
+        let by = meta.uid();
+        if by != info.uid && by != 0 && by != nix::unistd::geteuid().as_raw() {
+            self.spool.clear_cancel(id);
+            let _ = self.spool.append_log(
+                id,
+                &format!(
+                    "skyspool: refused a cancel request from uid {by}: only the job's owner ({}) or root may cancel it",
+                    info.user
+                ),
+            );
+            note!("job {id}: refused cancel from uid {by}");
+            return;
+        }
+        if self.sched.dequeue(id) {
+            let _ = self
+                .spool
+                .append_log(id, "skyspool: cancelled before it started");
+            self.finish_pending_cancel(id);
+        } else if let Some(pid) = self.supervisors.get(&id) {
+            note!("job {id}: cancelling (SIGTERM to supervisor {pid})");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    fn finish_pending_cancel(&mut self, id: JobId) {
+        let _ = self.spool.write_status(id, Status::Cancelled);
+        if let Some(info) = self.jobs.get_mut(&id) {
+            info.status = Status::Cancelled;
+            info.ended = Some(spool::now_rfc3339());
+            info.reason = Some("cancelled while pending".into());
+            let _ = self.spool.write_info(info);
+        }
+        let from = self.spool.state_of(id).unwrap_or(State::Pending);
+        let _ = self.spool.move_state(id, from, State::Done);
+        self.watcher.unwatch_job(id);
+        self.spool.remove_secrets(id);
+        self.dirty = true;
+        note!("job {id} cancelled while pending");
+    }
+}
+
+/// `SKYPILOT_NUM_GPUS_PER_NODE`: the ceiling of the per-node accelerator count.
+fn per_node_gpus(spec: &JobSpec) -> u64 {
+    spec.resources
+        .accelerators
+        .first()
+        .map(|a| a.count.ceil_units())
+        .unwrap_or(0)
+}
+
+/// Reads `incoming/NAME/job.yaml` of a directory submission (no links, not while written).
+fn spool_read_dir_job(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(
+            "the directory has no job.yaml (a job directory holds job.yaml and the job's files)"
+                .into(),
+        ),
+        Err(e) => return Err(e.to_string()),
+    };
+    if !meta.file_type().is_file() {
+        return Err("job.yaml is not a regular file".into());
+    }
+    match spool::read_file_unless_writing(path) {
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn default_name(source: &str) -> String {
+    let base = source.trim_start_matches("incoming/").trim_end_matches('/');
+    let stem = base
+        .strip_suffix(".yaml")
+        .or_else(|| base.strip_suffix(".yml"))
+        .unwrap_or(base);
+    if stem.is_empty() {
+        "sky-cmd".into()
+    } else {
+        stem.to_string()
+    }
+}
+
+/// The account name of `uid` (its number when it has none).
+pub fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string())
+}
+
+/// Who a job runs as: the submitter, when the daemon can switch users (root).
+fn run_as(uid: u32, gid: u32, am_root: bool) -> RunAs {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten();
+    let (name, home, shell, gid) = match &user {
+        Some(u) => (
+            u.name.clone(),
+            u.dir.clone(),
+            u.shell.clone(),
+            u.gid.as_raw(),
+        ),
+        None => (
+            uid.to_string(),
+            PathBuf::from("/"),
+            PathBuf::from("/bin/bash"),
+            gid,
+        ),
+    };
+    let groups = match &user {
+        Some(u) => {
+            let cname = std::ffi::CString::new(u.name.clone()).unwrap_or_default();
+            nix::unistd::getgrouplist(&cname, nix::unistd::Gid::from_raw(gid))
+                .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_else(|_| vec![gid])
+        }
+        None => vec![gid],
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    RunAs {
+        name,
+        uid,
+        gid,
+        groups,
+        home,
+        shell,
+        switch: am_root && uid != me,
+    }
+}

@@ -1,0 +1,757 @@
+//! Runs one job: the per-job supervisor process (`skyspool supervise`).
+//!
+//! The daemon starts one supervisor per job and hands it a [`LaunchPlan`] on stdin (so
+//! secrets never touch a file). The supervisor lives in its own session, outlives the daemon
+//! if the daemon dies, and:
+//! - runs `setup` (status `SETTING_UP`, `CUDA_VISIBLE_DEVICES` unset) then `run` (`RUNNING`)
+//!   with bash, once per node, each node's processes in a process group of their own, as the
+//!   submitting user;
+//! - sends all output to the job's `log` (one node: the same file descriptor for stdout and
+//!   stderr, so order is kept exactly; several nodes: prefixed lines as SkyPilot prints them,
+//!   plus one log per node);
+//! - on `SIGTERM` (the daemon's cancel) stops every process of the job: `SIGTERM` to each
+//!   process group, `SIGKILL` after the grace period, then every remaining descendant (it is a
+//!   child subreaper, so daemonized grandchildren cannot escape);
+//! - records `.sky/result.json`, then the final `status`, and exits.
+
+use crate::scheduler::JobId;
+use crate::spool::{self, JobResult, Spool, Status, SupervisorRecord};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The user a job runs as.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: PathBuf,
+    pub shell: PathBuf,
+    /// Switch to this user (only possible, and only done, when the supervisor is root).
+    pub switch: bool,
+}
+
+/// One node of a job, in rank order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLaunch {
+    pub rank: u32,
+    pub name: String,
+    pub ip: String,
+    pub local: bool,
+    /// GPU indices given on this node.
+    pub gpus: Vec<u32>,
+}
+
+/// Everything the supervisor needs to run one job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LaunchPlan {
+    pub job_id: JobId,
+    pub spool: PathBuf,
+    pub user: RunAs,
+    pub setup: Option<String>,
+    pub run: Option<String>,
+    /// Working directory of the job's commands.
+    pub cwd: PathBuf,
+    /// Lines written at the top of the log before anything runs (e.g. a workdir note).
+    pub notes: Vec<String>,
+    /// Environment shared by setup and run (envs, secrets, SKYPILOT_* common ones).
+    pub env: BTreeMap<String, String>,
+    /// Added for `setup` only.
+    pub setup_env: BTreeMap<String, String>,
+    /// Added for `run` only (per-node values are added by the supervisor).
+    pub run_env: BTreeMap<String, String>,
+    pub nodes: Vec<NodeLaunch>,
+    /// `SKYPILOT_NUM_GPUS_PER_NODE` (ceil of the per-node count).
+    pub num_gpus_per_node: u64,
+    /// Between SIGTERM and SIGKILL on cancel.
+    pub kill_grace_ms: u64,
+}
+
+/// The file descriptor number at which the supervisor receives its launch lock.
+pub const LOCK_FD: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("reading the launch plan: {0}")]
+    Plan(String),
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+    #[error("{0}: {1}")]
+    Io(String, #[source] io::Error),
+}
+
+/// Path of the job's private files (`jobs/<id>/.sky`).
+fn private_dir(plan: &LaunchPlan) -> PathBuf {
+    Spool::at(&plan.spool).job_private(plan.job_id)
+}
+
+/// Clock ticks since boot at which `pid` started (`/proc/PID/stat` field 22).
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Parent pid of `pid` from `/proc/PID/stat`.
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every live descendant of `root` (by walking `/proc`'s parent links).
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(rd) = fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
+                if let Some(pp) = parent_pid(pid) {
+                    parent_of.push((pid, pp));
+                }
+            }
+        }
+    }
+    let mut found: HashSet<u32> = HashSet::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &(pid, pp) in &parent_of {
+            if pp == p && found.insert(pid) {
+                frontier.push(pid);
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+fn signal_group(pgid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), sig);
+}
+
+/// Kills every remaining descendant of this process and reaps the orphans it inherited.
+fn kill_all_descendants(tracked_running: bool) {
+    let me = std::process::id();
+    for _ in 0..100 {
+        let pids = descendants(me);
+        let live: Vec<u32> = pids.into_iter().filter(|p| !is_zombie(*p)).collect();
+        if live.is_empty() {
+            break;
+        }
+        for p in &live {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if !tracked_running {
+            reap_orphans();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if !tracked_running {
+        reap_orphans();
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.get(s.rfind(')')? + 2..)?.to_string();
+            rest.split_whitespace().next().map(|st| st == "Z")
+        })
+        .unwrap_or(true)
+}
+
+fn reap_orphans() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// The bash script for one phase. Env values come through the environment, never the file.
+fn script_text(body: &str, cwd: &Path) -> String {
+    let cwd = cwd.to_string_lossy().replace('\'', r"'\''");
+    format!(
+        "# generated by skyspool: sources ~/.bashrc like SkyPilot, then the job's commands\n\
+         [ -f ~/.bashrc ] && . ~/.bashrc >/dev/null 2>&1 </dev/null\n\
+         cd '{cwd}' || exit 1\n\
+         {body}\n"
+    )
+}
+
+/// Where the output of one node goes.
+enum Sink {
+    /// Single node: stdout and stderr are the log itself.
+    Direct(File),
+    /// Several nodes: a pipe read by a prefixing thread.
+    Pipe,
+}
+
+/// Exit of one rank's main process.
+struct Exited {
+    rank: usize,
+    code: Option<i32>,
+}
+
+enum Event {
+    Exited(Exited),
+    Terminate,
+}
+
+/// Entry point of `skyspool supervise`: reads the plan from stdin and runs the job.
+pub fn supervise_main() -> Result<(), ExecError> {
+    let mut text = String::new();
+    io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|e| ExecError::Plan(e.to_string()))?;
+    let plan: LaunchPlan =
+        serde_json::from_str(&text).map_err(|e| ExecError::Plan(e.to_string()))?;
+    // Own session: a terminal's ^C or hang-up aimed at the daemon never reaches the job.
+    let _ = nix::unistd::setsid();
+    // Keep the launch lock away from the job's processes.
+    // SAFETY: fcntl on a descriptor number; harmless if it is not open.
+    unsafe { libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // Orphans of the job are re-parented to us, so nothing escapes a cancel.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let (tx, rx) = mpsc::channel::<Event>();
+    start_signal_thread(tx.clone());
+    let spool = Spool::at(&plan.spool);
+    let me = std::process::id();
+    let record = SupervisorRecord {
+        pid: me,
+        start_ticks: process_start_ticks(me).unwrap_or(0),
+    };
+    let rec = serde_json::to_vec(&record).map_err(|e| ExecError::Plan(e.to_string()))?;
+    spool::write_atomic(&private_dir(&plan), "supervisor.json", &rec, true)?;
+    let result = run_job(&plan, &spool, &tx, &rx);
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => JobResult {
+            status: Status::FailedDriver,
+            exit_codes: vec![],
+            ended: spool::now_rfc3339(),
+            reason: Some(format!("supervisor error: {e}")),
+        },
+    };
+    kill_all_descendants(false);
+    let bytes = serde_json::to_vec(&result).map_err(|e| ExecError::Plan(e.to_string()))?;
+    spool::write_atomic(&private_dir(&plan), "result.json", &bytes, true)?;
+    spool.write_status(plan.job_id, result.status)?;
+    Ok(())
+}
+
+fn start_signal_thread(tx: mpsc::Sender<Event>) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    // Block in this (main) thread before any other thread exists, so all threads inherit
+    // the mask and only sigwait sees these signals. Children get an empty mask (std resets it).
+    let _ = set.thread_block();
+    std::thread::spawn(move || loop {
+        match set.wait() {
+            Ok(Signal::SIGHUP) => continue,
+            Ok(_) => {
+                if tx.send(Event::Terminate).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    });
+}
+
+fn open_log(plan: &LaunchPlan, name: &str) -> Result<File, ExecError> {
+    let dir = Spool::at(&plan.spool).job_dir(plan.job_id);
+    let path = dir.join(name);
+    let f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(&path)
+        .map_err(|e| ExecError::Io(path.display().to_string(), e))?;
+    Ok(f)
+}
+
+/// Runs setup (if any) then run (if any) on every node; returns the outcome.
+fn run_job(
+    plan: &LaunchPlan,
+    spool: &Spool,
+    tx: &mpsc::Sender<Event>,
+    rx: &mpsc::Receiver<Event>,
+) -> Result<JobResult, ExecError> {
+    let mut log = open_log(plan, "log")?;
+    for note in &plan.notes {
+        let _ = writeln!(log, "{note}");
+    }
+    let log = Arc::new(Mutex::new(log));
+    let n = plan.nodes.len().max(1);
+    if let Some(setup) = plan.setup.as_deref().filter(|s| !s.trim().is_empty()) {
+        spool.write_status(plan.job_id, Status::SettingUp)?;
+        let outcome = run_phase(plan, "setup", setup, &log, tx, rx)?;
+        match outcome {
+            PhaseOutcome::Cancelled(codes) => {
+                return Ok(finish(
+                    Status::Cancelled,
+                    codes,
+                    Some("cancelled during setup"),
+                ))
+            }
+            PhaseOutcome::Done(codes) if codes.iter().any(|c| *c != Some(0)) => {
+                return Ok(finish(
+                    Status::FailedSetup,
+                    codes,
+                    Some("setup exited with a non-zero code"),
+                ));
+            }
+            PhaseOutcome::Done(_) => {}
+        }
+    }
+    spool.write_status(plan.job_id, Status::Running)?;
+    let Some(run) = plan.run.as_deref().filter(|s| !s.trim().is_empty()) else {
+        return Ok(finish(Status::Succeeded, vec![Some(0); n], None));
+    };
+    match run_phase(plan, "run", run, &log, tx, rx)? {
+        PhaseOutcome::Cancelled(codes) => Ok(finish(Status::Cancelled, codes, Some("cancelled"))),
+        PhaseOutcome::Done(codes) => {
+            if codes.iter().all(|c| *c == Some(0)) {
+                Ok(finish(Status::Succeeded, codes, None))
+            } else {
+                let failed: Vec<String> = codes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| **c != Some(0))
+                    .map(|(r, c)| match c {
+                        Some(c) => format!("rank {r} exited with {c}"),
+                        None => format!("rank {r} was stopped"),
+                    })
+                    .collect();
+                Ok(finish(Status::Failed, codes, Some(&failed.join("; "))))
+            }
+        }
+    }
+}
+
+fn finish(status: Status, exit_codes: Vec<Option<i32>>, reason: Option<&str>) -> JobResult {
+    JobResult {
+        status,
+        exit_codes,
+        ended: spool::now_rfc3339(),
+        reason: reason.map(str::to_string),
+    }
+}
+
+enum PhaseOutcome {
+    Done(Vec<Option<i32>>),
+    Cancelled(Vec<Option<i32>>),
+}
+
+/// The environment of one rank in one phase.
+fn rank_env(plan: &LaunchPlan, phase: &str, node: &NodeLaunch) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    let path = std::env::var("PATH")
+        .unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    env.insert("PATH".into(), path);
+    for key in ["LANG", "LC_ALL", "TZ"] {
+        if let Ok(v) = std::env::var(key) {
+            env.insert(key.into(), v);
+        }
+    }
+    env.insert("HOME".into(), plan.user.home.to_string_lossy().into_owned());
+    env.insert("USER".into(), plan.user.name.clone());
+    env.insert("LOGNAME".into(), plan.user.name.clone());
+    env.insert(
+        "SHELL".into(),
+        plan.user.shell.to_string_lossy().into_owned(),
+    );
+    env.insert("PYTHONUNBUFFERED".into(), "1".into());
+    env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
+    env.extend(plan.env.clone());
+    if phase == "setup" {
+        env.extend(plan.setup_env.clone());
+        env.insert("SKYPILOT_SETUP_NODE_RANK".into(), node.rank.to_string());
+    } else {
+        env.extend(plan.run_env.clone());
+        let devices: Vec<String> = node.gpus.iter().map(|g| g.to_string()).collect();
+        env.insert("CUDA_VISIBLE_DEVICES".into(), devices.join(","));
+        env.insert("SKYPILOT_NODE_RANK".into(), node.rank.to_string());
+        env.insert(
+            "SKYPILOT_NUM_GPUS_PER_NODE".into(),
+            plan.num_gpus_per_node.to_string(),
+        );
+    }
+    env
+}
+
+/// Runs one phase on every node and waits for it (or for a cancel).
+fn run_phase(
+    plan: &LaunchPlan,
+    phase: &str,
+    body: &str,
+    log: &Arc<Mutex<File>>,
+    tx: &mpsc::Sender<Event>,
+    rx: &mpsc::Receiver<Event>,
+) -> Result<PhaseOutcome, ExecError> {
+    let dir = private_dir(plan);
+    let script = dir.join(format!("{phase}.sh"));
+    spool::write_atomic(
+        &dir,
+        &format!("{phase}.sh"),
+        script_text(body, &plan.cwd).as_bytes(),
+        false,
+    )?;
+    let multi = plan.nodes.len() > 1;
+    let mut pgids: Vec<u32> = Vec::new();
+    let mut pumps = Vec::new();
+    let mut codes: Vec<Option<i32>> = vec![None; plan.nodes.len()];
+    let mut running = 0usize;
+    for (i, node) in plan.nodes.iter().enumerate() {
+        let sink = if multi {
+            Sink::Pipe
+        } else {
+            let f = log
+                .lock()
+                .map_err(|_| ExecError::Plan("log lock poisoned".into()))?
+                .try_clone()
+                .map_err(|e| ExecError::Io("log".into(), e))?;
+            Sink::Direct(f)
+        };
+        match spawn_rank(plan, phase, &script, node, sink) {
+            Ok((child, reader)) => {
+                let pid = child.id();
+                pgids.push(pid);
+                if let Some(reader) = reader {
+                    let per_node = open_log(plan, &format!("log.rank{}", node.rank))?;
+                    let prefix = rank_prefix(node, pid);
+                    let log = Arc::clone(log);
+                    pumps.push(std::thread::spawn(move || {
+                        pump(reader, prefix, log, per_node)
+                    }));
+                }
+                running += 1;
+                let tx = tx.clone();
+                std::thread::spawn(move || wait_child(child, i, tx));
+            }
+            Err(e) => {
+                if let Ok(mut l) = log.lock() {
+                    let _ = writeln!(l, "skyspool: could not start {phase} on {}: {e}", node.name);
+                }
+                codes[i] = Some(127);
+            }
+        }
+    }
+    let mut cancelled = false;
+    let mut kill_deadline: Option<Instant> = None;
+    while running > 0 {
+        let ev = match kill_deadline {
+            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+                Ok(ev) => ev,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    for g in &pgids {
+                        signal_group(*g, nix::sys::signal::Signal::SIGKILL);
+                    }
+                    kill_all_descendants(true);
+                    kill_deadline = Some(Instant::now() + Duration::from_secs(3600));
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(ev) => ev,
+                Err(_) => break,
+            },
+        };
+        match ev {
+            Event::Terminate => {
+                if !cancelled {
+                    cancelled = true;
+                    for g in &pgids {
+                        signal_group(*g, nix::sys::signal::Signal::SIGTERM);
+                    }
+                    kill_deadline =
+                        Some(Instant::now() + Duration::from_millis(plan.kill_grace_ms));
+                }
+            }
+            Event::Exited(Exited { rank, code }) => {
+                running -= 1;
+                if let Some(c) = codes.get_mut(rank) {
+                    *c = code;
+                }
+                // A node that fails stops the others (SkyPilot's multi-node rule).
+                if multi && code != Some(0) && kill_deadline.is_none() {
+                    for g in &pgids {
+                        signal_group(*g, nix::sys::signal::Signal::SIGTERM);
+                    }
+                    kill_deadline =
+                        Some(Instant::now() + Duration::from_millis(plan.kill_grace_ms));
+                }
+            }
+        }
+    }
+    // The main processes are gone: nothing they left behind may keep running.
+    for g in &pgids {
+        signal_group(*g, nix::sys::signal::Signal::SIGKILL);
+    }
+    kill_all_descendants(false);
+    for p in pumps {
+        let _ = p.join();
+    }
+    if cancelled {
+        Ok(PhaseOutcome::Cancelled(codes))
+    } else {
+        Ok(PhaseOutcome::Done(codes))
+    }
+}
+
+fn rank_prefix(node: &NodeLaunch, pid: u32) -> String {
+    if node.rank == 0 {
+        format!("(head, rank=0, pid={pid}) ")
+    } else {
+        format!(
+            "(worker{}, rank={}, pid={pid}, ip={}) ",
+            node.rank, node.rank, node.ip
+        )
+    }
+}
+
+fn wait_child(mut child: Child, rank: usize, tx: mpsc::Sender<Event>) {
+    let code = match child.wait() {
+        Ok(st) => st.code().or_else(|| st.signal().map(|s| 128 + s)),
+        Err(_) => None,
+    };
+    let _ = tx.send(Event::Exited(Exited { rank, code }));
+}
+
+/// Copies one rank's output, line by line, into the merged log (prefixed) and its own log.
+fn pump(reader: File, prefix: String, log: Arc<Mutex<File>>, mut per_node: File) {
+    let mut r = BufReader::new(reader);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                if !line.ends_with(b"\n") {
+                    line.push(b'\n');
+                }
+                let _ = per_node.write_all(&line);
+                if let Ok(mut l) = log.lock() {
+                    let mut out = Vec::with_capacity(prefix.len() + line.len());
+                    out.extend_from_slice(prefix.as_bytes());
+                    out.extend_from_slice(&line);
+                    let _ = l.write_all(&out);
+                }
+            }
+        }
+    }
+}
+
+/// Starts one rank of one phase: a local bash in its own process group.
+fn spawn_rank(
+    plan: &LaunchPlan,
+    phase: &str,
+    script: &Path,
+    node: &NodeLaunch,
+    sink: Sink,
+) -> io::Result<(Child, Option<File>)> {
+    if !node.local {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "remote nodes are not supported by this build",
+        ));
+    }
+    let mut cmd = Command::new("/bin/bash");
+    cmd.arg("--noprofile").arg("--norc").arg(script);
+    cmd.env_clear();
+    cmd.envs(rank_env(plan, phase, node));
+    if phase == "setup" {
+        cmd.env_remove("CUDA_VISIBLE_DEVICES");
+    }
+    cmd.current_dir(&plan.cwd);
+    cmd.stdin(Stdio::null());
+    let reader = match sink {
+        Sink::Direct(f) => {
+            let f2 = f.try_clone()?;
+            cmd.stdout(Stdio::from(f));
+            cmd.stderr(Stdio::from(f2));
+            None
+        }
+        Sink::Pipe => {
+            let (r, w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+            let w2 = w.try_clone()?;
+            cmd.stdout(Stdio::from(w));
+            cmd.stderr(Stdio::from(w2));
+            Some(File::from(r))
+        }
+    };
+    cmd.process_group(0);
+    if plan.user.switch {
+        cmd.uid(plan.user.uid);
+        cmd.gid(plan.user.gid);
+        let groups: Vec<libc::gid_t> = plan.user.groups.clone();
+        // SAFETY: setgroups is async-signal-safe; the list was built before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = cmd.spawn()?;
+    // Drop our copies of the pipe's write end (held by `cmd`) so the reader sees EOF.
+    drop(cmd);
+    Ok((child, reader))
+}
+
+/// Takes an inherited launch lock fd (daemon side helper for tests and restarts).
+pub fn lock_fd_is_held(path: &Path) -> io::Result<bool> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    // SAFETY: flock on a valid descriptor.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        // SAFETY: as above.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        Ok(false)
+    } else {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(true)
+        } else {
+            Err(e)
+        }
+    }
+}
+
+/// Opens (creating) a job's launch lock and takes it; the daemon passes it to the
+/// supervisor as fd [`LOCK_FD`], so the lock is held exactly as long as a supervisor lives.
+pub fn take_launch_lock(path: &Path) -> io::Result<OwnedFd> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(path)?;
+    // SAFETY: flock on a valid descriptor.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(f))
+}
+
+/// Spawns `skyspool supervise` for a plan, handing it the launch lock as fd 3.
+/// Returns the supervisor's pid. The plan goes through a pipe on stdin.
+pub fn spawn_supervisor(exe: &Path, plan: &LaunchPlan, lock: OwnedFd) -> io::Result<u32> {
+    let bytes = serde_json::to_vec(plan).map_err(io::Error::other)?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("supervise");
+    cmd.stdin(Stdio::piped());
+    cmd.stdout(Stdio::null());
+    let log = open_daemon_log(&plan.spool);
+    match log {
+        Some(f) => cmd.stderr(Stdio::from(f)),
+        None => cmd.stderr(Stdio::null()),
+    };
+    let lock_raw = lock.as_raw_fd();
+    // SAFETY: dup2 is async-signal-safe; it installs the lock at LOCK_FD without CLOEXEC.
+    unsafe {
+        cmd.pre_exec(move || {
+            if lock_raw == LOCK_FD {
+                let flags = libc::fcntl(LOCK_FD, libc::F_GETFD);
+                libc::fcntl(LOCK_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            } else if libc::dup2(lock_raw, LOCK_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(lock);
+    let pid = child.id();
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&bytes)?;
+    }
+    // The daemon reaps it through its pidfd watcher; forget the std handle.
+    std::mem::forget(child);
+    Ok(pid)
+}
+
+fn open_daemon_log(spool: &Path) -> Option<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(spool.join(".skyspool").join("daemon.log"))
+        .ok()
+}
+
+/// `pidfd_open(2)`: a descriptor that becomes readable when `pid` exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: raw syscall with integer arguments; a valid fd is returned on success.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_of_self() {
+        assert!(process_start_ticks(std::process::id()).is_some());
+        assert!(parent_pid(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn script_quotes_cwd() {
+        let s = script_text("echo hi", Path::new("/tmp/it's"));
+        assert!(s.contains(r"cd '/tmp/it'\''s'"));
+        assert!(s.ends_with("echo hi\n"));
+    }
+
+    #[test]
+    fn prefixes_like_skypilot() {
+        let n = NodeLaunch {
+            rank: 1,
+            name: "w1".into(),
+            ip: "10.0.0.2".into(),
+            local: true,
+            gpus: vec![],
+        };
+        assert_eq!(
+            rank_prefix(&n, 42),
+            "(worker1, rank=1, pid=42, ip=10.0.0.2) "
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! The `sky queue` table, rendered from job records (the `queue` file and `skyspool queue`).
+
+use crate::spool::JobInfo;
+use chrono::{DateTime, Local, Utc};
+use comfy_table::{presets, ContentArrangement, Table};
+
+/// How times are shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeStyle {
+    /// `10 mins ago` (like `sky queue`; for a terminal, where it is read at once).
+    Relative,
+    /// `2026-11-28 10:32:05` local time (for the `queue` file, which is read later).
+    Absolute,
+}
+
+fn parse_time(s: &Option<String>) -> Option<DateTime<Utc>> {
+    s.as_deref()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// `5s`, `3m 20s`, `2h 5m`, `1d 3h`.
+pub fn format_duration(secs: i64) -> String {
+    let s = secs.max(0);
+    let (d, h, m, sec) = (s / 86400, (s / 3600) % 24, (s / 60) % 60, s % 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {sec}s")
+    } else {
+        format!("{sec}s")
+    }
+}
+
+fn format_ago(secs: i64) -> String {
+    let s = secs.max(0);
+    if s < 60 {
+        format!("{s} secs ago")
+    } else if s < 3600 {
+        let m = s / 60;
+        format!("{m} min{} ago", if m == 1 { "" } else { "s" })
+    } else if s < 86400 {
+        let h = s / 3600;
+        format!("{h} hr{} ago", if h == 1 { "" } else { "s" })
+    } else {
+        let d = s / 86400;
+        format!("{d} day{} ago", if d == 1 { "" } else { "s" })
+    }
+}
+
+fn format_time(t: Option<DateTime<Utc>>, now: DateTime<Utc>, style: TimeStyle) -> String {
+    match (t, style) {
+        (None, _) => "-".into(),
+        (Some(t), TimeStyle::Relative) => format_ago((now - t).num_seconds()),
+        (Some(t), TimeStyle::Absolute) => t
+            .with_timezone(&Local)
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string(),
+    }
+}
+
+/// The table: newest job first, columns as `sky queue` prints them.
+pub fn render(jobs: &[&JobInfo], now: DateTime<Utc>, style: TimeStyle) -> String {
+    let mut table = Table::new();
+    table
+        .load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(vec![
+            "ID",
+            "NAME",
+            "USER",
+            "SUBMITTED",
+            "STARTED",
+            "DURATION",
+            "RESOURCES",
+            "STATUS",
+        ]);
+    for job in jobs.iter().rev() {
+        let started = parse_time(&job.started);
+        let ended = parse_time(&job.ended);
+        let duration = match (started, ended) {
+            (Some(s), Some(e)) => format_duration((e - s).num_seconds()),
+            (Some(s), None) if style == TimeStyle::Relative => {
+                format_duration((now - s).num_seconds())
+            }
+            _ => "-".into(),
+        };
+        table.add_row(vec![
+            job.id.to_string(),
+            job.name.clone(),
+            job.user.clone(),
+            format_time(parse_time(&Some(job.submitted.clone())), now, style),
+            format_time(started, now, style),
+            duration,
+            job.resources.clone(),
+            job.status.to_string(),
+        ]);
+    }
+    let mut out = table.to_string();
+    // comfy-table pads the left border; keep lines flush for `cut`/`awk` users.
+    out = out
+        .lines()
+        .map(|l| {
+            l.trim_end()
+                .strip_prefix(' ')
+                .unwrap_or(l.trim_end())
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    out.push('\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{Demand, NodeDemand};
+    use crate::spool::Status;
+
+    fn job(id: u64, status: Status, started: Option<&str>) -> JobInfo {
+        JobInfo {
+            id,
+            name: format!("job{id}"),
+            user: "alice".into(),
+            uid: 1000,
+            gid: 1000,
+            status,
+            submitted: "2026-11-28T10:00:00Z".into(),
+            started: started.map(str::to_string),
+            ended: None,
+            resources: "1x[H100:1]".into(),
+            demand: Demand {
+                num_nodes: 1,
+                per_node: NodeDemand::default(),
+            },
+            num_nodes: 1,
+            source: "incoming/x.yaml".into(),
+            has_workdir: false,
+            placement: vec![],
+            exit_codes: vec![],
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn newest_first_with_sky_columns() {
+        let a = job(1, Status::Succeeded, Some("2026-11-28T10:01:00Z"));
+        let b = job(2, Status::Pending, None);
+        let now = DateTime::parse_from_rfc3339("2026-11-28T10:10:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let text = render(&[&a, &b], now, TimeStyle::Relative);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ID"));
+        for col in [
+            "NAME",
+            "USER",
+            "SUBMITTED",
+            "STARTED",
+            "DURATION",
+            "RESOURCES",
+            "STATUS",
+        ] {
+            assert!(lines[0].contains(col), "{col}");
+        }
+        assert!(lines[1].starts_with('2') && lines[1].contains("PENDING"));
+        assert!(lines[2].starts_with('1') && lines[2].contains("9 mins ago"));
+        assert!(lines[2].contains("10 mins ago"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(format_duration(5), "5s");
+        assert_eq!(format_duration(200), "3m 20s");
+        assert_eq!(format_duration(7500), "2h 5m");
+        assert_eq!(format_duration(97200), "1d 3h");
+    }
+}

@@ -1,0 +1,1060 @@
+//! All on-disk state of a spool and every atomic move on it.
+//!
+//! `spool-layout.md` is this module's contract: every path written here is described there,
+//! with who writes it and how. Every visible change is a `rename(2)` (of a whole directory,
+//! a symlink, or a fully written temporary file), so a reader never sees a half-written file
+//! or a job in two state directories.
+
+use crate::scheduler::JobId;
+use serde::{Deserialize, Serialize};
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Largest job YAML the daemon reads (bigger files are rejected unread).
+pub const MAX_YAML_BYTES: u64 = 1024 * 1024;
+
+/// Errors of spool operations, with the path they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("another skyspool daemon already serves {0} (lock {1} is held); stop it first")]
+    Locked(PathBuf, PathBuf),
+    #[error("{path}: corrupt state file: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("job {0} does not exist in this spool")]
+    NoSuchJob(JobId),
+}
+
+pub type Result<T> = std::result::Result<T, SpoolError>;
+
+/// Attach the path to an io::Error.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: &Path) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: &Path) -> Result<T> {
+        self.map_err(|source| SpoolError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Job status, exactly SkyPilot's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Init,
+    Pending,
+    SettingUp,
+    Running,
+    Succeeded,
+    Failed,
+    FailedSetup,
+    FailedDriver,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 9] = [
+        Status::Init,
+        Status::Pending,
+        Status::SettingUp,
+        Status::Running,
+        Status::Succeeded,
+        Status::Failed,
+        Status::FailedSetup,
+        Status::FailedDriver,
+        Status::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Init => "INIT",
+            Status::Pending => "PENDING",
+            Status::SettingUp => "SETTING_UP",
+            Status::Running => "RUNNING",
+            Status::Succeeded => "SUCCEEDED",
+            Status::Failed => "FAILED",
+            Status::FailedSetup => "FAILED_SETUP",
+            Status::FailedDriver => "FAILED_DRIVER",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| s.as_str() == word.trim())
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Status::Succeeded
+                | Status::Failed
+                | Status::FailedSetup
+                | Status::FailedDriver
+                | Status::Cancelled
+        )
+    }
+
+    /// The state directory a job with this status is linked from.
+    pub fn state(self) -> State {
+        match self {
+            Status::Init | Status::Pending => State::Pending,
+            Status::SettingUp | Status::Running => State::Running,
+            _ => State::Done,
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The three state directories a job is linked from, one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum State {
+    Pending,
+    Running,
+    Done,
+}
+
+impl State {
+    pub const ALL: [State; 3] = [State::Pending, State::Running, State::Done];
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Running => "running",
+            State::Done => "done",
+        }
+    }
+}
+
+/// One node's share of a running job, as recorded in `info.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAssignment {
+    pub rank: u32,
+    pub node: String,
+    pub ip: String,
+    pub accelerator: Option<String>,
+    /// GPU indices given on that node (what `CUDA_VISIBLE_DEVICES` holds).
+    pub gpus: Vec<u32>,
+    /// Share of each GPU above, in the same order (`"1"`, `"0.5"`).
+    pub gpu_shares: Vec<String>,
+    pub cpus: String,
+}
+
+/// `jobs/<id>/info.json`: the machine-readable record of a job. Written by the daemon only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: JobId,
+    pub name: String,
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub status: Status,
+    /// RFC 3339 times (UTC).
+    pub submitted: String,
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    /// The `sky queue` RESOURCES column, e.g. `1x[H100:4]`.
+    pub resources: String,
+    /// The parsed demand the scheduler used.
+    pub demand: crate::resources::Demand,
+    pub num_nodes: u32,
+    /// Where the submission came from (`incoming/NAME.yaml` or `incoming/NAME/`).
+    pub source: String,
+    /// True when the submission carried files (`jobs/<id>/workdir/`).
+    pub has_workdir: bool,
+    /// Filled when the job starts: one entry per node, rank order.
+    pub placement: Vec<NodeAssignment>,
+    /// Exit code per node (rank order) once known; `null` where a node gave none.
+    pub exit_codes: Vec<Option<i32>>,
+    /// Why the job ended the way it did (cancel, driver loss, ...), when there is more to say.
+    pub reason: Option<String>,
+}
+
+/// What the per-job supervisor records when it finishes (`jobs/<id>/.sky/result.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub status: Status,
+    pub exit_codes: Vec<Option<i32>>,
+    pub ended: String,
+    pub reason: Option<String>,
+}
+
+/// What the per-job supervisor records when it starts (`jobs/<id>/.sky/supervisor.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorRecord {
+    pub pid: u32,
+    /// Process start time (clock ticks since boot, `/proc/PID/stat` field 22): with the pid,
+    /// the identity of the supervisor that PID reuse cannot fake.
+    pub start_ticks: u64,
+}
+
+/// What a name in `incoming/` is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// Not a submission (dot-files, editor swap/backup files, partial downloads): left alone.
+    Ignore,
+    /// A job YAML file.
+    File,
+    /// A directory holding `job.yaml` and the job's files.
+    Dir,
+    /// Something that can never be a submission; moved to `rejected/` with this reason.
+    Bad(String),
+}
+
+/// A claimed submission, moved out of `incoming/` into `.skyspool/staging/<id>/`.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    pub id: JobId,
+    pub dir: PathBuf,
+    pub source: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub has_workdir: bool,
+}
+
+/// A spool directory.
+#[derive(Clone, Debug)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+/// Holds the daemon's exclusive lock on a spool for as long as it lives.
+#[derive(Debug)]
+pub struct SpoolLock {
+    _file: File,
+}
+
+const PRIVATE: &str = ".skyspool";
+
+impl Spool {
+    /// A spool at `root`; nothing is created (readers use this).
+    pub fn at(root: impl Into<PathBuf>) -> Spool {
+        Spool { root: root.into() }
+    }
+
+    /// Creates the layout where missing (the daemon uses this) and sets its modes.
+    pub fn create(root: impl Into<PathBuf>) -> Result<Spool> {
+        let spool = Spool::at(root);
+        fs::create_dir_all(&spool.root).at(&spool.root)?;
+        let root = fs::canonicalize(&spool.root).at(&spool.root)?;
+        let spool = Spool { root };
+        for (dir, mode) in [
+            ("incoming", 0o1777),
+            ("jobs", 0o755),
+            ("pending", 0o755),
+            ("running", 0o755),
+            ("done", 0o755),
+            ("rejected", 0o1777),
+            (PRIVATE, 0o700),
+            (".skyspool/staging", 0o700),
+            (".skyspool/secrets", 0o700),
+        ] {
+            let p = spool.root.join(dir);
+            match fs::create_dir(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).at(&p),
+            }
+            let meta = fs::symlink_metadata(&p).at(&p)?;
+            if !meta.is_dir() {
+                return Err(SpoolError::Corrupt {
+                    path: p,
+                    message: "expected a directory".into(),
+                });
+            }
+            if meta.mode() & 0o7777 != mode {
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode)).at(&p)?;
+            }
+        }
+        Ok(spool)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn incoming(&self) -> PathBuf {
+        self.root.join("incoming")
+    }
+    pub fn rejected(&self) -> PathBuf {
+        self.root.join("rejected")
+    }
+    pub fn jobs(&self) -> PathBuf {
+        self.root.join("jobs")
+    }
+    pub fn job_dir(&self, id: JobId) -> PathBuf {
+        self.jobs().join(id.to_string())
+    }
+    pub fn state_dir(&self, state: State) -> PathBuf {
+        self.root.join(state.dir_name())
+    }
+    pub fn private(&self) -> PathBuf {
+        self.root.join(PRIVATE)
+    }
+    pub fn staging(&self) -> PathBuf {
+        self.private().join("staging")
+    }
+    pub fn secrets_file(&self, id: JobId) -> PathBuf {
+        self.private().join("secrets").join(format!("{id}.json"))
+    }
+    /// `jobs/<id>/.sky/`: the supervisor's and the daemon's private files of one job.
+    pub fn job_private(&self, id: JobId) -> PathBuf {
+        self.job_dir(id).join(".sky")
+    }
+
+    /// Takes the daemon lock (`.skyspool/lock`, flock); fails if another daemon holds it.
+    pub fn lock(&self) -> Result<SpoolLock> {
+        let path = self.private().join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&path)
+            .at(&path)?;
+        let mut file = file;
+        match flock_raw(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => {
+                let _ = file.set_len(0);
+                let _ = writeln!(file, "{}", std::process::id());
+                Ok(SpoolLock { _file: file })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                Err(SpoolError::Locked(self.root.clone(), path))
+            }
+            Err(e) => Err(e).at(&path),
+        }
+    }
+
+    // ---------------------------------------------------------------- ids
+
+    /// The next ID to give: one above the highest ever given (counter file, job
+    /// directories and staged admissions all count, so an ID is never reused).
+    pub fn next_id(&self) -> Result<JobId> {
+        let counter_path = self.private().join("last-id");
+        let mut max: JobId = match fs::read_to_string(&counter_path) {
+            Ok(s) => s.trim().parse().unwrap_or(0),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e).at(&counter_path),
+        };
+        for dir in [self.jobs(), self.staging()] {
+            for id in numeric_entries(&dir)? {
+                max = max.max(id);
+            }
+        }
+        Ok(max + 1)
+    }
+
+    /// Records `id` as the highest ID given (atomic replace).
+    pub fn record_last_id(&self, id: JobId) -> Result<()> {
+        write_atomic(
+            &self.private(),
+            "last-id",
+            format!("{id}\n").as_bytes(),
+            false,
+        )
+    }
+
+    // ----------------------------------------------------------- incoming
+
+    /// Names in `incoming/`, sorted by modification time then name (submission order).
+    pub fn list_incoming(&self) -> Result<Vec<std::ffi::OsString>> {
+        let dir = self.incoming();
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let entry = entry.at(&dir)?;
+            let name = entry.file_name();
+            if classify_incoming(&name, None) == Incoming::Ignore {
+                continue;
+            }
+            let mtime = entry
+                .metadata()
+                .map(|m| (m.mtime(), m.mtime_nsec()))
+                .unwrap_or((0, 0));
+            entries.push((mtime, name));
+        }
+        entries.sort();
+        Ok(entries.into_iter().map(|(_, n)| n).collect())
+    }
+
+    /// Inspects `incoming/<name>` without following links or opening anything.
+    pub fn inspect_incoming(&self, name: &OsStr) -> Result<Option<(Incoming, fs::Metadata)>> {
+        let path = self.incoming().join(name);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).at(&path),
+        };
+        Ok(Some((classify_incoming(name, Some(&meta)), meta)))
+    }
+
+    /// Reads `incoming/<name>` (a regular file) if no one has it open for writing.
+    /// `Ok(None)` = a writer still has it open: wait for its close.
+    pub fn read_incoming_file(&self, name: &OsStr) -> Result<Option<Vec<u8>>> {
+        let path = self.incoming().join(name);
+        read_file_unless_writing(&path)
+    }
+
+    /// Claims a submission: one rename moves it out of `incoming/` into the staging
+    /// directory of job `id`. From this moment it is this job's and nobody else's.
+    pub fn claim(&self, name: &OsStr, kind: &Incoming, id: JobId) -> Result<Claimed> {
+        let src = self.incoming().join(name);
+        let meta = fs::symlink_metadata(&src).at(&src)?;
+        let dir = self.staging().join(id.to_string());
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).at(&dir),
+        }
+        let has_workdir = *kind == Incoming::Dir;
+        let target = dir.join(if has_workdir {
+            "workdir"
+        } else {
+            "submitted.yaml"
+        });
+        fs::rename(&src, &target).at(&src)?;
+        let source = format!(
+            "incoming/{}{}",
+            display_name(name),
+            if has_workdir { "/" } else { "" }
+        );
+        write_atomic(&dir, "source", source.as_bytes(), false)?;
+        Ok(Claimed {
+            id,
+            dir,
+            source,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            has_workdir,
+        })
+    }
+
+    /// Staged admissions left by a daemon that died mid-admission.
+    pub fn list_staged(&self) -> Result<Vec<Claimed>> {
+        let mut out = Vec::new();
+        for id in numeric_entries(&self.staging())? {
+            let dir = self.staging().join(id.to_string());
+            let has_workdir = dir.join("workdir").is_dir();
+            let content = if has_workdir {
+                dir.join("workdir")
+            } else {
+                dir.join("submitted.yaml")
+            };
+            let meta = match fs::symlink_metadata(&content) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // Died between mkdir and the claiming rename: nothing was claimed.
+                    let _ = fs::remove_dir_all(&dir);
+                    continue;
+                }
+                Err(e) => return Err(e).at(&content),
+            };
+            let source = fs::read_to_string(dir.join("source"))
+                .unwrap_or_else(|_| format!("staged job {id}"));
+            out.push(Claimed {
+                id,
+                dir,
+                source,
+                uid: meta.uid(),
+                gid: meta.gid(),
+                has_workdir,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The YAML text of a claimed submission (bounded, no links followed).
+    pub fn read_claimed_yaml(&self, c: &Claimed) -> std::result::Result<Vec<u8>, String> {
+        let path = if c.has_workdir {
+            c.dir.join("workdir").join("job.yaml")
+        } else {
+            c.dir.join("submitted.yaml")
+        };
+        match read_file_unless_writing(&path) {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err("job.yaml is still open for writing".into()),
+            Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err("the directory has no job.yaml (a job directory must hold job.yaml and the job's files)".into())
+            }
+            Err(SpoolError::Io { source, .. }) => Err(source.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Makes a staged job visible: `staging/<id>` becomes `jobs/<id>` and `pending/<id>`
+    /// links to it. Files in it must already be written.
+    pub fn publish(&self, c: &Claimed) -> Result<()> {
+        let dst = self.job_dir(c.id);
+        let submitted = c.dir.join("submitted.yaml");
+        let _ = fs::remove_file(&submitted);
+        let _ = fs::remove_file(c.dir.join("source"));
+        fs::rename(&c.dir, &dst).at(&dst)?;
+        self.link_state(c.id, State::Pending)
+    }
+
+    /// Moves a claimed submission to `rejected/` with its reason beside it.
+    pub fn reject_claimed(&self, c: &Claimed, reason: &str) -> Result<PathBuf> {
+        let name = c
+            .source
+            .trim_start_matches("incoming/")
+            .trim_end_matches('/')
+            .to_string();
+        let content = if c.has_workdir {
+            c.dir.join("workdir")
+        } else {
+            c.dir.join("submitted.yaml")
+        };
+        let dest = self.reject_path(&name, reason)?;
+        fs::rename(&content, &dest).at(&dest)?;
+        let _ = fs::remove_dir_all(&c.dir);
+        Ok(dest)
+    }
+
+    /// Moves `incoming/<name>` straight to `rejected/` (never opened: links, FIFOs, ...).
+    pub fn reject_incoming(&self, name: &OsStr, reason: &str) -> Result<PathBuf> {
+        let src = self.incoming().join(name);
+        let dest = self.reject_path(&display_name(name), reason)?;
+        fs::rename(&src, &dest).at(&src)?;
+        Ok(dest)
+    }
+
+    /// Picks a free `rejected/NAME[.N]` and writes its `.reason` first.
+    fn reject_path(&self, name: &str, reason: &str) -> Result<PathBuf> {
+        let dir = self.rejected();
+        let safe = sanitize_name(name);
+        let mut n = 0u32;
+        loop {
+            let candidate = if n == 0 {
+                safe.clone()
+            } else {
+                format!("{safe}.{n}")
+            };
+            let p = dir.join(&candidate);
+            let r = dir.join(format!("{candidate}.reason"));
+            if fs::symlink_metadata(&p).is_err() && fs::symlink_metadata(&r).is_err() {
+                let text = format!("{}\n", reason.trim_end());
+                write_atomic(&dir, &format!("{candidate}.reason"), text.as_bytes(), false)?;
+                let _ = fs::set_permissions(&r, fs::Permissions::from_mode(0o644));
+                return Ok(p);
+            }
+            n += 1;
+        }
+    }
+
+    // ------------------------------------------------------------ job files
+
+    pub fn write_status(&self, id: JobId, status: Status) -> Result<()> {
+        write_atomic(
+            &self.job_dir(id),
+            "status",
+            format!("{status}\n").as_bytes(),
+            false,
+        )
+    }
+
+    pub fn read_status(&self, id: JobId) -> Result<Status> {
+        let path = self.job_dir(id).join("status");
+        let text = fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound && !self.job_dir(id).exists() {
+                SpoolError::NoSuchJob(id)
+            } else {
+                SpoolError::Io {
+                    path: path.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        Status::parse(&text).ok_or_else(|| SpoolError::Corrupt {
+            path,
+            message: format!("unknown status {:?}", text.trim()),
+        })
+    }
+
+    pub fn write_info(&self, info: &JobInfo) -> Result<()> {
+        write_info_in(&self.job_dir(info.id), info)
+    }
+
+    pub fn read_info(&self, id: JobId) -> Result<JobInfo> {
+        let path = self.job_dir(id).join("info.json");
+        let text = fs::read(&path).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                SpoolError::NoSuchJob(id)
+            } else {
+                SpoolError::Io {
+                    path: path.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        serde_json::from_slice(&text).map_err(|e| SpoolError::Corrupt {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// Every job ID with a directory under `jobs/`, ascending.
+    pub fn job_ids(&self) -> Result<Vec<JobId>> {
+        numeric_entries(&self.jobs())
+    }
+
+    /// Which state directory links to job `id` (the first found).
+    pub fn state_of(&self, id: JobId) -> Option<State> {
+        State::ALL
+            .into_iter()
+            .find(|s| fs::symlink_metadata(self.state_dir(*s).join(id.to_string())).is_ok())
+    }
+
+    /// Creates (or atomically re-points) `STATE/<id>` -> `../jobs/<id>`.
+    pub fn link_state(&self, id: JobId, state: State) -> Result<()> {
+        let dir = self.state_dir(state);
+        let tmp = dir.join(format!(".{id}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("../jobs/{id}"), &tmp).at(&tmp)?;
+        let dst = dir.join(id.to_string());
+        fs::rename(&tmp, &dst).at(&dst)
+    }
+
+    /// Moves job `id`'s link from one state directory to another (one rename).
+    pub fn move_state(&self, id: JobId, from: State, to: State) -> Result<()> {
+        if from == to {
+            return Ok(());
+        }
+        let src = self.state_dir(from).join(id.to_string());
+        let dst = self.state_dir(to).join(id.to_string());
+        match fs::rename(&src, &dst) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.link_state(id, to),
+            Err(e) => Err(e).at(&src),
+        }
+    }
+
+    /// Removes links of `id` from every state directory but `keep`.
+    pub fn unlink_other_states(&self, id: JobId, keep: State) {
+        for s in State::ALL {
+            if s != keep {
+                let _ = fs::remove_file(self.state_dir(s).join(id.to_string()));
+            }
+        }
+    }
+
+    pub fn write_queue(&self, text: &str) -> Result<()> {
+        write_atomic(&self.root, "queue", text.as_bytes(), false)
+    }
+
+    pub fn write_nodes(&self, text: &str) -> Result<()> {
+        write_atomic(&self.root, "nodes", text.as_bytes(), false)
+    }
+
+    /// Stores a job's secrets where only root can read them (never in the job directory).
+    pub fn write_secrets(
+        &self,
+        id: JobId,
+        secrets: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let bytes = serde_json::to_vec(secrets).map_err(|e| SpoolError::Corrupt {
+            path: self.secrets_file(id),
+            message: e.to_string(),
+        })?;
+        write_atomic(
+            &self.private().join("secrets"),
+            &format!("{id}.json"),
+            &bytes,
+            false,
+        )
+    }
+
+    pub fn read_secrets(&self, id: JobId) -> std::collections::BTreeMap<String, String> {
+        fs::read(self.secrets_file(id))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn remove_secrets(&self, id: JobId) {
+        let _ = fs::remove_file(self.secrets_file(id));
+    }
+
+    /// Whether `jobs/<id>/cancel` exists (any file type; never opened).
+    pub fn cancel_requested(&self, id: JobId) -> Option<fs::Metadata> {
+        fs::symlink_metadata(self.job_dir(id).join("cancel")).ok()
+    }
+
+    /// Removes a `cancel` entry of any type (a directory is removed recursively; links are
+    /// removed, never followed).
+    pub fn clear_cancel(&self, id: JobId) {
+        let p = self.job_dir(id).join("cancel");
+        if let Ok(m) = fs::symlink_metadata(&p) {
+            if m.is_dir() {
+                let _ = fs::remove_dir_all(&p);
+            } else {
+                let _ = fs::remove_file(&p);
+            }
+        }
+    }
+
+    /// Appends a line to a job's log (daemon notes such as refused cancels).
+    pub fn append_log(&self, id: JobId, line: &str) -> Result<()> {
+        let path = self.job_dir(id).join("log");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o644)
+            .open(&path)
+            .at(&path)?;
+        f.write_all(format!("{}\n", line.trim_end()).as_bytes())
+            .at(&path)
+    }
+
+    pub fn read_result(&self, id: JobId) -> Option<JobResult> {
+        let b = fs::read(self.job_private(id).join("result.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    pub fn read_supervisor(&self, id: JobId) -> Option<SupervisorRecord> {
+        let b = fs::read(self.job_private(id).join("supervisor.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+}
+
+/// Writes `info.json` into a job directory (atomic replace).
+pub fn write_info_in(dir: &Path, info: &JobInfo) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(info).map_err(|e| SpoolError::Corrupt {
+        path: dir.join("info.json"),
+        message: e.to_string(),
+    })?;
+    bytes.push(b'\n');
+    write_atomic(dir, "info.json", &bytes, false)
+}
+
+/// What `name` in `incoming/` is. `meta` (from lstat) decides file vs dir vs hostile.
+pub fn classify_incoming(name: &OsStr, meta: Option<&fs::Metadata>) -> Incoming {
+    let bytes = name.as_bytes();
+    if bytes.first() == Some(&b'.') {
+        return Incoming::Ignore; // dot-files: rsync temps, our own temps, editor state
+    }
+    let Some(text) = name.to_str() else {
+        return Incoming::Bad("the name is not valid UTF-8".into());
+    };
+    if text.ends_with('~')
+        || text.ends_with(".swp")
+        || text.ends_with(".swx")
+        || text.ends_with(".tmp")
+        || text.ends_with(".part")
+        || text.ends_with(".partial")
+        || text.starts_with('#')
+    {
+        return Incoming::Ignore; // editor backups/swap files, partial downloads
+    }
+    if text.chars().any(|c| c.is_control()) {
+        return Incoming::Bad("the name contains control characters".into());
+    }
+    let Some(meta) = meta else {
+        return Incoming::File; // tentative: decided on inspection
+    };
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        return Incoming::Bad(
+            "symbolic links are not accepted (copy the file itself into incoming/)".into(),
+        );
+    }
+    if ft.is_dir() {
+        return Incoming::Dir;
+    }
+    if !ft.is_file() {
+        return Incoming::Bad(
+            "not a regular file or directory (FIFOs, sockets and devices are not accepted)".into(),
+        );
+    }
+    if meta.nlink() > 1 {
+        return Incoming::Bad(
+            "the file has other hard links; submit a copy (cp), not a link (ln)".into(),
+        );
+    }
+    if !(text.ends_with(".yaml") || text.ends_with(".yml")) {
+        return Incoming::Bad(
+            "not a job: submit NAME.yaml (or .yml), or a directory holding job.yaml and the job's files".into(),
+        );
+    }
+    if meta.len() > MAX_YAML_BYTES {
+        return Incoming::Bad(format!(
+            "the file is {} bytes; a job YAML may be at most {} bytes",
+            meta.len(),
+            MAX_YAML_BYTES
+        ));
+    }
+    Incoming::File
+}
+
+/// A printable, single-component version of a submitted name.
+pub fn display_name(name: &OsStr) -> String {
+    sanitize_name(&name.to_string_lossy())
+}
+
+fn sanitize_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_control() || c == '/' || c == '\u{FFFD}' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches('.').to_string();
+    if s.is_empty() {
+        "unnamed".into()
+    } else {
+        s
+    }
+}
+
+/// Numeric entry names of a directory (`jobs/`, `staging/`, `pending/`, ...), ascending.
+pub fn numeric_entries(dir: &Path) -> Result<Vec<JobId>> {
+    let mut ids = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ids),
+        Err(e) => return Err(e).at(dir),
+    };
+    for entry in rd {
+        let entry = entry.at(dir)?;
+        if let Some(id) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<JobId>().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Writes `dir/name` atomically: a temporary `.name.tmp.PID` is written (and fsynced when
+/// `durable`), then renamed over the target. Readers see the old or the new content only.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let dst = dir.join(name);
+    let result = (|| -> io::Result<()> {
+        // Never reuse what is at the temporary name: in a directory others can write to,
+        // it could be theirs (a link, a FIFO, a file they keep open).
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o644)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &dst)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.at(&dst)
+}
+
+/// fsync a directory (makes renames and creations in it durable).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|f| f.sync_all()).at(dir)
+}
+
+/// fsync one file by path (no links followed).
+pub fn sync_file(path: &Path) -> Result<()> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .and_then(|f| f.sync_all())
+        .at(path)
+}
+
+fn flock_raw(f: &File, op: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid, owned descriptor.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Opens `path` without following links or blocking, checks it is a regular file of at
+/// most [`MAX_YAML_BYTES`], and reads it unless a writer still holds it open
+/// (`F_SETLEASE` refuses a read lease then): `Ok(None)` in that case.
+pub fn read_file_unless_writing(path: &Path) -> Result<Option<Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .at(path)?;
+    let meta = file.metadata().at(path)?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ))
+        .at(path);
+    }
+    if meta.len() > MAX_YAML_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("larger than {MAX_YAML_BYTES} bytes"),
+        ))
+        .at(path);
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a valid descriptor we own; F_SETLEASE takes an int argument.
+    let leased = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) };
+    if leased != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(None); // someone has it open for writing
+        }
+        // EACCES (not owner, no CAP_LEASE) or a filesystem without leases: read anyway.
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let read = (&file).take(MAX_YAML_BYTES + 1).read_to_end(&mut bytes);
+    if leased == 0 {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+    }
+    read.at(path)?;
+    if bytes.len() as u64 > MAX_YAML_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("larger than {MAX_YAML_BYTES} bytes"),
+        ))
+        .at(path);
+    }
+    Ok(Some(bytes))
+}
+
+/// Now, as RFC 3339 UTC with seconds.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_words_round_trip() {
+        for s in Status::ALL {
+            assert_eq!(Status::parse(&format!("{s}\n")), Some(s));
+        }
+        assert_eq!(Status::parse("nonsense"), None);
+        assert!(Status::Cancelled.is_terminal());
+        assert!(!Status::SettingUp.is_terminal());
+        assert_eq!(Status::SettingUp.state(), State::Running);
+    }
+
+    #[test]
+    fn classifies_names() {
+        let n = |s: &str| classify_incoming(OsStr::new(s), None);
+        assert_eq!(n(".job.yaml.XYZ123"), Incoming::Ignore);
+        assert_eq!(n("job.yaml~"), Incoming::Ignore);
+        assert_eq!(n(".job.yaml.swp"), Incoming::Ignore);
+        assert_eq!(n("job.yaml"), Incoming::File);
+        assert!(matches!(n("bad\nname.yaml"), Incoming::Bad(_)));
+        let invalid = OsStr::from_bytes(b"\xff.yaml");
+        assert!(matches!(classify_incoming(invalid, None), Incoming::Bad(_)));
+    }
+
+    #[test]
+    fn ids_never_reused_and_claims_move_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::create(tmp.path().join("s")).unwrap();
+        assert_eq!(spool.next_id().unwrap(), 1);
+        fs::write(spool.incoming().join("a.yaml"), "run: echo hi\n").unwrap();
+        let (kind, _) = spool
+            .inspect_incoming(OsStr::new("a.yaml"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(kind, Incoming::File);
+        let c = spool.claim(OsStr::new("a.yaml"), &kind, 1).unwrap();
+        assert!(!spool.incoming().join("a.yaml").exists());
+        assert_eq!(spool.next_id().unwrap(), 2);
+        assert_eq!(spool.read_claimed_yaml(&c).unwrap(), b"run: echo hi\n");
+        fs::write(c.dir.join("job.yaml"), "run: echo hi\n").unwrap();
+        spool.publish(&c).unwrap();
+        assert_eq!(spool.state_of(1), Some(State::Pending));
+        spool.move_state(1, State::Pending, State::Running).unwrap();
+        assert_eq!(spool.state_of(1), Some(State::Running));
+        assert!(spool.state_dir(State::Running).join("1/job.yaml").exists());
+        spool.record_last_id(7).unwrap();
+        assert_eq!(spool.next_id().unwrap(), 8);
+    }
+
+    #[test]
+    fn rejections_keep_the_file_and_say_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::create(tmp.path().join("s")).unwrap();
+        for _ in 0..2 {
+            fs::write(spool.incoming().join("x.txt"), "hello").unwrap();
+            spool
+                .reject_incoming(OsStr::new("x.txt"), "not a job")
+                .unwrap();
+        }
+        assert!(spool.rejected().join("x.txt").exists());
+        assert!(spool.rejected().join("x.txt.1").exists());
+        assert_eq!(
+            fs::read_to_string(spool.rejected().join("x.txt.1.reason")).unwrap(),
+            "not a job\n"
+        );
+    }
+
+    #[test]
+    fn second_lock_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::create(tmp.path().join("s")).unwrap();
+        let _held = spool.lock().unwrap();
+        assert!(matches!(spool.lock(), Err(SpoolError::Locked(..))));
+    }
+
+    #[test]
+    fn writer_holding_file_open_defers_reading() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::create(tmp.path().join("s")).unwrap();
+        let path = spool.incoming().join("slow.yaml");
+        let mut w = File::create(&path).unwrap();
+        w.write_all(b"run: |\n  echo part").unwrap();
+        assert_eq!(
+            spool.read_incoming_file(OsStr::new("slow.yaml")).unwrap(),
+            None
+        );
+        drop(w);
+        assert!(spool
+            .read_incoming_file(OsStr::new("slow.yaml"))
+            .unwrap()
+            .is_some());
+    }
+}
