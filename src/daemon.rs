@@ -577,6 +577,10 @@ impl Daemon {
     fn stage(&self, c: &Claimed, adm: &Admission) -> anyhow::Result<JobInfo> {
         let spec = &adm.spec;
         std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755))?;
+        if self.am_root && c.uid != 0 {
+            // The owner must be able to create `cancel`; nobody else may write here.
+            spool::grant_create(&c.dir, c.uid)?;
+        }
         if spec.secrets.is_empty() {
             spool::write_atomic(&c.dir, "job.yaml", &adm.yaml, false)?;
         } else {
@@ -772,7 +776,8 @@ impl Daemon {
         env.insert("SKYPILOT_CLUSTER_INFO".into(), cluster_info.to_string());
         env.insert("SKYPILOT_USER".into(), info.user.clone());
         env.insert("SKYPILOT_NUM_NODES".into(), nodes.len().to_string());
-        let gpus_per_node = per_node_gpus(spec);
+        let gpus_per_node =
+            per_node_gpus(spec, nodes.first().and_then(|n| n.accelerator.as_deref()));
         let mut setup_env = BTreeMap::new();
         let all_ips: Vec<String> = self
             .inventory
@@ -941,11 +946,13 @@ impl Daemon {
     }
 }
 
-/// `SKYPILOT_NUM_GPUS_PER_NODE`: the ceiling of the per-node accelerator count.
-fn per_node_gpus(spec: &JobSpec) -> u64 {
-    spec.resources
-        .accelerators
-        .first()
+/// `SKYPILOT_NUM_GPUS_PER_NODE`: the ceiling of the per-node count of the accelerator
+/// alternative the job was given (`chosen`), or of its first alternative.
+fn per_node_gpus(spec: &JobSpec, chosen: Option<&str>) -> u64 {
+    let alts = &spec.resources.accelerators;
+    chosen
+        .and_then(|k| alts.iter().find(|a| a.kind.eq_ignore_ascii_case(k)))
+        .or_else(|| alts.first())
         .map(|a| a.count.ceil_units())
         .unwrap_or(0)
 }

@@ -606,13 +606,16 @@ fn spawn_rank(
     };
     cmd.process_group(0);
     if plan.user.switch {
-        cmd.uid(plan.user.uid);
-        cmd.gid(plan.user.gid);
+        let (uid, gid) = (plan.user.uid, plan.user.gid);
         let groups: Vec<libc::gid_t> = plan.user.groups.clone();
-        // SAFETY: setgroups is async-signal-safe; the list was built before fork.
+        // SAFETY: setgroups/setgid/setuid are async-signal-safe; the group list was built
+        // before fork. Order matters: groups and gid while still root, uid last.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())

@@ -879,6 +879,51 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> Resu
     result.at(&dst)
 }
 
+/// Lets `uid` (and only `uid`, besides the directory's owner) create entries such as
+/// `cancel` in a job directory: a POSIX ACL `user:<uid>:rwx` plus the sticky bit, so the
+/// user can add files but cannot remove or replace the daemon's (`status`, `info.json`, ...).
+/// Where the filesystem has no ACLs, falls back to mode 1777 (the daemon still refuses
+/// anyone else's cancel).
+pub fn grant_create(dir: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const UNDEFINED: u32 = u32::MAX;
+    let mut acl: Vec<u8> = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (USER_OBJ, 7u16, UNDEFINED),
+        (USER, 7, uid),
+        (GROUP_OBJ, 5, UNDEFINED),
+        (MASK, 7, UNDEFINED),
+        (OTHER, 5, UNDEFINED),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    let cpath =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| SpoolError::Corrupt {
+            path: dir.to_path_buf(),
+            message: "path contains NUL".into(),
+        })?;
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let rc = unsafe {
+        libc::setxattr(
+            cpath.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            acl.as_ptr().cast(),
+            acl.len(),
+            0,
+        )
+    };
+    // With the ACL, chmod's group bits set its mask (rwx), so user:<uid> stays rwx.
+    let mode = if rc == 0 { 0o1775 } else { 0o1777 };
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).at(dir)
+}
+
 /// fsync a directory (makes renames and creations in it durable).
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).at(dir)

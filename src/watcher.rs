@@ -111,18 +111,17 @@ impl Watcher {
                         }
                         let Some(name) = ev.name else { continue };
                         match self.targets.get(&ev.wd) {
-                            Some(Target::Incoming) => {
+                            Some(Target::Incoming)
                                 if ev
                                     .mask
-                                    .intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO)
-                                {
-                                    out.push(SpoolEvent::Incoming(name.to_os_string()));
-                                }
+                                    .intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO) =>
+                            {
+                                out.push(SpoolEvent::Incoming(name.to_os_string()));
                             }
                             Some(Target::Job(id)) => {
                                 out.push(SpoolEvent::JobFile(*id, name.to_os_string()));
                             }
-                            None => {}
+                            _ => {}
                         }
                     }
                     if !out.is_empty() {

@@ -1,0 +1,469 @@
+//! Test harness: starts the real `skyspool` binary on a fresh spool in a temporary
+//! directory and drives it through the filesystem, as a user would.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_skyspool");
+
+/// Default deadline for a condition (generous: CI machines are small and busy).
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// True when CI asked that every environment-dependent skip be a failure.
+pub fn strict() -> bool {
+    std::env::var_os("SKYSPOOL_TEST_STRICT").is_some_and(|v| v == "1")
+}
+
+/// Skips a test loudly, or fails it under `SKYSPOOL_TEST_STRICT=1`.
+pub fn skip(why: &str) {
+    if strict() {
+        panic!("SKYSPOOL_TEST_STRICT=1 forbids skipping: {why}");
+    }
+    eprintln!("SKIPPED (not a pass): {why}");
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` and `context()`.
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(1);
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// A running daemon on its own spool. Dropping it cancels the jobs left and stops it.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub tmp: tempfile::TempDir,
+    pub spool: PathBuf,
+    pub args: Vec<String>,
+    submissions: usize,
+}
+
+impl Daemon {
+    /// `skyspool --spool TMP/spool serve ARGS...`, waiting until it serves.
+    pub fn start(args: &[&str]) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("skyspool-test-")
+            .tempdir()
+            .expect("tempdir");
+        let spool = tmp.path().join("spool");
+        let mut d = Daemon {
+            child: None,
+            tmp,
+            spool,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            submissions: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    /// (Re)starts the daemon process on the same spool.
+    pub fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join("daemon.log"))
+            .expect("daemon log");
+        let _ = fs::remove_file(self.spool.join("nodes"));
+        let child = Command::new(BIN)
+            .arg("--spool")
+            .arg(&self.spool)
+            .arg("serve")
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn skyspool serve");
+        self.child = Some(child);
+        let nodes = self.spool.join("nodes");
+        wait_until(
+            DEADLINE,
+            "the daemon to serve",
+            || nodes.exists(),
+            || self.diagnostics(),
+        );
+    }
+
+    /// SIGKILLs the daemon (jobs keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.spool.join(rel)
+    }
+
+    pub fn job(&self, id: u64) -> PathBuf {
+        self.spool.join("jobs").join(id.to_string())
+    }
+
+    /// A scratch directory outside the spool (for gates, markers, workdirs).
+    pub fn scratch(&self) -> PathBuf {
+        let p = self.tmp.path().join("scratch");
+        fs::create_dir_all(&p).expect("scratch");
+        p
+    }
+
+    /// Writes `incoming/.NAME.tmp`, then renames it to `incoming/NAME` (the safe protocol).
+    pub fn drop_yaml(&mut self, name: &str, text: &str) {
+        let tmp = self.spool.join("incoming").join(format!(".{name}.tmp"));
+        let mut f = fs::File::create(&tmp).expect("create");
+        f.write_all(text.as_bytes()).expect("write");
+        drop(f);
+        fs::rename(&tmp, self.spool.join("incoming").join(name)).expect("rename");
+        self.submissions += 1;
+    }
+
+    /// Submits and waits for the job to be admitted; returns its ID (the next one).
+    pub fn submit(&mut self, name: &str, text: &str) -> u64 {
+        let before = self.job_ids().len();
+        self.drop_yaml(name, text);
+        let id = (before + 1) as u64;
+        let status = self.job(id).join("status");
+        wait_until(
+            DEADLINE,
+            &format!("job {id} from {name} to be admitted"),
+            || status.exists(),
+            || self.diagnostics(),
+        );
+        id
+    }
+
+    pub fn job_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = fs::read_dir(self.spool.join("jobs"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort_unstable();
+        ids
+    }
+
+    pub fn status(&self, id: u64) -> String {
+        fs::read_to_string(self.job(id).join("status"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        fs::read_to_string(self.job(id).join("log")).unwrap_or_default()
+    }
+
+    pub fn info(&self, id: u64) -> serde_json::Value {
+        let text = fs::read_to_string(self.job(id).join("info.json")).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn queue(&self) -> String {
+        fs::read_to_string(self.spool.join("queue")).unwrap_or_default()
+    }
+
+    /// The STATUS column of job `id` in the `queue` file (written after every scheduling
+    /// pass, so it is a point where the daemon's decisions for a batch are complete).
+    pub fn queue_status(&self, id: u64) -> Option<String> {
+        self.queue().lines().skip(1).find_map(|l| {
+            let mut cols = l.split_whitespace();
+            if cols.next()? == id.to_string() {
+                l.split_whitespace().last().map(str::to_string)
+            } else {
+                None
+            }
+        })
+    }
+
+    pub fn wait_status(&self, id: u64, want: &str) {
+        wait_until(
+            DEADLINE,
+            &format!("job {id} to be {want}"),
+            || self.status(id) == want,
+            || self.diagnostics(),
+        );
+    }
+
+    /// Waits until the queue file (post-scheduling) shows `want` for job `id`.
+    pub fn wait_queue_status(&self, id: u64, want: &str) {
+        wait_until(
+            DEADLINE,
+            &format!("queue to show job {id} {want}"),
+            || self.queue_status(id).as_deref() == Some(want),
+            || self.diagnostics(),
+        );
+    }
+
+    /// Waits until the job is in `done/` and the queue shows its final status.
+    pub fn wait_done(&self, id: u64, want: &str) {
+        self.wait_status(id, want);
+        let link = self.spool.join("done").join(id.to_string());
+        wait_until(
+            DEADLINE,
+            &format!("job {id} in done/"),
+            || link.exists(),
+            || self.diagnostics(),
+        );
+        self.wait_queue_status(id, want);
+    }
+
+    pub fn cancel(&self, id: u64) {
+        fs::write(self.job(id).join("cancel"), b"").expect("touch cancel");
+    }
+
+    /// Runs the CLI against this spool.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .arg("--spool")
+            .arg(&self.spool)
+            .args(args)
+            .output()
+            .expect("run skyspool")
+    }
+
+    pub fn diagnostics(&self) -> String {
+        let mut s = String::new();
+        s.push_str("--- daemon.log ---\n");
+        s.push_str(&fs::read_to_string(self.tmp.path().join("daemon.log")).unwrap_or_default());
+        s.push_str("--- queue ---\n");
+        s.push_str(&self.queue());
+        for id in self.job_ids() {
+            s.push_str(&format!(
+                "--- job {id} log (status {}) ---\n",
+                self.status(id)
+            ));
+            s.push_str(&self.log(id));
+        }
+        s
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Cancel what is left so no job outlives the test, then stop the daemon.
+        if self.child.is_some() {
+            let live: Vec<u64> = self
+                .job_ids()
+                .into_iter()
+                .filter(|id| {
+                    let s = self.status(*id);
+                    !matches!(
+                        s.as_str(),
+                        "SUCCEEDED" | "FAILED" | "FAILED_SETUP" | "FAILED_DRIVER" | "CANCELLED"
+                    )
+                })
+                .collect();
+            for id in &live {
+                let _ = fs::write(self.job(*id).join("cancel"), b"");
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline
+                && live
+                    .iter()
+                    .any(|id| !self.spool.join("done").join(id.to_string()).exists())
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.stop();
+    }
+}
+
+/// A gate a job waits on: the job blocks until the test calls [`Gate::open`].
+pub struct Gate {
+    pub path: PathBuf,
+}
+
+impl Gate {
+    pub fn new(dir: &Path, name: &str) -> Gate {
+        Gate {
+            path: dir.join(format!("gate-{name}")),
+        }
+    }
+    /// Shell that blocks until the gate opens.
+    pub fn wait_cmd(&self) -> String {
+        format!(
+            "until [ -e '{}' ]; do sleep 0.02; done",
+            self.path.display()
+        )
+    }
+    pub fn open(&self) {
+        fs::write(&self.path, b"").expect("open gate");
+    }
+}
+
+/// Whether a process with this pid is alive (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s.get(i + 2..i + 3))
+            .is_some_and(|st| st != "Z"),
+        Err(_) => false,
+    }
+}
+
+// ------------------------------------------------------------------ helpers added for the
+// example, submission, cancel, cli and restart suites.
+
+impl Daemon {
+    /// Waits until job `id` exists (its `status` file is published).
+    pub fn wait_admitted(&self, id: u64) {
+        let status = self.job(id).join("status");
+        wait_until(
+            DEADLINE,
+            &format!("job {id} to be admitted"),
+            || status.exists(),
+            || self.diagnostics(),
+        );
+    }
+
+    /// Drops `name` (safe protocol) and waits for a job ID not seen before; returns it.
+    /// Unlike [`Daemon::submit`], it does not assume IDs are contiguous from 1.
+    pub fn submit_new(&mut self, name: &str, text: &str) -> u64 {
+        let before = self.job_ids();
+        self.drop_yaml(name, text);
+        let mut new = None;
+        wait_until(
+            DEADLINE,
+            &format!("a new job from {name} to be admitted"),
+            || {
+                new = self
+                    .job_ids()
+                    .into_iter()
+                    .find(|id| !before.contains(id) && self.job(*id).join("status").exists());
+                new.is_some()
+            },
+            || self.diagnostics(),
+        );
+        new.expect("new job")
+    }
+
+    /// Waits until `rejected/NAME` and its `.reason` exist; returns the reason text.
+    pub fn wait_rejected(&self, name: &str) -> String {
+        let item = self.path("rejected").join(name);
+        let reason = self.path("rejected").join(format!("{name}.reason"));
+        wait_until(
+            DEADLINE,
+            &format!("rejected/{name} and its reason"),
+            || fs::symlink_metadata(&item).is_ok() && reason.exists(),
+            || self.diagnostics(),
+        );
+        fs::read_to_string(&reason).expect("read reason")
+    }
+
+    /// The daemon's own output (stdout and stderr of `serve`).
+    pub fn daemon_log(&self) -> String {
+        fs::read_to_string(self.tmp.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `KEY=VALUE` lines of a job's log, as a map (the last value of a key wins).
+    pub fn log_vars(&self, id: u64) -> std::collections::BTreeMap<String, String> {
+        self.log(id)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Names present in `incoming/`.
+    pub fn incoming_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.path("incoming"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Waits for `path` to exist.
+pub fn wait_file(path: &Path, context: impl Fn() -> String) {
+    wait_until(
+        DEADLINE,
+        &format!("{} to exist", path.display()),
+        || path.exists(),
+        context,
+    );
+}
+
+/// Waits for a child process to exit (killing it and panicking after `timeout`).
+pub fn wait_child(
+    child: &mut Child,
+    timeout: Duration,
+    what: &str,
+    context: impl Fn() -> String,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pids listed one per line in `path` (lines that do not parse are skipped).
+pub fn read_pids(path: &Path) -> Vec<u32> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Whether a program is on PATH.
+pub fn have_program(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            let p = dir.join(name);
+            fs::metadata(&p).is_ok_and(|m| m.is_file())
+        })
+    })
+}
