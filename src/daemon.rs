@@ -56,8 +56,14 @@ struct Daemon {
     tx: mpsc::UnboundedSender<Msg>,
     kill_grace: Duration,
     am_root: bool,
+    /// `queue`/`nodes` need rewriting.
     dirty: bool,
+    last_render: std::time::Instant,
+    last_nodes: String,
 }
+
+/// Longest time `queue` and `nodes` lag behind the daemon's state while it is busy.
+const RENDER_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Runs the daemon until SIGTERM/SIGINT. Jobs keep running when it stops; the next start
 /// re-adopts them.
@@ -99,6 +105,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         kill_grace: cfg.kill_grace,
         am_root: nix::unistd::geteuid().is_root(),
         dirty: true,
+        last_render: std::time::Instant::now() - RENDER_INTERVAL,
+        last_nodes: String::new(),
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -123,7 +131,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
+        let render_at = tokio::time::Instant::from_std(d.last_render + RENDER_INTERVAL);
         tokio::select! {
+            _ = tokio::time::sleep_until(render_at), if d.dirty => {}
             batch = d.watcher.next_batch() => {
                 match batch {
                     Ok(events) => d.handle_events(events),
@@ -406,16 +416,23 @@ impl Daemon {
         for (id, placement) in started {
             self.start(id, placement);
         }
-        if self.dirty {
+        // `queue` and `nodes` are rewritten after the batch that changed them, but at most
+        // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
+        // must not re-render a 10,000-line table 1,000 times).
+        if self.dirty && self.last_render.elapsed() >= RENDER_INTERVAL {
             self.dirty = false;
+            self.last_render = std::time::Instant::now();
             let rows: Vec<&JobInfo> = self.jobs.values().collect();
             let text = queue::render(&rows, chrono::Utc::now(), TimeStyle::Absolute);
             if let Err(e) = self.spool.write_queue(&text) {
                 note!("cannot write queue: {e}");
             }
             let nodes = self.inventory.render_nodes(&self.sched.usage());
-            if let Err(e) = self.spool.write_nodes(&nodes) {
-                note!("cannot write nodes: {e}");
+            if nodes != self.last_nodes {
+                if let Err(e) = self.spool.write_nodes(&nodes) {
+                    note!("cannot write nodes: {e}");
+                }
+                self.last_nodes = nodes;
             }
         }
     }
@@ -871,7 +888,9 @@ impl Daemon {
                 ),
             );
         }
-        let _ = self.spool.write_status(id, result.status);
+        if self.spool.read_status(id).ok() != Some(result.status) {
+            let _ = self.spool.write_status(id, result.status);
+        }
         if let Some(info) = self.jobs.get_mut(&id) {
             info.status = result.status;
             info.ended = Some(result.ended.clone());

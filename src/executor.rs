@@ -326,7 +326,10 @@ fn run_job(
             PhaseOutcome::Done(_) => {}
         }
     }
-    spool.write_status(plan.job_id, Status::Running)?;
+    if plan.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
+        // (Without setup the daemon already wrote RUNNING when it started us.)
+        spool.write_status(plan.job_id, Status::Running)?;
+    }
     let Some(run) = plan.run.as_deref().filter(|s| !s.trim().is_empty()) else {
         return Ok(finish(Status::Succeeded, vec![Some(0); n], None));
     };
@@ -605,6 +608,26 @@ fn spawn_rank(
         }
     };
     cmd.process_group(0);
+    // SAFETY: sigemptyset/pthread_sigmask/signal are async-signal-safe. The supervisor
+    // blocks TERM/INT/HUP for its sigwait thread; the job must start with them deliverable
+    // (std does not reset the mask on every spawn path).
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            for sig in [
+                libc::SIGTERM,
+                libc::SIGINT,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+                libc::SIGPIPE,
+            ] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
     if plan.user.switch {
         let (uid, gid) = (plan.user.uid, plan.user.gid);
         let groups: Vec<libc::gid_t> = plan.user.groups.clone();

@@ -108,6 +108,56 @@ pub const IGNORED_TASK_KEYS: &[&str] = &[
     "_metadata",
 ];
 
+/// The other keys of SkyPilot's `resources` schema: accepted and recorded in
+/// [`ResourceSpec::other`] (they choose clouds and machines, which a fixed cluster has).
+/// Keys starting with `_` (SkyPilot internals) are accepted too.
+pub const OTHER_RESOURCE_KEYS: &[&str] = &[
+    "infra",
+    "cloud",
+    "region",
+    "zone",
+    "instance_type",
+    "accelerator_args",
+    "use_spot",
+    "spot_recovery",
+    "job_recovery",
+    "disk_size",
+    "disk_tier",
+    "network_tier",
+    "ports",
+    "labels",
+    "image_id",
+    "autostop",
+    "priority",
+    "volumes",
+];
+
+const RESOURCE_KEYS_FOR_HINTS: &[&str] = &[
+    "accelerators",
+    "cpus",
+    "memory",
+    "any_of",
+    "ordered",
+    "infra",
+    "cloud",
+    "region",
+    "zone",
+    "instance_type",
+    "use_spot",
+    "disk_size",
+    "image_id",
+];
+
+/// The closest of `candidates` to `key` when it is a likely typo (edit distance <= 2).
+fn suggest(key: &str, candidates: &[&'static str]) -> Option<&'static str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(&key.to_ascii_lowercase(), c), *c))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, c)| c)
+}
+
 /// Environment variable names SkyPilot accepts: `^[a-zA-Z_][a-zA-Z0-9_]*$`.
 pub fn is_valid_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
@@ -1290,9 +1340,22 @@ fn parse_resources(cx: &Cx<'_>, v: &Node) -> Result<ResourceSpec, SpecError> {
                 let which = if key == "any_of" { "any_of" } else { "ordered" };
                 alternatives = Some((which, *k, *val));
             }
-            _ => {
+            _ if OTHER_RESOURCE_KEYS.contains(&key.as_str()) || key.starts_with('_') => {
                 let json = to_json(cx, val, &format!("resources.{key}"))?;
                 spec.other.insert(key.clone(), json);
+            }
+            _ => {
+                return Err(cx.err(
+                    k,
+                    format!(
+                        "resources.{key} is not a SkyPilot resources key{}; valid keys: \
+                         accelerators, cpus, memory, any_of, ordered, {}",
+                        suggest(key, RESOURCE_KEYS_FOR_HINTS)
+                            .map(|s| format!(" (did you mean '{s}'?)"))
+                            .unwrap_or_default(),
+                        OTHER_RESOURCE_KEYS.join(", ")
+                    ),
+                ))
             }
         }
     }
@@ -2729,5 +2792,24 @@ run: |
         assert_eq!(e.line, Some(1));
         let e = parse_file(&dir.path().join("missing.yaml"), &none()).unwrap_err();
         assert!(e.message.contains("cannot read"), "{e}");
+    }
+
+    #[test]
+    fn resources_typo_is_an_error_with_a_hint() {
+        let e = parse(
+            "resources:\n  acelerators: H100:1\nrun: echo\n",
+            "t.yaml",
+            &BTreeMap::new(),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("did you mean 'accelerators'"), "{e}");
+        assert_eq!(e.line, Some(2), "{e}");
+        let ok = parse(
+            "resources:\n  cloud: aws\n  use_spot: true\n  _docker_login_config: x\n",
+            "t.yaml",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert!(ok.resources.other.contains_key("cloud"));
     }
 }

@@ -361,14 +361,23 @@ impl Spool {
         Ok(max + 1)
     }
 
-    /// Records `id` as the highest ID given (atomic replace).
+    /// Records `id` as the highest ID given, durably. The file is rewritten in place with a
+    /// fixed width (one sector, so a crash leaves the old or the new number), which costs no
+    /// new inode per admission batch.
     pub fn record_last_id(&self, id: JobId) -> Result<()> {
-        write_atomic(
-            &self.private(),
-            "last-id",
-            format!("{id}\n").as_bytes(),
-            false,
-        )
+        use std::os::unix::fs::FileExt;
+        let path = self.private().join("last-id");
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&path)
+            .at(&path)?;
+        f.write_all_at(format!("{id:020}\n").as_bytes(), 0)
+            .at(&path)?;
+        f.sync_data().at(&path)
     }
 
     // ----------------------------------------------------------- incoming
@@ -434,7 +443,6 @@ impl Spool {
             display_name(name),
             if has_workdir { "/" } else { "" }
         );
-        write_atomic(&dir, "source", source.as_bytes(), false)?;
         Ok(Claimed {
             id,
             dir,
@@ -465,8 +473,13 @@ impl Spool {
                 }
                 Err(e) => return Err(e).at(&content),
             };
-            let source = fs::read_to_string(dir.join("source"))
-                .unwrap_or_else(|_| format!("staged job {id}"));
+            // The name it came in with is in info.json once that is written (it was
+            // validated before the claim, so it is only needed for the record).
+            let source = fs::read(dir.join("info.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<JobInfo>(&b).ok())
+                .map(|i| i.source)
+                .unwrap_or_else(|| format!("incoming/(staged job {id})"));
             out.push(Claimed {
                 id,
                 dir,
@@ -503,7 +516,6 @@ impl Spool {
         let dst = self.job_dir(c.id);
         let submitted = c.dir.join("submitted.yaml");
         let _ = fs::remove_file(&submitted);
-        let _ = fs::remove_file(c.dir.join("source"));
         fs::rename(&c.dir, &dst).at(&dst)?;
         self.link_state(c.id, State::Pending)
     }

@@ -73,7 +73,12 @@ fn job_runs_as_submitter_and_only_owner_cancels() {
     assert!(log.contains("home=/home/skyspool-alice"), "{log}");
     assert!(log.contains("user=skyspool-alice"), "{log}");
     assert!(log.contains("sky=skyspool-alice"), "{log}");
-    assert!(d.queue().contains("skyspool-alice"), "{}", d.queue());
+    wait_until(
+        DEADLINE,
+        "the queue to show alice's job",
+        || d.queue().contains("skyspool-alice"),
+        || d.diagnostics(),
+    );
 
     // Bob can neither cancel alice's job nor forge its state.
     let job = d.job(1);

@@ -467,3 +467,41 @@ pub fn have_program(name: &str) -> bool {
         })
     })
 }
+
+/// Kills a daemon that hangs (e.g. blocked opening a FIFO), so a failing test fails instead
+/// of hanging in `Daemon::drop`. Call [`Watchdog::disarm`] once the test has passed.
+pub struct Watchdog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Watchdog {
+    pub fn arm(d: &Daemon, timeout: Duration) -> Watchdog {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = d.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        let spool = d.spool.to_string_lossy().into_owned();
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Only the daemon of this spool (a pid may have been reused).
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if pid != 0 && String::from_utf8_lossy(&cmdline).contains(&spool) {
+                eprintln!("watchdog: daemon {pid} hung; SIGKILL");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        });
+        Watchdog { stop }
+    }
+
+    pub fn disarm(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
