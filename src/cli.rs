@@ -50,6 +50,10 @@ pub enum Command {
         /// Seconds between SIGTERM and SIGKILL when a job is cancelled.
         #[arg(long, default_value_t = 10.0)]
         kill_grace: f64,
+        /// Treat submissions owned by root as this user's: they run as USER (default: they
+        /// run as root).
+        #[arg(long, value_name = "USER")]
+        root_jobs_as: Option<String>,
     },
     /// Submit job YAMLs safely (written aside, then renamed into incoming/).
     Submit {
@@ -103,6 +107,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cpus,
             cluster_name,
             kill_grace,
+            root_jobs_as,
         } => {
             let cpus = cpus
                 .map(|c| Milli::parse_positive(&c).map_err(|e| anyhow::anyhow!("--cpus: {e}")))
@@ -117,6 +122,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cpus,
                 cluster_name,
                 kill_grace: Duration::from_secs_f64(kill_grace),
+                root_jobs_as,
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -30,12 +30,38 @@ pub struct DaemonConfig {
     pub cpus: Option<Milli>,
     pub cluster_name: Option<String>,
     pub kill_grace: Duration,
+    /// Submissions owned by root are treated as this user's (so root's jobs need not run
+    /// as root, and a shared box's admin account cannot be used by accident).
+    pub root_jobs_as: Option<String>,
 }
 
 macro_rules! note {
     ($($arg:tt)*) => {
         eprintln!("{} skyspool: {}", chrono::Local::now().format("%Y-%m-%d %H:%M:%S%.3f"), format!($($arg)*))
     };
+}
+
+/// A job's live supervisor.
+struct Supervisor {
+    pid: u32,
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Supervisor {
+    /// SIGTERM through the pidfd (immune to pid reuse), by pid if there is none.
+    fn terminate(&self) {
+        match &self.pidfd {
+            Some(fd) => {
+                let _ = executor::pidfd_send_signal(fd, libc::SIGTERM);
+            }
+            None => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+    }
 }
 
 enum Msg {
@@ -49,7 +75,7 @@ struct Daemon {
     /// Every job's record (the queue's rows), by id.
     jobs: BTreeMap<JobId, JobInfo>,
     /// Supervisor pid of each job that has one.
-    supervisors: HashMap<JobId, u32>,
+    supervisors: HashMap<JobId, Supervisor>,
     watcher: Watcher,
     exe: PathBuf,
     next_id: JobId,
@@ -60,6 +86,22 @@ struct Daemon {
     dirty: bool,
     last_render: std::time::Instant,
     last_nodes: String,
+    /// When deferred submissions (disk full) are to be retried.
+    retry_at: Option<std::time::Instant>,
+    /// (uid, gid) that root's submissions belong to (`--root-jobs-as`).
+    root_jobs_as: Option<(u32, u32)>,
+}
+
+/// How long a deferred admission waits before the next try.
+const RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Whether an error chain bottoms out in ENOSPC/EDQUOT.
+fn is_out_of_space(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(spool::is_out_of_space)
+            || matches!(c.downcast_ref::<spool::SpoolError>(), Some(spool::SpoolError::Io { source, .. }) if spool::is_out_of_space(source))
+    })
 }
 
 /// Longest time `queue` and `nodes` lag behind the daemon's state while it is busy.
@@ -92,6 +134,16 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let exe = std::env::current_exe().context("locating the skyspool binary")?;
     let next_id = spool.next_id()?;
+    let root_jobs_as = match cfg.root_jobs_as.as_deref() {
+        None => None,
+        Some(name) => {
+            let user = nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .with_context(|| format!("--root-jobs-as: no user named {name:?}"))?;
+            Some((user.uid.as_raw(), user.gid.as_raw()))
+        }
+    };
     let mut d = Daemon {
         spool,
         inventory,
@@ -107,6 +159,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         dirty: true,
         last_render: std::time::Instant::now() - RENDER_INTERVAL,
         last_nodes: String::new(),
+        retry_at: None,
+        root_jobs_as,
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -134,6 +188,10 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         let render_at = tokio::time::Instant::from_std(d.last_render + RENDER_INTERVAL);
         tokio::select! {
             _ = tokio::time::sleep_until(render_at), if d.dirty => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
+                d.retry_at = None;
+                d.rescan();
+            }
             batch = d.watcher.next_batch() => {
                 match batch {
                     Ok(events) => d.handle_events(events),
@@ -388,7 +446,7 @@ impl Daemon {
                     nix::unistd::Pid::from_raw(pid as i32),
                     Some(nix::sys::wait::WaitPidFlag::WNOHANG),
                 );
-                if self.supervisors.get(&id) == Some(&pid) {
+                if self.supervisors.get(&id).is_some_and(|s| s.pid == pid) {
                     let result = self.spool.read_result(id);
                     self.finish(id, result);
                 }
@@ -547,6 +605,7 @@ impl Daemon {
         for (claimed, adm) in ready {
             match self.stage(&claimed, &adm) {
                 Ok(info) => staged.push((claimed, info)),
+                Err(e) if is_out_of_space(&e) => self.defer(&claimed, &e),
                 Err(e) => {
                     let reason = format!("{}: could not be admitted: {e}", claimed.source);
                     let _ = self.spool.reject_claimed(&claimed, &reason);
@@ -556,18 +615,33 @@ impl Daemon {
         }
         // Durability: one round of syncs for the batch (the first fsync commits the
         // journal for all of them; the rest find little left to do).
-        for (claimed, _) in &staged {
-            for f in ["job.yaml", "info.json", "status"] {
-                spool::sync_file(&claimed.dir.join(f))?;
+        let synced = (|| -> spool::Result<()> {
+            for (claimed, _) in &staged {
+                for f in ["job.yaml", "info.json", "status"] {
+                    spool::sync_file(&claimed.dir.join(f))?;
+                }
+                spool::sync_dir(&claimed.dir)?;
             }
-            spool::sync_dir(&claimed.dir)?;
+            spool::sync_dir(&self.spool.staging())
+        })();
+        if let Err(e) = synced {
+            // Nothing of this batch is visible yet: hand every submission back to incoming/
+            // and try again later rather than publish what may not be on disk.
+            let err = anyhow::Error::from(e);
+            for (claimed, _) in &staged {
+                self.defer(claimed, &err);
+            }
+            return Ok(());
         }
-        spool::sync_dir(&self.spool.staging())?;
         if let Some(max) = staged.iter().map(|(c, _)| c.id).max() {
             self.spool.record_last_id(max)?;
         }
         for (claimed, info) in staged {
             let id = claimed.id;
+            if claimed.has_workdir && self.spool.secrets_file(id).exists() {
+                // The submitted copy holds the secrets in clear: keep only the redacted one.
+                let _ = std::fs::remove_file(claimed.dir.join("workdir").join("job.yaml"));
+            }
             self.spool.publish(&claimed)?;
             note!(
                 "job {id} ({}) admitted from {} for {}, needs {}",
@@ -589,15 +663,29 @@ impl Daemon {
         Ok(())
     }
 
+    /// Gives a claimed submission back to `incoming/` (disk full, sync failed) and asks for
+    /// a retry: it is admitted when space returns, never rejected for it or lost.
+    fn defer(&mut self, claimed: &Claimed, why: &anyhow::Error) {
+        match self.spool.unclaim(claimed) {
+            Ok(()) => note!(
+                "{}: admission deferred ({why:#}); retrying shortly",
+                claimed.source
+            ),
+            Err(e) => note!(
+                "{}: admission deferred ({why:#}) but it could not be handed back ({e}); \
+                 it stays staged and is admitted at the next start",
+                claimed.source
+            ),
+        }
+        self.retry_at = Some(std::time::Instant::now() + RETRY_INTERVAL);
+    }
+
     /// Writes `job.yaml`, `status`, `log`, `info.json` (and secrets, privately) of a
     /// claimed submission inside its staging directory.
     fn stage(&self, c: &Claimed, adm: &Admission) -> anyhow::Result<JobInfo> {
         let spec = &adm.spec;
         std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755))?;
-        if self.am_root && c.uid != 0 {
-            // The owner must be able to create `cancel`; nobody else may write here.
-            spool::grant_create(&c.dir, c.uid)?;
-        }
+
         if spec.secrets.is_empty() {
             spool::write_atomic(&c.dir, "job.yaml", &adm.yaml, false)?;
         } else {
@@ -608,21 +696,21 @@ impl Daemon {
                 false,
             )?;
             self.spool.write_secrets(c.id, &spec.secrets)?;
-            if c.has_workdir {
-                // The submitted copy holds the secrets in clear: keep only the redacted one.
-                let _ = std::fs::remove_file(c.dir.join("workdir").join("job.yaml"));
-            }
         }
         spool::write_atomic(&c.dir, "status", b"PENDING\n", false)?;
         spool::write_atomic(&c.dir, "log", b"", false)?;
-        let user = user_name(c.uid);
+        let (uid, gid) = match self.root_jobs_as {
+            Some(mapped) if c.uid == 0 => mapped,
+            _ => (c.uid, c.gid),
+        };
+        let user = user_name(uid);
         let name = spec.name.clone().unwrap_or_else(|| default_name(&c.source));
         let info = JobInfo {
             id: c.id,
             name,
             user,
-            uid: c.uid,
-            gid: c.gid,
+            uid,
+            gid,
             status: Status::Pending,
             submitted: spool::now_rfc3339(),
             started: None,
@@ -636,6 +724,10 @@ impl Daemon {
             exit_codes: vec![],
             reason: None,
         };
+        if self.am_root && uid != 0 {
+            // The owner must be able to create `cancel`; nobody else may write here.
+            spool::grant_create(&c.dir, uid)?;
+        }
         spool::write_info_in(&c.dir, &info)?;
         Ok(info)
     }
@@ -846,11 +938,14 @@ impl Daemon {
         })
     }
 
-    /// Watches a supervisor's pidfd; its exit comes back as a message.
+    /// Watches a supervisor's pidfd; its exit comes back as a message. The daemon keeps a
+    /// duplicate of the pidfd to signal it, so a recycled pid can never be hit.
     fn watch_supervisor(&mut self, id: JobId, pid: u32) {
-        self.supervisors.insert(id, pid);
         let tx = self.tx.clone();
-        match executor::pidfd_open(pid) {
+        let fd = executor::pidfd_open(pid);
+        let kept = fd.as_ref().ok().and_then(|f| f.try_clone().ok());
+        self.supervisors.insert(id, Supervisor { pid, pidfd: kept });
+        match fd {
             Ok(fd) => {
                 tokio::spawn(async move {
                     // SAFETY: `fd` is an OwnedFd moved into the AsyncFd; it stays open until dropped.
@@ -869,7 +964,21 @@ impl Daemon {
 
     /// Settles a job that was running: final status, record, `done/`, resources freed.
     fn finish(&mut self, id: JobId, result: Option<JobResult>) {
-        let pid = self.supervisors.remove(&id);
+        let pid = self.supervisors.remove(&id).map(|s| s.pid);
+        // A supervisor that could not write result.json (disk full) still rewrote `status`
+        // in place: trust a final word there.
+        let result = result.or_else(|| {
+            let status = self.spool.read_status(id).ok().filter(|s| s.is_terminal())?;
+            Some(JobResult {
+                status,
+                exit_codes: vec![],
+                ended: spool::now_rfc3339(),
+                reason: Some(
+                    "the supervisor could not record its result (disk full?); status as it last wrote it"
+                        .into(),
+                ),
+            })
+        });
         let result = result.unwrap_or_else(|| JobResult {
             status: Status::FailedDriver,
             exit_codes: vec![],
@@ -939,12 +1048,9 @@ impl Daemon {
                 .spool
                 .append_log(id, "skyspool: cancelled before it started");
             self.finish_pending_cancel(id);
-        } else if let Some(pid) = self.supervisors.get(&id) {
-            note!("job {id}: cancelling (SIGTERM to supervisor {pid})");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+        } else if let Some(sup) = self.supervisors.get(&id) {
+            note!("job {id}: cancelling (SIGTERM to supervisor {})", sup.pid);
+            sup.terminate();
         }
     }
 

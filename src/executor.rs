@@ -251,10 +251,26 @@ pub fn supervise_main() -> Result<(), ExecError> {
         },
     };
     kill_all_descendants(false);
+    let mut result = result;
+    if filesystem_full(&spool.job_dir(plan.job_id)) {
+        let note = "the spool's filesystem is full: the job's log may be incomplete";
+        result.reason = Some(match result.reason.take() {
+            Some(r) => format!("{r}; {note}"),
+            None => note.to_string(),
+        });
+    }
     let bytes = serde_json::to_vec(&result).map_err(|e| ExecError::Plan(e.to_string()))?;
-    spool::write_atomic(&private_dir(&plan), "result.json", &bytes, true)?;
+    // Both are attempted whatever happens to the other: with the disk full, result.json
+    // (a new file) may fail while status (rewritten in place) still records the outcome.
+    let recorded = spool::write_atomic(&private_dir(&plan), "result.json", &bytes, true);
     spool.write_status(plan.job_id, result.status)?;
+    recorded?;
     Ok(())
+}
+
+/// No block left for an unprivileged writer on the filesystem holding `dir`.
+fn filesystem_full(dir: &Path) -> bool {
+    nix::sys::statvfs::statvfs(dir).is_ok_and(|v| v.blocks_available() == 0)
 }
 
 fn start_signal_thread(tx: mpsc::Sender<Event>) {
@@ -747,6 +763,25 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     }
     // SAFETY: the kernel just gave us this descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `pidfd_send_signal(2)`.
+pub fn pidfd_send_signal(fd: &OwnedFd, sig: i32) -> io::Result<()> {
+    // SAFETY: raw syscall on a valid pidfd with a null siginfo.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

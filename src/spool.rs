@@ -453,6 +453,33 @@ impl Spool {
         })
     }
 
+    /// Undoes a claim: the submission goes back to `incoming/` under its name, and the
+    /// staging directory is removed (its ID is not reused).
+    pub fn unclaim(&self, c: &Claimed) -> Result<()> {
+        let name = c
+            .source
+            .strip_prefix("incoming/")
+            .map(|n| n.trim_end_matches('/'))
+            .filter(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.'))
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                format!(
+                    "deferred-{}{}",
+                    c.id,
+                    if c.has_workdir { "" } else { ".yaml" }
+                )
+            });
+        let content = if c.has_workdir {
+            c.dir.join("workdir")
+        } else {
+            c.dir.join("submitted.yaml")
+        };
+        let back = self.incoming().join(&name);
+        fs::rename(&content, &back).at(&back)?;
+        let _ = fs::remove_dir_all(&c.dir);
+        Ok(())
+    }
+
     /// Staged admissions left by a daemon that died mid-admission.
     pub fn list_staged(&self) -> Result<Vec<Claimed>> {
         let mut out = Vec::new();
@@ -885,10 +912,40 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> Resu
         }
         fs::rename(&tmp, &dst)
     })();
-    if result.is_err() {
+    if let Err(e) = &result {
         let _ = fs::remove_file(&tmp);
+        if is_out_of_space(e) {
+            // Disk full: a new file cannot be made, but an existing one can be rewritten in
+            // place without new blocks (state files are tiny). Not atomic for a reader, so
+            // only the emergency path; the content's first line is the new one throughout.
+            if let Ok(()) = overwrite_in_place(&dst, bytes) {
+                return Ok(());
+            }
+        }
     }
     result.at(&dst)
+}
+
+/// ENOSPC or EDQUOT.
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Rewrites an existing regular file in place (no links followed, no new inode).
+fn overwrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    f.write_all_at(bytes, 0)?;
+    f.set_len(bytes.len() as u64)
 }
 
 /// Lets `uid` (and only `uid`, besides the directory's owner) create entries such as

@@ -51,6 +51,45 @@ pub fn wait_until(
     }
 }
 
+/// The unprivileged user that root's test submissions run as (`serve --root-jobs-as`).
+pub const RUNNER: &str = "skyspool-runner";
+
+/// As root: makes sure [`RUNNER`] exists with an empty `~/.bashrc`, and returns its name.
+/// Tests then never run jobs as root, whose `~/.bashrc` on these machines runs `pyenv init`
+/// (slow, and it leaves a stale lock behind when a job is killed in the middle of it).
+pub fn runner() -> Option<&'static str> {
+    static READY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !is_root() {
+        return None;
+    }
+    let ok = *READY.get_or_init(|| {
+        if nix::unistd::User::from_name(RUNNER)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            let _ = Command::new("useradd")
+                .args(["--create-home", "--shell", "/bin/bash", RUNNER])
+                .status();
+        }
+        match nix::unistd::User::from_name(RUNNER).ok().flatten() {
+            Some(u) => {
+                let rc = u.dir.join(".bashrc");
+                let _ = fs::write(&rc, b"");
+                let _ = nix::unistd::chown(&rc, Some(u.uid), Some(u.gid));
+                true
+            }
+            None => false,
+        }
+    });
+    if ok {
+        Some(RUNNER)
+    } else {
+        skip("could not create the test user skyspool-runner; root's jobs run as root");
+        None
+    }
+}
+
 /// A running daemon on its own spool. Dropping it cancels the jobs left and stops it.
 pub struct Daemon {
     pub child: Option<Child>,
@@ -67,12 +106,23 @@ impl Daemon {
             .prefix("skyspool-test-")
             .tempdir()
             .expect("tempdir");
+        // Jobs run as another user: let them reach the scratch directory inside.
+        let _ = fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        );
         let spool = tmp.path().join("spool");
+        let mut all: Vec<String> = Vec::new();
+        if let Some(user) = runner() {
+            all.push("--root-jobs-as".into());
+            all.push(user.into());
+        }
+        all.extend(args.iter().map(|s| s.to_string()));
         let mut d = Daemon {
             child: None,
             tmp,
             spool,
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args: all,
             submissions: 0,
         };
         d.spawn();
@@ -138,6 +188,7 @@ impl Daemon {
     pub fn scratch(&self) -> PathBuf {
         let p = self.tmp.path().join("scratch");
         fs::create_dir_all(&p).expect("scratch");
+        let _ = fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o777));
         p
     }
 
