@@ -6,6 +6,7 @@
 use crate::executor::{self, LaunchPlan, NodeLaunch, RunAs};
 use crate::inventory::{self, Inventory};
 use crate::queue::{self, TimeStyle};
+use crate::remote::SshTarget;
 use crate::resources::Milli;
 use crate::scheduler::{JobId, NodeGrant, Placement, Scheduler};
 use crate::spec::{self, JobSpec};
@@ -240,11 +241,19 @@ impl Daemon {
                 }
             };
             let status = self.spool.read_status(id).unwrap_or(info.status);
+            let settled = info.status.is_terminal();
             let mut info = info;
             info.status = status;
             if status.is_terminal() {
-                self.fix_link(id, State::Done);
                 self.jobs.insert(id, info);
+                if settled {
+                    self.fix_link(id, State::Done);
+                } else {
+                    // It ended while no daemon watched: settle it like any ended job.
+                    let placement = self.placement_of(id);
+                    let _ = self.sched.restore(id, &placement);
+                    self.finish(id, self.spool.read_result(id));
+                }
                 continue;
             }
             self.jobs.insert(id, info);
@@ -905,19 +914,14 @@ impl Daemon {
         let launches = nodes
             .iter()
             .map(|a| {
-                let local = self
-                    .inventory
-                    .nodes
-                    .iter()
-                    .find(|n| n.name == a.node)
-                    .map(|n| n.local)
-                    .unwrap_or(true);
+                let node = self.inventory.nodes.iter().find(|n| n.name == a.node);
                 NodeLaunch {
                     rank: a.rank,
                     name: a.node.clone(),
                     ip: a.ip.clone(),
-                    local,
+                    local: node.map(|n| n.local).unwrap_or(true),
                     gpus: a.gpus.clone(),
+                    ssh: node.and_then(|n| SshTarget::of(n, &self.ssh_dir())),
                 }
             })
             .collect();
@@ -928,6 +932,7 @@ impl Daemon {
             setup: spec.setup.clone(),
             run: spec.run.clone(),
             cwd,
+            workdir: info.has_workdir.then(|| job_dir.join("workdir")),
             notes,
             env,
             setup_env,
@@ -936,6 +941,11 @@ impl Daemon {
             num_gpus_per_node: gpus_per_node,
             kill_grace_ms: self.kill_grace.as_millis() as u64,
         })
+    }
+
+    /// Master sockets and known_hosts of the ssh connections to remote nodes.
+    fn ssh_dir(&self) -> PathBuf {
+        self.spool.private().join("ssh")
     }
 
     /// Watches a supervisor's pidfd; its exit comes back as a message. The daemon keeps a

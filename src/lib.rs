@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod executor;
 pub mod inventory;
 pub mod queue;
+pub mod remote;
 pub mod resources;
 pub mod scheduler;
 pub mod spec;

@@ -311,6 +311,12 @@ impl Daemon {
         let mut s = String::new();
         s.push_str("--- daemon.log ---\n");
         s.push_str(&fs::read_to_string(self.tmp.path().join("daemon.log")).unwrap_or_default());
+        // The supervisors' own messages (their stderr), when there are any.
+        let sup = fs::read_to_string(self.spool.join(".skyspool/daemon.log")).unwrap_or_default();
+        if !sup.is_empty() {
+            s.push_str("--- .skyspool/daemon.log (supervisors) ---\n");
+            s.push_str(&sup);
+        }
         s.push_str("--- queue ---\n");
         s.push_str(&self.queue());
         for id in self.job_ids() {
@@ -554,5 +560,50 @@ impl Watchdog {
 
     pub fn disarm(&self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+// ------------------------------------------------------------------ helpers added for the
+// crash suite.
+
+impl Daemon {
+    /// Like [`Daemon::start`], without starting the daemon: the caller may first move `spool`
+    /// (onto a small filesystem, say), then call [`Daemon::spawn`].
+    pub fn unstarted(args: &[&str]) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("skyspool-test-")
+            .tempdir()
+            .expect("tempdir");
+        let _ = fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        );
+        let spool = tmp.path().join("spool");
+        let mut all: Vec<String> = Vec::new();
+        if let Some(user) = runner() {
+            all.push("--root-jobs-as".into());
+            all.push(user.into());
+        }
+        all.extend(args.iter().map(|s| s.to_string()));
+        Daemon {
+            child: None,
+            tmp,
+            spool,
+            args: all,
+            submissions: 0,
+        }
+    }
+
+    /// The serving daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `Some(status)` when the daemon process has exited on its own (it is then forgotten,
+    /// so a later [`Daemon::spawn`] starts a new one).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(st)
     }
 }

@@ -1,0 +1,239 @@
+//! Reaching other nodes: the system's OpenSSH client (BatchMode, one multiplexed master
+//! connection per node so a job start does not pay a full handshake) and rsync over it.
+
+use crate::inventory::{GpuInfo, Node};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How to reach a remote node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshTarget {
+    /// `[user@]host`.
+    pub dest: String,
+    pub port: Option<u16>,
+    pub identity: Option<PathBuf>,
+    /// Directory for the master sockets and known_hosts (inside the spool's private dir).
+    pub control_dir: PathBuf,
+}
+
+impl SshTarget {
+    /// The target of `node`, if it is remote.
+    pub fn of(node: &Node, control_dir: &Path) -> Option<SshTarget> {
+        node.ssh_destination.as_ref().map(|dest| SshTarget {
+            dest: dest.clone(),
+            port: node.ssh_port,
+            identity: node.ssh_identity.clone(),
+            control_dir: control_dir.to_path_buf(),
+        })
+    }
+
+    /// The ssh options shared by every connection to this node.
+    pub fn options(&self) -> Vec<String> {
+        let mut o: Vec<String> = vec![
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=accept-new".into(),
+            "-o".into(),
+            format!(
+                "UserKnownHostsFile={}",
+                self.control_dir.join("known_hosts").display()
+            ),
+            "-o".into(),
+            "ControlMaster=auto".into(),
+            "-o".into(),
+            format!("ControlPath={}/cm-%C", self.control_dir.display()),
+            "-o".into(),
+            "ControlPersist=600".into(),
+            "-o".into(),
+            "ConnectTimeout=10".into(),
+            "-o".into(),
+            "ServerAliveInterval=5".into(),
+            "-o".into(),
+            "ServerAliveCountMax=3".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+        ];
+        if let Some(p) = self.port {
+            o.push("-p".into());
+            o.push(p.to_string());
+        }
+        if let Some(id) = &self.identity {
+            o.push("-i".into());
+            o.push(id.display().to_string());
+        }
+        o
+    }
+
+    /// `ssh OPTIONS DEST -- REMOTE_COMMAND`.
+    pub fn command(&self, remote_command: &str) -> Command {
+        let _ = std::fs::create_dir_all(&self.control_dir);
+        let mut c = Command::new("ssh");
+        c.args(self.options())
+            .arg(&self.dest)
+            .arg("--")
+            .arg(remote_command);
+        c
+    }
+
+    /// `rsync -a` of a local directory's contents to `remote_dir` on this node.
+    pub fn rsync_to(&self, local_dir: &Path, remote_dir: &str) -> Command {
+        let _ = std::fs::create_dir_all(&self.control_dir);
+        let ssh = std::iter::once("ssh".to_string())
+            .chain(self.options().into_iter().map(|o| shell_quote(&o)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut c = Command::new("rsync");
+        c.arg("-a")
+            .arg("--delete")
+            .arg("-e")
+            .arg(ssh)
+            .arg(format!("{}/", local_dir.display()))
+            .arg(format!("{}:{}/", self.dest, remote_dir));
+        c
+    }
+
+    /// Runs a short command on the node; `Ok(stdout)` when it exits 0.
+    pub fn run(&self, remote_command: &str, timeout: Duration) -> Result<String, String> {
+        let mut cmd = self.command(remote_command);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|e| format!("ssh: {e}"))?;
+        let out = wait_with_timeout(child, timeout)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "ssh {} exited with {}: {}",
+                self.dest,
+                out.status
+                    .code()
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "a signal".into()),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Whether the node answers (used for the `nodes` file and placement).
+    pub fn reachable(&self) -> bool {
+        self.run("true", Duration::from_secs(15)).is_ok()
+    }
+
+    /// The node's GPUs from `nvidia-smi` (none when it has no driver).
+    pub fn probe_gpus(&self) -> Result<Vec<GpuInfo>, String> {
+        let out = self.run(
+            "nvidia-smi --query-gpu=index,name,uuid,memory.total --format=csv,noheader,nounits 2>/dev/null || true",
+            Duration::from_secs(20),
+        )?;
+        Ok(parse_nvidia_smi(&out))
+    }
+}
+
+fn wait_with_timeout(
+    mut child: std::process::Child,
+    timeout: Duration,
+) -> Result<std::process::Output, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().map_err(|e| e.to_string()),
+            Ok(None) if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("ssh timed out after {timeout:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Parses `nvidia-smi --query-gpu=index,name,uuid,memory.total --format=csv,noheader,nounits`.
+pub fn parse_nvidia_smi(text: &str) -> Vec<GpuInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+            if cols.len() < 4 {
+                return None;
+            }
+            let index: u32 = cols[0].parse().ok()?;
+            let memory_mib: Option<u64> = cols[3].parse().ok();
+            Some(GpuInfo {
+                index,
+                kind: crate::inventory::canonical_gpu_name(cols[1], memory_mib),
+                uuid: Some(cols[2].to_string()).filter(|u| !u.is_empty()),
+                memory_mib,
+            })
+        })
+        .collect()
+}
+
+/// Single-quotes a string for POSIX sh.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// The remote side of one rank of one phase: saves the script it reads on stdin in a
+/// private directory, runs it with bash in a session (and so a process group) of its own,
+/// records that group's id for cancels, waits, kills what the job left behind, and exits
+/// with the job's code.
+pub fn rank_wrapper(remote_dir: &str, phase: &str) -> String {
+    let d = shell_quote(remote_dir);
+    format!(
+        "umask 077; d={d}; mkdir -p \"$d\" || exit 255; cat > \"$d/{phase}.sh\" || exit 255; \
+         setsid bash --noprofile --norc \"$d/{phase}.sh\" </dev/null & p=$!; \
+         echo $p > \"$d/{phase}.pid\"; wait $p; rc=$?; kill -KILL -- -$p 2>/dev/null; exit $rc"
+    )
+}
+
+/// Signals the process group of a rank started by [`rank_wrapper`].
+pub fn signal_command(remote_dir: &str, phase: &str, signal: &str) -> String {
+    let d = shell_quote(remote_dir);
+    format!(
+        "p=$(cat {d}/{phase}.pid 2>/dev/null) && [ -n \"$p\" ] && kill -{signal} -- -$p 2>/dev/null; true"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_nvidia_smi_rows() {
+        let g = parse_nvidia_smi(
+            "0, NVIDIA H100 80GB HBM3, GPU-aaa, 81559\n1, NVIDIA H100 80GB HBM3, GPU-bbb, 81559\n",
+        );
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[1].index, 1);
+        assert_eq!(g[1].kind, "H100");
+        assert_eq!(g[0].uuid.as_deref(), Some("GPU-aaa"));
+        assert!(parse_nvidia_smi("").is_empty());
+        assert!(parse_nvidia_smi("NVIDIA-SMI has failed").is_empty());
+    }
+
+    #[test]
+    fn quotes_for_sh() {
+        assert_eq!(shell_quote("abc/d.e"), "abc/d.e");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn wrapper_names_its_files() {
+        let w = rank_wrapper("/tmp/skyspool-x-r1", "run");
+        assert!(w.contains("/tmp/skyspool-x-r1"));
+        assert!(w.contains("run.pid"));
+        assert!(signal_command("/tmp/d", "run", "TERM").contains("kill -TERM -- -$p"));
+    }
+}
