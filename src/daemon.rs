@@ -67,6 +67,61 @@ impl Supervisor {
 
 enum Msg {
     SupervisorExited(JobId, u32),
+    /// A remote node's health: `None` up, `Some(why)` down.
+    NodeHealth(usize, Option<String>),
+}
+
+/// How often remote nodes are checked (only when the cluster has remote nodes).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Asks every remote node, in parallel, whether it answers and (where the cluster file
+/// declares none) which GPUs it has. This also opens the ssh master connection from the
+/// daemon, so jobs reuse it instead of paying a handshake.
+fn probe_remote_nodes(inventory: &mut Inventory, ssh_dir: &Path) {
+    let probes: Vec<_> = inventory
+        .nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            let target = SshTarget::of(n, ssh_dir)?;
+            let want_gpus = n.gpus.is_empty() && n.gpu_source.contains("not probed");
+            Some(std::thread::spawn(move || {
+                let up = target.run("true", Duration::from_secs(15));
+                let gpus = match (&up, want_gpus) {
+                    (Ok(_), true) => Some(target.probe_gpus()),
+                    _ => None,
+                };
+                (i, up, gpus)
+            }))
+        })
+        .collect();
+    for p in probes {
+        let Ok((i, up, gpus)) = p.join() else {
+            continue;
+        };
+        let Some(node) = inventory.nodes.get_mut(i) else {
+            continue;
+        };
+        match up {
+            Ok(_) => node.down = None,
+            Err(e) => {
+                note!("node {} is unreachable: {e}", node.name);
+                node.down = Some(format!("unreachable: {e}"));
+            }
+        }
+        match gpus {
+            Some(Ok(list)) => {
+                node.gpu_source = if list.is_empty() {
+                    "none (nvidia-smi found no GPU)".into()
+                } else {
+                    "nvidia-smi".into()
+                };
+                node.gpus = list;
+            }
+            Some(Err(e)) => node.gpu_source = format!("none (nvidia-smi failed: {e})"),
+            None => {}
+        }
+    }
 }
 
 struct Daemon {
@@ -128,6 +183,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         cfg.cpus,
         cfg.cluster_name.as_deref(),
     )?;
+    let mut inventory = inventory;
+    let ssh_dir = spool.private().join("ssh");
+    probe_remote_nodes(&mut inventory, &ssh_dir);
     let sched = Scheduler::new(inventory.capacities());
     let inventory_json = serde_json::to_vec_pretty(&inventory).context("encoding the inventory")?;
     spool::write_atomic(spool.root(), "nodes.json", &inventory_json, false)?;
@@ -183,6 +241,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     d.recover()?;
     d.rescan();
     d.after_batch();
+    d.start_health_checks();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
@@ -449,6 +508,20 @@ impl Daemon {
 
     fn handle_msg(&mut self, msg: Msg) {
         match msg {
+            Msg::NodeHealth(i, down) => {
+                let Some(node) = self.inventory.nodes.get_mut(i) else {
+                    return;
+                };
+                if node.down != down {
+                    match &down {
+                        None => note!("node {} is reachable again", node.name),
+                        Some(why) => note!("node {} is down: {why}", node.name),
+                    }
+                    node.down = down;
+                    self.sched.set_available(i, node.down.is_none());
+                    self.dirty = true;
+                }
+            }
             Msg::SupervisorExited(id, pid) => {
                 // Reap it if it is our child (after a restart it is not; ECHILD is fine).
                 let _ = nix::sys::wait::waitpid(
@@ -941,6 +1014,41 @@ impl Daemon {
             num_gpus_per_node: gpus_per_node,
             kill_grace_ms: self.kill_grace.as_millis() as u64,
         })
+    }
+
+    /// Checks remote nodes every [`HEALTH_INTERVAL`] (blocking ssh calls run off the event
+    /// loop); nothing runs when every node is local.
+    fn start_health_checks(&self) {
+        let targets: Vec<(usize, SshTarget)> = self
+            .inventory
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| SshTarget::of(n, &self.ssh_dir()).map(|t| (i, t)))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                for (i, t) in &targets {
+                    let t = t.clone();
+                    let i = *i;
+                    let tx = tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let down = t.run("true", Duration::from_secs(15)).err();
+                        let _ = tx.send(Msg::NodeHealth(
+                            i,
+                            down.map(|e| format!("unreachable: {e}")),
+                        ));
+                    });
+                }
+            }
+        });
     }
 
     /// Master sockets and known_hosts of the ssh connections to remote nodes.

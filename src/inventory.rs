@@ -53,6 +53,9 @@ pub struct Node {
     /// ssh identity file of a remote node, as written in the cluster file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_identity: Option<PathBuf>,
+    /// Why the node cannot be used now (unreachable); `None` when it is up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
 }
 
 /// The cluster: its name and its nodes. `nodes[0]` is the head.
@@ -821,6 +824,7 @@ fn detect_on(
             ssh_destination: p.ssh_destination,
             ssh_port: p.ssh_port,
             ssh_identity: p.ssh_identity,
+            down: None,
         });
     }
 
@@ -854,7 +858,7 @@ impl Inventory {
                     })
                     .collect(),
                 cpus: n.cpus,
-                available: true,
+                available: n.down.is_none(),
             })
             .collect()
     }
@@ -907,6 +911,10 @@ impl Inventory {
                 gpu_usage,
                 format!("{}/{}", u.cpus_used, node.cpus),
                 u.jobs.to_string(),
+                match &node.down {
+                    None => "up".to_string(),
+                    Some(why) => format!("DOWN ({why})"),
+                },
                 node.gpu_source.clone(),
             ]);
         }
@@ -918,6 +926,7 @@ impl Inventory {
                 "GPU USAGE",
                 "CPUS",
                 "JOBS",
+                "STATE",
                 "SOURCE",
             ],
             rows,
@@ -1378,6 +1387,7 @@ nodes:
                     ssh_destination: None,
                     ssh_port: None,
                     ssh_identity: None,
+                    down: None,
                 },
                 Node {
                     name: "w1".into(),
@@ -1389,6 +1399,7 @@ nodes:
                     ssh_destination: Some("u@10.0.0.2".into()),
                     ssh_port: None,
                     ssh_identity: None,
+                    down: None,
                 },
                 Node {
                     name: "cpu".into(),
@@ -1400,6 +1411,7 @@ nodes:
                     ssh_destination: None,
                     ssh_port: None,
                     ssh_identity: None,
+                    down: None,
                 },
             ],
         };
@@ -1411,10 +1423,10 @@ nodes:
         let text = inv.render_nodes(&usage);
         let want = "\
 cluster: demo  (3 nodes, 6 GPUs)
-NODE  ADDRESS    GPUS          GPU USAGE          CPUS    JOBS  SOURCE
-head  127.0.0.1  4x H100       0:1 1:0.5 2:0 3:0  1.5/16  2     nvml
-w1    10.0.0.2   1x T4, 1x L4  0:0 1:0            0/8     0     declared (config)
-cpu   127.0.0.1  -             -                  0/2.5   0     none (NVML unavailable: x)
+NODE  ADDRESS    GPUS          GPU USAGE          CPUS    JOBS  STATE  SOURCE
+head  127.0.0.1  4x H100       0:1 1:0.5 2:0 3:0  1.5/16  2     up     nvml
+w1    10.0.0.2   1x T4, 1x L4  0:0 1:0            0/8     0     up     declared (config)
+cpu   127.0.0.1  -             -                  0/2.5   0     up     none (NVML unavailable: x)
 
 NODE  GPU  KIND  UUID   MEMORY
 head  0    H100  GPU-0  81559 MiB

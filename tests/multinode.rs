@@ -1,0 +1,258 @@
+//! Multi-node jobs over real ssh: a local sshd on 127.0.0.2 and 127.0.0.3 plays two worker
+//! nodes (`scripts/test-sshd`, started by `.ci/run`), the head runs locally.
+mod common;
+use common::*;
+use std::process::Command;
+
+const KEY: &str = "/root/.ssh/skyspool_test_ed25519";
+
+/// Whether the test sshd answers on both worker addresses.
+fn sshd_up() -> bool {
+    if !is_root() {
+        skip("not root: the ssh test key and sshd are root's");
+        return false;
+    }
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let ok = Command::new("ssh")
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=5",
+                "-i",
+                KEY,
+            ])
+            .arg(format!("root@{ip}"))
+            .arg("true")
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            skip(&format!(
+                "no test sshd on {ip} (run scripts/test-sshd as root)"
+            ));
+            return false;
+        }
+    }
+    true
+}
+
+/// Head with 2 H100, w1 (127.0.0.2) with 2 H100, w2 (127.0.0.3) with 4 H100.
+fn cluster(d_tmp: &std::path::Path) -> std::path::PathBuf {
+    let path = d_tmp.join("cluster.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "cluster_name: mn\nnodes:\n\
+             \x20 - name: head\n    host: local\n    ip: 127.0.0.1\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
+             \x20 - name: w1\n    host: root@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
+             \x20 - name: w2\n    host: root@127.0.0.3\n    identity: {KEY}\n    accelerators: {{H100: 4}}\n    cpus: 4\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start() -> Option<Daemon> {
+    if !sshd_up() {
+        return None;
+    }
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cluster(cfg_dir.path());
+    let cfg_s = cfg.to_string_lossy().to_string();
+    let d = Daemon::start(&["--config", &cfg_s, "--kill-grace", "1"]);
+    std::mem::forget(cfg_dir); // the daemon reads it once at start; keep it for restarts
+    Some(d)
+}
+
+#[test]
+fn ranks_ips_devices_and_merged_logs() {
+    let Some(mut d) = start() else { return };
+    let nodes = std::fs::read_to_string(d.path("nodes")).unwrap();
+    assert!(
+        nodes.contains("w1") && nodes.contains("127.0.0.2"),
+        "{nodes}"
+    );
+    assert!(!nodes.contains("DOWN"), "{nodes}");
+    // 3 nodes with 2 GPUs each: head, w1 and w2 (w2 has 4; it gets 2 of them).
+    let id = d.submit(
+        "mn.yaml",
+        "name: mn\nnum_nodes: 3\nresources:\n  accelerators: H100:2\n\
+         setup: echo \"setup $SKYPILOT_SETUP_NODE_RANK\"\n\
+         run: |\n  echo \"rank=$SKYPILOT_NODE_RANK n=$SKYPILOT_NUM_NODES gpn=$SKYPILOT_NUM_GPUS_PER_NODE cvd=$CUDA_VISIBLE_DEVICES\"\n  \
+         echo \"ips=$(echo \"$SKYPILOT_NODE_IPS\" | paste -sd,)\"\n",
+    );
+    d.wait_done(id, "SUCCEEDED");
+    let log = d.log(id);
+    for (rank, prefix) in [
+        (0, "(head, rank=0, pid="),
+        (1, "(worker1, rank=1, pid="),
+        (2, "(worker2, rank=2, pid="),
+    ] {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(prefix) && l.contains(&format!("rank={rank} n=3")))
+            .unwrap_or_else(|| panic!("no rank {rank} line in\n{log}"));
+        assert!(line.contains("gpn=2"), "{line}");
+        assert!(
+            line.contains("cvd=0,1"),
+            "each node gets its own 0,1: {line}"
+        );
+        if rank > 0 {
+            assert!(line.contains(&format!("ip=127.0.0.{}", rank + 1)), "{line}");
+        }
+        assert!(log.contains(&format!("setup {rank}")), "{log}");
+        let own = std::fs::read_to_string(d.job(id).join(format!("log.rank{rank}"))).unwrap();
+        assert!(
+            own.contains(&format!("rank={rank} n=3")) && !own.contains("(head"),
+            "{own}"
+        );
+    }
+    assert!(log.contains("ips=127.0.0.1,127.0.0.2,127.0.0.3"), "{log}");
+    let info = d.info(id);
+    assert_eq!(info["exit_codes"], serde_json::json!([0, 0, 0]), "{info}");
+    let nodes: Vec<String> = info["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(nodes, vec!["head", "w1", "w2"]);
+}
+
+#[test]
+fn workdir_reaches_remote_nodes() {
+    let Some(d) = start() else { return };
+    let proj = d.scratch().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    std::fs::write(proj.join("data.txt"), "shipped\n").unwrap();
+    std::fs::write(
+        proj.join("job.yaml"),
+        "num_nodes: 2\nresources:\n  accelerators: H100:1\nrun: echo \"r$SKYPILOT_NODE_RANK $(cat data.txt)\"\n",
+    )
+    .unwrap();
+    std::fs::rename(&proj, d.path("incoming/proj")).unwrap();
+    wait_until(
+        DEADLINE,
+        "admission",
+        || d.job(1).join("status").exists(),
+        || d.diagnostics(),
+    );
+    d.wait_done(1, "SUCCEEDED");
+    let log = d.log(1);
+    assert!(
+        log.contains("r0 shipped") && log.contains("r1 shipped"),
+        "{log}"
+    );
+}
+
+fn pids_in(path: &std::path::Path) -> Vec<u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn failing_rank_stops_the_others_everywhere() {
+    let Some(mut d) = start() else { return };
+    let s = d.scratch();
+    // Rank 0 (head) and rank 2 (w2) sleep; rank 1 (w1) fails with 3.
+    let id = d.submit(
+        "fail.yaml",
+        &format!(
+            "num_nodes: 3\nresources:\n  accelerators: H100:1\nrun: |\n  \
+             sleep 1000 & echo $! >> {s}/pids-$SKYPILOT_NODE_RANK\n  \
+             if [ \"$SKYPILOT_NODE_RANK\" = 1 ]; then sleep 0.5; exit 3; fi\n  wait\n",
+            s = s.display()
+        ),
+    );
+    d.wait_done(id, "FAILED");
+    let info = d.info(id);
+    let codes = info["exit_codes"].as_array().unwrap().clone();
+    assert_eq!(codes.len(), 3, "{info}");
+    assert_eq!(codes[1], serde_json::json!(3), "{info}");
+    assert!(
+        codes[0] != serde_json::json!(0) && codes[2] != serde_json::json!(0),
+        "others were stopped: {info}"
+    );
+    // The workers are this machine reached over ssh: their processes are visible here.
+    for rank in 0..3 {
+        for pid in pids_in(&s.join(format!("pids-{rank}"))) {
+            wait_until(
+                DEADLINE,
+                &format!("rank {rank}'s sleep {pid} to be gone"),
+                || !alive(pid),
+                || d.diagnostics(),
+            );
+        }
+    }
+}
+
+#[test]
+fn cancel_stops_every_node() {
+    let Some(mut d) = start() else { return };
+    let s = d.scratch();
+    let id = d.submit(
+        "long.yaml",
+        &format!(
+            "num_nodes: 3\nresources:\n  accelerators: H100:1\nrun: |\n  \
+             sleep 1000 & echo $! >> {s}/pids-$SKYPILOT_NODE_RANK\n  echo started\n  wait\n",
+            s = s.display()
+        ),
+    );
+    wait_until(
+        DEADLINE,
+        "all ranks started",
+        || (0..3).all(|r| !pids_in(&s.join(format!("pids-{r}"))).is_empty()),
+        || d.diagnostics(),
+    );
+    d.cancel(id);
+    d.wait_done(id, "CANCELLED");
+    for rank in 0..3 {
+        for pid in pids_in(&s.join(format!("pids-{rank}"))) {
+            wait_until(
+                DEADLINE,
+                &format!("rank {rank}'s sleep {pid} to be gone"),
+                || !alive(pid),
+                || d.diagnostics(),
+            );
+        }
+    }
+}
+
+#[test]
+fn multi_node_jobs_never_hold_partial_allocations() {
+    let Some(mut d) = start() else { return };
+    let s = d.scratch();
+    let gate = Gate::new(&s, "big");
+    // w2 is busy with 4 GPUs; a 3-node job needs w2 too, so it waits (holding nothing);
+    // a 2-node job fits head + w1 meanwhile.
+    let w2 = d.submit(
+        "w2.yaml",
+        &format!(
+            "resources:\n  accelerators: H100:4\nrun: {}\n",
+            gate.wait_cmd()
+        ),
+    );
+    d.wait_status(w2, "RUNNING");
+    let three = d.submit(
+        "three.yaml",
+        "num_nodes: 3\nresources:\n  accelerators: H100:1\nrun: echo three\n",
+    );
+    let two = d.submit(
+        "two.yaml",
+        "num_nodes: 2\nresources:\n  accelerators: H100:2\nrun: echo two\n",
+    );
+    d.wait_done(two, "SUCCEEDED");
+    assert_eq!(d.status(three), "PENDING", "{}", d.diagnostics());
+    gate.open();
+    d.wait_done(w2, "SUCCEEDED");
+    d.wait_done(three, "SUCCEEDED");
+}
