@@ -20,11 +20,30 @@
 //! Pending jobs are indexed by demand shape (identical [`Demand`]s share one group),
 //! so a pass skips a whole group once one of its jobs does not fit: within a pass free
 //! capacity only shrinks, so a shape that failed stays unfit until the next pass.
+//!
+//! # Starvation bound
+//!
+//! Plain backfill can starve a large job forever under a steady stream of small ones
+//! (SkyPilot documents this: its scheduler starts any queued job that fits idle
+//! resources, so a big job waits while later small ones run). With
+//! [`Scheduler::set_starvation_bound`] and [`Scheduler::schedule_at`], a pass first
+//! walks the jobs that have waited longer than the bound, longest wait first: each
+//! one that fits starts at once; the first one that does not fit becomes the single
+//! *reservation holder*. It gets a fixed target placement (see [`Scheduler::reservation`]
+//! for the policy) and the rest of the pass backfills every other job on the free
+//! capacity minus that target: reserved GPUs are closed to other jobs, and on a
+//! reserved node other jobs may only use the CPUs the holder leaves. The target is
+//! kept from pass to pass, so the jobs running on it when it was chosen are the only
+//! ones it waits for: the holder starts at the latest in the first pass after they
+//! have all ended. Jobs that would touch no reserved resource are never held back,
+//! so the only idle capacity a pass leaves behind is reserved capacity.
+//! [`Scheduler::schedule`] ignores all of this and is plain backfill.
 
 use crate::resources::{AccelDemand, Demand, Milli, NodeDemand};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::ops::Bound;
 
 pub type JobId = u64;
 
@@ -255,8 +274,8 @@ fn fit_node(node: usize, cap: &NodeCapacity, st: &NodeState, nd: &NodeDemand) ->
 }
 
 /// Where `d` would run on the given capacity view right now, or `None` if it does
-/// not fit. Pure, so a future starvation guard can call it on a view with a
-/// reservation for the oldest job subtracted.
+/// not fit. Pure: the starvation guard calls it on a view with the reservation
+/// subtracted (see [`reserved_view`]).
 fn place(nodes: &[NodeCapacity], state: &[NodeState], d: &Demand) -> Option<Placement> {
     let want = usize::try_from(d.num_nodes).ok()?;
     if want == 0 || want > nodes.len() {
@@ -280,6 +299,143 @@ fn place(nodes: &[NodeCapacity], state: &[NodeState], d: &Demand) -> Option<Plac
     Some(Placement {
         nodes: fits.into_iter().map(|f| f.grant).collect(),
     })
+}
+
+/// How soon a node could hold a reserved job: fewer units to drain is better.
+/// Ordered field by field: GPU share in use on the GPUs the job would take (milli),
+/// then CPUs missing until the job's CPUs fit (milli), then a tie-breaker (the
+/// accelerator alternative's position, or for a CPU-only job the node's GPU count,
+/// so GPU nodes stay free for GPU jobs as in [`fit_node`]).
+type DrainKey = (u64, u64, usize);
+
+/// The grant node `node` would give `nd` once the running jobs on the GPUs it picks
+/// had ended, with its [`DrainKey`]; `None` if the node could not hold `nd` even when
+/// empty. Per alternative it picks the least used GPUs of that kind (ties: lowest
+/// index); a fraction picks one GPU and reserves all of it. Ignores `available`.
+fn drain_fit(
+    node: usize,
+    cap: &NodeCapacity,
+    st: &NodeState,
+    nd: &NodeDemand,
+) -> Option<(DrainKey, NodeGrant)> {
+    if nd.cpus > cap.cpus {
+        return None;
+    }
+    let cpus_short = (st.cpus_used + nd.cpus).saturating_sub(cap.cpus).0;
+    if nd.accelerators.is_empty() {
+        let grant = NodeGrant {
+            node,
+            accelerator: None,
+            gpus: Vec::new(),
+            cpus: nd.cpus,
+        };
+        return Some(((0, cpus_short, cap.gpus.len()), grant));
+    }
+    nd.accelerators
+        .iter()
+        .enumerate()
+        .filter_map(|(alt, a)| {
+            let (take, share) = match classify(a.count)? {
+                Count::Whole(n) => (usize::try_from(n).ok()?, Milli::ONE),
+                Count::Fraction(f) => (1, f),
+            };
+            let mut matching: Vec<(Milli, &GpuSlot)> = cap
+                .gpus
+                .iter()
+                .zip(&st.gpu_used)
+                .filter(|(g, _)| g.kind.eq_ignore_ascii_case(&a.kind))
+                .map(|(g, used)| (*used, g))
+                .collect();
+            if matching.len() < take {
+                return None;
+            }
+            matching.sort_by_key(|(used, g)| (*used, g.index));
+            matching.truncate(take);
+            let in_use: u64 = matching.iter().map(|(used, _)| used.0).sum();
+            let kind = matching.first()?.1.kind.clone();
+            let mut gpus: Vec<GpuGrant> = matching
+                .iter()
+                .map(|(_, g)| GpuGrant {
+                    index: g.index,
+                    share,
+                })
+                .collect();
+            gpus.sort_by_key(|g| g.index);
+            let grant = NodeGrant {
+                node,
+                accelerator: Some(kind),
+                gpus,
+                cpus: nd.cpus,
+            };
+            Some(((in_use, cpus_short, alt), grant))
+        })
+        .min_by_key(|(key, _)| *key)
+}
+
+/// The reservation target for a starving job: the `num_nodes` available nodes with
+/// the least to drain ([`DrainKey`], ties to the lower index), each with the grant
+/// from [`drain_fit`], in rank order. `None` if too few available nodes could hold
+/// `d` even when empty.
+fn reserve_target(nodes: &[NodeCapacity], state: &[NodeState], d: &Demand) -> Option<Placement> {
+    let want = usize::try_from(d.num_nodes).ok()?;
+    if want == 0 || want > nodes.len() {
+        return None;
+    }
+    let mut fits: Vec<(DrainKey, NodeGrant)> = nodes
+        .iter()
+        .zip(state)
+        .enumerate()
+        .filter(|(_, (cap, _))| cap.available)
+        .filter_map(|(i, (cap, st))| drain_fit(i, cap, st, &d.per_node))
+        .collect();
+    if fits.len() < want {
+        return None;
+    }
+    fits.sort_by_key(|(key, g)| (*key, g.node));
+    fits.truncate(want);
+    fits.sort_by_key(|(_, g)| g.node);
+    Some(Placement {
+        nodes: fits.into_iter().map(|(_, g)| g).collect(),
+    })
+}
+
+/// `state` with a reservation subtracted: every GPU in `target` counts as fully
+/// used, and on each target node the holder's CPUs count as used (capped at the
+/// node's CPUs, so a job asking no CPUs is not refused for CPUs it does not take).
+fn reserved_view(
+    nodes: &[NodeCapacity],
+    state: &[NodeState],
+    target: &Placement,
+) -> Vec<NodeState> {
+    let mut view = state.to_vec();
+    for ng in &target.nodes {
+        let (Some(cap), Some(st)) = (nodes.get(ng.node), view.get_mut(ng.node)) else {
+            continue;
+        };
+        st.cpus_used = (st.cpus_used + ng.cpus).min(cap.cpus);
+        for g in &ng.gpus {
+            if let Some(used) = gpu_pos(cap, g.index).and_then(|pos| st.gpu_used.get_mut(pos)) {
+                *used = Milli::ONE;
+            }
+        }
+    }
+    view
+}
+
+/// Adds a placement's usage to `state`.
+fn apply_to(nodes: &[NodeCapacity], state: &mut [NodeState], p: &Placement) {
+    for ng in &p.nodes {
+        let (Some(cap), Some(st)) = (nodes.get(ng.node), state.get_mut(ng.node)) else {
+            continue;
+        };
+        st.cpus_used += ng.cpus;
+        st.jobs += 1;
+        for g in &ng.gpus {
+            if let Some(used) = gpu_pos(cap, g.index).and_then(|pos| st.gpu_used.get_mut(pos)) {
+                *used += g.share;
+            }
+        }
+    }
 }
 
 fn plural(n: usize, word: &str) -> String {
@@ -317,6 +473,14 @@ pub struct Scheduler {
     groups: BTreeMap<ShapeId, ShapeGroup>,
     next_shape: ShapeId,
     running: BTreeMap<JobId, Placement>,
+    /// Pending job -> when it started waiting (ms, the caller's clock).
+    since: HashMap<JobId, u64>,
+    /// `(since, id)` of every pending job: longest wait first.
+    by_age: BTreeSet<(u64, JobId)>,
+    /// Wait (ms) after which a job that does not fit gets a reservation.
+    starvation_bound: Option<u64>,
+    /// The job holding the reservation and its target placement.
+    reservation: Option<(JobId, Placement)>,
 }
 
 impl Scheduler {
@@ -340,6 +504,10 @@ impl Scheduler {
             groups: BTreeMap::new(),
             next_shape: 0,
             running: BTreeMap::new(),
+            since: HashMap::new(),
+            by_age: BTreeSet::new(),
+            starvation_bound: None,
+            reservation: None,
         }
     }
 
@@ -472,11 +640,22 @@ impl Scheduler {
         by_lower.into_values().collect()
     }
 
-    /// Adds a pending job. An id that is already pending or running is ignored.
+    /// Adds a pending job that started waiting at time 0 (see [`Scheduler::enqueue_at`]).
+    /// An id that is already pending or running is ignored.
     pub fn enqueue(&mut self, id: JobId, d: Demand) {
+        self.enqueue_at(id, d, 0);
+    }
+
+    /// Adds a pending job that started waiting at `now_ms` (the caller's clock, the
+    /// same one given to [`Scheduler::schedule_at`]; a daemon restoring jobs after a
+    /// restart passes their original submission time). An id that is already
+    /// pending or running is ignored, keeping its first time.
+    pub fn enqueue_at(&mut self, id: JobId, d: Demand, now_ms: u64) {
         if self.pending.contains_key(&id) || self.running.contains_key(&id) {
             return;
         }
+        self.since.insert(id, now_ms);
+        self.by_age.insert((now_ms, id));
         let sid = match self.shape_ids.get(&d) {
             Some(sid) => *sid,
             None => {
@@ -504,6 +683,16 @@ impl Scheduler {
         let Some(sid) = self.pending.remove(&id) else {
             return false;
         };
+        if let Some(since) = self.since.remove(&id) {
+            self.by_age.remove(&(since, id));
+        }
+        if self
+            .reservation
+            .as_ref()
+            .is_some_and(|(holder, _)| *holder == id)
+        {
+            self.reservation = None;
+        }
         if let Some(g) = self.groups.get_mut(&sid) {
             g.ids.remove(&id);
             if g.ids.is_empty() {
@@ -592,37 +781,178 @@ impl Scheduler {
     /// Starts every pending job that fits now, oldest first, applying the
     /// allocations; returns them in the order started (ascending id).
     ///
+    /// Plain backfill: the starvation bound and any reservation are ignored (a
+    /// reservation ends only if its holder starts here).
+    ///
     /// Shapes are merged by their oldest pending id through a heap; a shape whose
     /// job did not fit is dropped for the rest of the pass, so the cost is about
     /// `shapes * log(shapes)` plus the work for jobs that start.
-    ///
-    /// Extension point for a starvation guard: before the loop, place the job that
-    /// waited too long on a capacity view and subtract that reservation from the
-    /// view other jobs are placed on (see the private `place`).
     pub fn schedule(&mut self) -> Vec<(JobId, Placement)> {
+        self.backfill(Vec::new(), false)
+    }
+
+    /// [`Scheduler::schedule`] with the starvation bound applied at time `now_ms`
+    /// (the clock of [`Scheduler::enqueue_at`]); identical to it when no bound is set.
+    ///
+    /// First, the jobs that have waited longer than the bound (`now_ms - since >
+    /// bound`) are walked longest wait first (ties: lower id): each that fits starts;
+    /// the first that does not fit but could run on the available nodes if they were
+    /// empty becomes the reservation holder (see [`Scheduler::reservation`]) and the
+    /// walk stops. Then every other pending job is backfilled oldest first, as in
+    /// `schedule`, on the free capacity minus the reservation. Returns the jobs in
+    /// the order started: the starving ones first, then the backfilled ones by id.
+    pub fn schedule_at(&mut self, now_ms: u64) -> Vec<(JobId, Placement)> {
+        let started = self.guard(now_ms);
+        self.backfill(started, true)
+    }
+
+    /// Sets (or with `None` clears) the starvation bound in ms; clearing it drops the
+    /// reservation. A new bound takes effect at the next [`Scheduler::schedule_at`].
+    pub fn set_starvation_bound(&mut self, bound_ms: Option<u64>) {
+        self.starvation_bound = bound_ms;
+        if bound_ms.is_none() {
+            self.reservation = None;
+        }
+    }
+
+    pub fn starvation_bound(&self) -> Option<u64> {
+        self.starvation_bound
+    }
+
+    /// When a pending job started waiting (as given to [`Scheduler::enqueue_at`]).
+    pub fn waiting_since(&self, id: JobId) -> Option<u64> {
+        self.since.get(&id).copied()
+    }
+
+    /// The starving job that holds the reservation, and its target placement as of
+    /// the last [`Scheduler::schedule_at`].
+    ///
+    /// Policy: run times are unknown, so the target is the placement that has the
+    /// least running work in the way: per available node, the GPUs of the job's
+    /// kind with the least share in use (a fractional demand reserves one whole
+    /// GPU), scored by that share, then by the CPUs it would still lack; the
+    /// `num_nodes` best nodes win (ties: earlier alternative, lower node index). The
+    /// target is kept while its holder stays the oldest starving job and its nodes
+    /// stay available, so new work never lands on it and it drains. The holder starts
+    /// on the first pass where it fits anywhere (not necessarily on its target).
+    pub fn reservation(&self) -> Option<(JobId, &Placement)> {
+        self.reservation.as_ref().map(|(id, p)| (*id, p))
+    }
+
+    /// The starving walk of [`Scheduler::schedule_at`]: starts the starving jobs
+    /// that fit and sets (or clears) the reservation.
+    fn guard(&mut self, now_ms: u64) -> Vec<(JobId, Placement)> {
+        let mut started = Vec::new();
+        let old = self.reservation.take();
+        let Some(bound) = self.starvation_bound else {
+            return started;
+        };
+        // Waited longer than the bound <=> started waiting before `cutoff`.
+        let Some(cutoff) = now_ms.checked_sub(bound) else {
+            return started;
+        };
+        // Shapes that neither fit now nor could be reserved: capacity only shrinks
+        // and availability is fixed during the walk, so their other jobs cannot either.
+        let mut unreservable: HashSet<ShapeId> = HashSet::new();
+        let mut after: Option<(u64, JobId)> = None;
+        loop {
+            let next = match after {
+                None => self.by_age.first(),
+                Some(k) => self
+                    .by_age
+                    .range((Bound::Excluded(k), Bound::Unbounded))
+                    .next(),
+            };
+            let Some(&(since, id)) = next else {
+                break;
+            };
+            if since >= cutoff {
+                break;
+            }
+            after = Some((since, id));
+            let Some(&sid) = self.pending.get(&id) else {
+                continue;
+            };
+            if unreservable.contains(&sid) {
+                continue;
+            }
+            let Some(group) = self.groups.get(&sid) else {
+                continue;
+            };
+            if let Some(p) = place(&self.nodes, &self.state, &group.demand) {
+                self.start(id, p, &mut started);
+                continue;
+            }
+            let kept = old.as_ref().filter(|(holder, target)| {
+                *holder == id
+                    && target
+                        .nodes
+                        .iter()
+                        .all(|ng| self.nodes.get(ng.node).is_some_and(|c| c.available))
+            });
+            let target = match kept {
+                Some((_, target)) => Some(target.clone()),
+                None => reserve_target(&self.nodes, &self.state, &group.demand),
+            };
+            match target {
+                Some(target) => {
+                    self.reservation = Some((id, target));
+                    break;
+                }
+                None => {
+                    unreservable.insert(sid);
+                }
+            }
+        }
+        started
+    }
+
+    /// The oldest-first pass shared by `schedule` and `schedule_at`, appending to
+    /// `started`. With `honour_reservation`, jobs are placed on the free capacity
+    /// minus the reservation; that view only shrinks during the pass too, so a
+    /// shape that failed on it is still skipped for the rest of the pass.
+    fn backfill(
+        &mut self,
+        mut started: Vec<(JobId, Placement)>,
+        honour_reservation: bool,
+    ) -> Vec<(JobId, Placement)> {
+        let mut view: Option<Vec<NodeState>> = match &self.reservation {
+            Some((_, target)) if honour_reservation => {
+                Some(reserved_view(&self.nodes, &self.state, target))
+            }
+            _ => None,
+        };
         let mut heap: BinaryHeap<Reverse<(JobId, ShapeId)>> = self
             .groups
             .iter()
             .filter_map(|(sid, g)| g.ids.first().map(|id| Reverse((*id, *sid))))
             .collect();
-        let mut started = Vec::new();
         while let Some(Reverse((id, sid))) = heap.pop() {
             let Some(group) = self.groups.get(&sid) else {
                 continue;
             };
-            let Some(p) = place(&self.nodes, &self.state, &group.demand) else {
+            let on = view.as_deref().unwrap_or(&self.state);
+            let Some(p) = place(&self.nodes, on, &group.demand) else {
                 // Capacity only shrinks during a pass: skip the whole shape.
                 continue;
             };
-            self.dequeue(id);
+            if let Some(v) = view.as_mut() {
+                apply_to(&self.nodes, v, &p);
+            }
+            self.start(id, p, &mut started);
             if let Some(next) = self.groups.get(&sid).and_then(|g| g.ids.first()) {
                 heap.push(Reverse((*next, sid)));
             }
-            self.apply(&p);
-            self.running.insert(id, p.clone());
-            started.push((id, p));
         }
         started
+    }
+
+    /// Moves a pending job to running with placement `p`.
+    fn start(&mut self, id: JobId, p: Placement, started: &mut Vec<(JobId, Placement)>) {
+        self.dequeue(id);
+        self.apply(&p);
+        self.running.insert(id, p.clone());
+        started.push((id, p));
     }
 
     pub fn pending_len(&self) -> usize {
@@ -685,19 +1015,7 @@ impl Scheduler {
     }
 
     fn apply(&mut self, p: &Placement) {
-        for ng in &p.nodes {
-            let (Some(cap), Some(st)) = (self.nodes.get(ng.node), self.state.get_mut(ng.node))
-            else {
-                continue;
-            };
-            st.cpus_used += ng.cpus;
-            st.jobs += 1;
-            for g in &ng.gpus {
-                if let Some(used) = gpu_pos(cap, g.index).and_then(|pos| st.gpu_used.get_mut(pos)) {
-                    *used += g.share;
-                }
-            }
-        }
+        apply_to(&self.nodes, &mut self.state, p);
     }
 
     fn unapply(&mut self, p: &Placement) {
@@ -730,6 +1048,28 @@ impl Scheduler {
                 self.apply(&p);
                 self.running.insert(id, p.clone());
                 started.push((id, p));
+            }
+        }
+        started
+    }
+
+    /// Reference for `schedule_at`: the same starving walk, then every pending job
+    /// in id order on the free capacity minus the reservation, no grouping.
+    #[cfg(test)]
+    fn schedule_at_naive(&mut self, now_ms: u64) -> Vec<(JobId, Placement)> {
+        let mut started = self.guard(now_ms);
+        let reserved = self.reservation.as_ref().map(|(_, t)| t.clone());
+        let ids: Vec<JobId> = self.pending.keys().copied().collect();
+        for id in ids {
+            let Some(d) = self.pending_demand(id).cloned() else {
+                continue;
+            };
+            let view = match &reserved {
+                Some(t) => reserved_view(&self.nodes, &self.state, t),
+                None => self.state.clone(),
+            };
+            if let Some(p) = place(&self.nodes, &view, &d) {
+                self.start(id, p, &mut started);
             }
         }
         started
@@ -1418,6 +1758,478 @@ mod tests {
             if p.nodes[0].gpus.iter().any(|g| g.share == Milli::ONE) {
                 assert!(fresh.restore(id + 1_000_000, p).is_err());
             }
+        }
+    }
+
+    // ---- starvation bound ---------------------------------------------------
+
+    /// Run time (ticks) of the small jobs in the stream tests.
+    const RUN: u64 = 6;
+
+    /// One simulated tick: frees the jobs whose end tick has come.
+    fn release_due(s: &mut Scheduler, ends: &mut BTreeMap<JobId, u64>, t: u64) {
+        let due: Vec<JobId> = ends
+            .iter()
+            .filter(|(_, end)| **end <= t)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            ends.remove(&id);
+            s.release(id);
+        }
+    }
+
+    /// A 4-GPU node fed one 1-GPU job per tick (each runs `run(id)` ticks), with a
+    /// 4-GPU job submitted at tick 2; returns the tick the big job started, if it did
+    /// within `ticks`. Checks every tick that a small job is waiting and that the only
+    /// idle GPUs are reserved ones.
+    fn big_job_in_small_stream(
+        bound: Option<u64>,
+        run: impl Fn(JobId) -> u64,
+        ticks: u64,
+    ) -> Option<u64> {
+        const BIG_AT: u64 = 2;
+        let mut s = Scheduler::new(vec![node("n0", &[("H100", 4)], 26)]);
+        s.set_starvation_bound(bound);
+        let mut ends: BTreeMap<JobId, u64> = BTreeMap::new();
+        let mut next: JobId = 1;
+        let mut big = None;
+        let mut big_started = None;
+        for t in 0..ticks {
+            release_due(&mut s, &mut ends, t);
+            if t == BIG_AT {
+                s.enqueue_at(next, gpu("H100", 4000), t);
+                big = Some(next);
+                next += 1;
+            }
+            s.enqueue_at(next, gpu("H100", 1000), t);
+            next += 1;
+            for (id, p) in s.schedule_at(t) {
+                if Some(id) == big {
+                    assert_eq!(gpu_indices(&p), vec![0, 1, 2, 3]);
+                    big_started = Some(t);
+                    ends.insert(id, t + 10);
+                } else {
+                    ends.insert(id, t + run(id));
+                }
+            }
+            let idle = s.usage()[0]
+                .gpu_used
+                .iter()
+                .filter(|(_, used)| *used == Milli::ZERO)
+                .count();
+            match s.reservation() {
+                Some((id, target)) => {
+                    assert_eq!(Some(id), big);
+                    assert_eq!(gpu_indices(target), vec![0, 1, 2, 3]);
+                }
+                None if t >= 4 => assert_eq!(idle, 0, "tick {t}: idle GPU, no reservation"),
+                None => {}
+            }
+            if t >= 4 {
+                assert!(
+                    s.pending_len() > 0,
+                    "tick {t}: a small job is always waiting"
+                );
+            }
+        }
+        big_started
+    }
+
+    /// Without a bound this is SkyPilot's documented behaviour (its job-queue docs:
+    /// the scheduler avoids idle resources by starting any queued job that fits, so
+    /// a large job can wait behind later small ones): one GPU frees at a time and a
+    /// waiting 1-GPU job takes it at once, so the 4-GPU job never finds 4 free GPUs.
+    /// With a bound of `B` ticks it starts within `B + RUN` ticks of its submission.
+    #[test]
+    fn starvation_bound_rescues_big_job() {
+        assert_eq!(big_job_in_small_stream(None, |_| RUN, 1_000), None);
+        // A bound so large it never triggers is plain backfill too.
+        assert_eq!(big_job_in_small_stream(Some(10_000), |_| RUN, 1_000), None);
+        let varied = |id: JobId| 1 + id * 7 % RUN; // 1..=RUN
+        for bound in [0, 1, 5, 17, 50, 200] {
+            for (name, started) in [
+                (
+                    "fixed",
+                    big_job_in_small_stream(Some(bound), |_| RUN, 1_000),
+                ),
+                (
+                    "varied",
+                    big_job_in_small_stream(Some(bound), varied, 1_000),
+                ),
+            ] {
+                let t = started.unwrap_or_else(|| panic!("{name} B={bound}: never started"));
+                let waited = t - 2;
+                assert!(
+                    waited > bound && waited <= bound + RUN,
+                    "{name} B={bound}: started after {waited} ticks"
+                );
+            }
+        }
+    }
+
+    /// With only 1-GPU jobs (no big job) and a bound that small jobs do exceed, no
+    /// GPU is ever idle while a job waits: a 1-GPU holder starts on the first GPU that
+    /// frees, before any backfill.
+    #[test]
+    fn starvation_bound_stays_work_conserving() {
+        for bound in [0, 3, 20] {
+            let mut s = Scheduler::new(vec![
+                node("n0", &[("H100", 4)], 26),
+                node("n1", &[("H100", 4)], 26),
+            ]);
+            s.set_starvation_bound(Some(bound));
+            let mut ends: BTreeMap<JobId, u64> = BTreeMap::new();
+            let mut next: JobId = 1;
+            let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+            let (mut waited_ticks, mut reserved_ticks) = (0, 0);
+            for t in 0..2_000u64 {
+                release_due(&mut s, &mut ends, t);
+                rng = rng
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                for _ in 0..(rng >> 62) {
+                    s.enqueue_at(next, gpu("H100", 1000), t);
+                    next += 1;
+                }
+                for (id, _) in s.schedule_at(t) {
+                    ends.insert(id, t + 1 + (id * 13) % 7);
+                }
+                if s.pending_len() > 0 {
+                    waited_ticks += 1;
+                    for u in s.usage() {
+                        for (idx, used) in &u.gpu_used {
+                            assert_eq!(*used, Milli::ONE, "B={bound} tick {t}: GPU {idx} idle");
+                        }
+                    }
+                }
+                if s.reservation().is_some() {
+                    reserved_ticks += 1;
+                }
+            }
+            assert!(
+                waited_ticks > 100,
+                "B={bound}: the stream saturates the cluster"
+            );
+            assert!(reserved_ticks > 0, "B={bound}: the guard was active");
+        }
+    }
+
+    #[test]
+    fn reservation_blocks_only_reserved_resources() {
+        let mut s = Scheduler::new(vec![
+            node("n0", &[("H100", 4)], 8),
+            node("n1", &[("H100", 4)], 8),
+        ]);
+        s.set_starvation_bound(Some(10));
+        let one = |node: usize, index: u32| Placement {
+            nodes: vec![NodeGrant {
+                node,
+                accelerator: Some("H100".into()),
+                gpus: vec![GpuGrant {
+                    index,
+                    share: Milli::ONE,
+                }],
+                cpus: DEFAULT_JOB_CPUS,
+            }],
+        };
+        s.restore(1, &one(0, 0)).unwrap();
+        s.restore(2, &one(1, 0)).unwrap();
+        s.restore(3, &one(1, 1)).unwrap();
+        s.enqueue_at(10, gpu("H100", 4000), 0);
+        assert!(s.schedule_at(10).is_empty());
+        assert_eq!(s.reservation(), None, "waited 10, not more than 10");
+        assert!(s.schedule_at(11).is_empty());
+        // n0 has the least in use (1 GPU against 2).
+        let (holder, target) = s.reservation().expect("reserved");
+        assert_eq!(holder, 10);
+        assert_eq!(target.nodes.len(), 1);
+        assert_eq!(target.nodes[0].node, 0);
+        assert_eq!(gpu_indices(target), vec![0, 1, 2, 3]);
+        // Small jobs backfill outside the reservation only.
+        for id in 20..=24 {
+            s.enqueue_at(id, gpu("H100", 1000), 11);
+        }
+        let started = s.schedule_at(11);
+        assert_eq!(ids(&started), vec![20, 21]);
+        assert!(started.iter().all(|(_, p)| p.nodes[0].node == 1));
+        // Plain `schedule` ignores the reservation.
+        let mut plain = s.clone();
+        assert_eq!(ids(&plain.schedule()), vec![22, 23, 24]);
+        assert_eq!(plain.reservation().map(|r| r.0), Some(10));
+        // The holder starts as soon as the reservation drains.
+        s.release(1);
+        let started = s.schedule_at(12);
+        assert_eq!(ids(&started), vec![10]);
+        assert_eq!(gpu_indices(&started[0].1), vec![0, 1, 2, 3]);
+        assert_eq!(s.reservation(), None);
+        // Without a holder the rest backfills as before.
+        s.release(20);
+        assert_eq!(ids(&s.schedule_at(12)), vec![22]);
+    }
+
+    #[test]
+    fn reservation_keeps_the_holders_cpus() {
+        let mut s = Scheduler::new(vec![node("n0", &[("H100", 4)], 8)]);
+        s.set_starvation_bound(Some(0));
+        s.enqueue_at(1, demand(1, &[("H100", 1000)], Milli::from_units(1)), 0);
+        assert_eq!(ids(&s.schedule_at(0)), vec![1]);
+        s.enqueue_at(2, demand(1, &[("H100", 4000)], Milli::from_units(6)), 0);
+        assert!(s.schedule_at(1).is_empty());
+        assert_eq!(s.reservation().map(|r| r.0), Some(2));
+        // 8 CPUs: the holder keeps 6 and job 1 uses 1, so one more CPU is free.
+        s.enqueue_at(3, demand(1, &[], Milli::from_units(2)), 1);
+        s.enqueue_at(4, demand(1, &[], Milli::from_units(1)), 1);
+        s.enqueue_at(5, demand(1, &[], Milli::from_units(1)), 1);
+        s.enqueue_at(6, demand(1, &[("H100", 500)], Milli::ZERO), 1);
+        assert_eq!(ids(&s.schedule_at(1)), vec![4]);
+        assert_eq!(s.usage()[0].cpus_used, Milli::from_units(2));
+        s.release(1);
+        s.release(4);
+        // The holder starts first, then the rest fill what it leaves.
+        assert_eq!(ids(&s.schedule_at(2)), vec![2, 3]);
+    }
+
+    #[test]
+    fn one_holder_at_a_time_oldest_first() {
+        let mut s = Scheduler::new(vec![node("n0", &[("H100", 2)], 8)]);
+        s.set_starvation_bound(Some(5));
+        s.enqueue_at(1, gpu("H100", 1000), 0);
+        assert_eq!(ids(&s.schedule_at(0)), vec![1]);
+        s.enqueue_at(2, gpu("H100", 2000), 1);
+        s.enqueue_at(3, gpu("H100", 2000), 2);
+        s.enqueue_at(4, gpu("H100", 1000), 2);
+        // Not starving yet: plain backfill.
+        assert_eq!(ids(&s.schedule_at(6)), vec![4]);
+        s.release(4);
+        s.enqueue_at(5, gpu("H100", 1000), 7);
+        assert!(s.schedule_at(7).is_empty(), "job 2 holds GPU 1");
+        assert_eq!(s.reservation().map(|r| r.0), Some(2));
+        // A job restored with an older submission time takes over.
+        s.enqueue_at(9, gpu("H100", 2000), 0);
+        assert!(s.schedule_at(8).is_empty());
+        assert_eq!(s.reservation().map(|r| r.0), Some(9));
+        // Cancelling the holder drops the reservation; the next oldest takes it.
+        assert!(s.dequeue(9));
+        assert_eq!(s.reservation(), None);
+        assert!(s.schedule_at(8).is_empty());
+        assert_eq!(s.reservation().map(|r| r.0), Some(2));
+        s.release(1);
+        assert_eq!(ids(&s.schedule_at(9)), vec![2]);
+        assert_eq!(s.reservation().map(|r| r.0), Some(3));
+        // Clearing the bound drops the reservation: plain backfill again.
+        s.set_starvation_bound(None);
+        assert_eq!(s.reservation(), None);
+        s.release(2);
+        assert_eq!(ids(&s.schedule_at(10)), vec![3]);
+        assert_eq!(s.waiting_since(5), Some(7));
+        assert_eq!(s.waiting_since(3), None);
+    }
+
+    #[test]
+    fn unreservable_starving_job_blocks_nothing() {
+        let mut s = Scheduler::new(vec![
+            node("n0", &[("H100", 2)], 8),
+            node("n1", &[("H100", 2)], 8),
+        ]);
+        s.set_starvation_bound(Some(0));
+        s.set_available(1, false);
+        s.enqueue_at(1, demand(2, &[("H100", 1000)], Milli::ZERO), 0);
+        s.enqueue_at(2, gpu("H100", 1000), 0);
+        s.enqueue_at(3, gpu("H100", 2000), 0);
+        // Job 1 cannot run while n1 is down, so it reserves nothing; job 2 starts and
+        // job 3 (starving, does not fit) holds the reservation.
+        assert_eq!(ids(&s.schedule_at(5)), vec![2]);
+        assert_eq!(s.reservation().map(|r| r.0), Some(3));
+        // Its target is on an available node; when n1 returns job 1 is older and fits.
+        s.set_available(1, true);
+        assert_eq!(ids(&s.schedule_at(6)), vec![1]);
+        assert_eq!(s.reservation().map(|r| r.0), Some(3));
+    }
+
+    #[derive(Clone, Debug)]
+    enum GuardOp {
+        Enqueue(usize),
+        /// Enqueue with a submission time this many ms in the past (a restored job).
+        EnqueueOld(usize, u64),
+        Release(usize),
+        Dequeue(usize),
+        SetAvailable(usize, bool),
+        Advance(u64),
+        SetBound(Option<u64>),
+    }
+
+    fn guard_op_strategy() -> impl Strategy<Value = GuardOp> {
+        prop_oneof![
+            6 => any::<usize>().prop_map(GuardOp::Enqueue),
+            1 => (any::<usize>(), 0u64..=40).prop_map(|(i, age)| GuardOp::EnqueueOld(i, age)),
+            3 => any::<usize>().prop_map(GuardOp::Release),
+            1 => any::<usize>().prop_map(GuardOp::Dequeue),
+            1 => (0usize..4, any::<bool>()).prop_map(|(n, a)| GuardOp::SetAvailable(n, a)),
+            4 => (0u64..=15).prop_map(GuardOp::Advance),
+            1 => prop::option::weighted(0.8, 0u64..=30).prop_map(GuardOp::SetBound),
+        ]
+    }
+
+    fn run_guarded_ops(
+        cluster: Vec<NodeCapacity>,
+        palette: Vec<Demand>,
+        ops: Vec<GuardOp>,
+        bound: Option<u64>,
+    ) {
+        let mut s = Scheduler::new(cluster.clone());
+        s.set_starvation_bound(bound);
+        let mut bound = bound;
+        let mut avail = vec![true; cluster.len()];
+        let mut now: u64 = 50;
+        let mut pending: BTreeMap<JobId, (Demand, u64)> = BTreeMap::new();
+        let mut running: BTreeMap<JobId, (Demand, Placement)> = BTreeMap::new();
+        let mut next_id: JobId = 1;
+        let empty_gpus = BTreeMap::new();
+        let no_cpus = vec![0u64; cluster.len()];
+        for op in ops {
+            match op {
+                GuardOp::Enqueue(i) | GuardOp::EnqueueOld(i, _) => {
+                    let since = match op {
+                        GuardOp::EnqueueOld(_, age) => now.saturating_sub(age),
+                        _ => now,
+                    };
+                    let d = palette[i % palette.len()].clone();
+                    s.enqueue_at(next_id, d.clone(), since);
+                    pending.insert(next_id, (d, since));
+                    next_id += 1;
+                }
+                GuardOp::Release(i) => {
+                    if let Some(id) = running.keys().nth(i % running.len().max(1)).copied() {
+                        running.remove(&id);
+                        s.release(id);
+                    }
+                }
+                GuardOp::Dequeue(i) => {
+                    if let Some(id) = pending.keys().nth(i % pending.len().max(1)).copied() {
+                        pending.remove(&id);
+                        assert!(s.dequeue(id));
+                    }
+                }
+                GuardOp::SetAvailable(n, a) => {
+                    if n < avail.len() {
+                        avail[n] = a;
+                    }
+                    s.set_available(n, a);
+                }
+                GuardOp::Advance(dt) => now += dt,
+                GuardOp::SetBound(b) => {
+                    bound = b;
+                    s.set_starvation_bound(b);
+                }
+            }
+            let before = s.reservation().map(|(id, p)| (id, p.clone()));
+
+            // Grouped pass == naive walk (and == plain backfill with no bound).
+            let mut naive = s.clone();
+            let expected = naive.schedule_at_naive(now);
+            let plain = bound.is_none().then(|| s.clone().schedule_naive());
+            let started = s.schedule_at(now);
+            assert_eq!(
+                started, expected,
+                "grouped schedule_at differs from naive walk"
+            );
+            assert_eq!(s.reservation(), naive.reservation());
+            if let Some(plain) = plain {
+                assert_eq!(started, plain, "no bound: schedule_at is plain backfill");
+            }
+            for (id, p) in started {
+                let (d, _) = pending.remove(&id).expect("started job was pending");
+                check_grant(&cluster, &avail, &d, &p);
+                running.insert(id, (d, p));
+            }
+
+            // No oversubscription; internal counters agree.
+            let (mut gpus, mut cpus) = recompute(&cluster, &running);
+            for (&(node, _), &used) in &gpus {
+                assert!(used <= 1000, "GPU oversubscribed on node {node}");
+            }
+            for (i, n) in cluster.iter().enumerate() {
+                assert!(cpus[i] <= n.cpus.0, "CPUs oversubscribed on node {i}");
+            }
+            for (i, u) in s.usage().iter().enumerate() {
+                assert_eq!(u.cpus_used.0, cpus[i]);
+                for (idx, used) in &u.gpu_used {
+                    assert_eq!(used.0, gpus.get(&(i, *idx)).copied().unwrap_or(0));
+                }
+            }
+            // Pending xor running.
+            assert_eq!(s.pending_len(), pending.len());
+            assert_eq!(s.running_len(), running.len());
+            for (id, (d, since)) in &pending {
+                assert!(s.is_pending(*id) && s.running_placement(*id).is_none());
+                assert_eq!(s.pending_demand(*id), Some(d));
+                assert_eq!(s.waiting_since(*id), Some(*since));
+            }
+            for (id, (_, p)) in &running {
+                assert!(!s.is_pending(*id));
+                assert_eq!(s.running_placement(*id), Some(p));
+            }
+
+            // The holder is the longest-waiting starving job that could run on the
+            // available nodes if they were empty.
+            let mut starving: Vec<(u64, JobId)> = match bound {
+                Some(b) => pending
+                    .iter()
+                    .filter(|(_, (_, since))| now.saturating_sub(*since) > b)
+                    .map(|(id, (_, since))| (*since, *id))
+                    .collect(),
+                None => Vec::new(),
+            };
+            starving.sort();
+            let want = starving
+                .iter()
+                .map(|(_, id)| *id)
+                .find(|id| naive_fits(&cluster, &avail, &empty_gpus, &no_cpus, &pending[id].0));
+            assert_eq!(s.reservation().map(|(id, _)| id), want, "wrong holder");
+
+            if let Some((holder, target)) = s.reservation() {
+                let d = &pending[&holder].0;
+                check_grant(&cluster, &avail, d, target);
+                assert!(
+                    !naive_fits(&cluster, &avail, &gpus, &cpus, d),
+                    "holder {holder} fits but waits"
+                );
+                // A holder keeps its target while its nodes stay available.
+                if let Some((was, old)) = &before {
+                    if *was == holder && old.nodes.iter().all(|ng| avail[ng.node]) {
+                        assert_eq!(old, target, "target moved");
+                    }
+                }
+                // Subtract the reservation: its GPUs whole, its CPUs on its nodes.
+                for ng in &target.nodes {
+                    cpus[ng.node] = (cpus[ng.node] + ng.cpus.0).min(cluster[ng.node].cpus.0);
+                    for g in &ng.gpus {
+                        gpus.insert((ng.node, g.index), 1000);
+                    }
+                }
+            }
+            // Work-conserving outside the reservation.
+            for (id, (d, _)) in &pending {
+                assert!(
+                    !naive_fits(&cluster, &avail, &gpus, &cpus, d),
+                    "job {id} fits outside the reservation but waits: {d:?}"
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn guarded_streams_keep_invariants(
+            cluster in cluster_strategy(),
+            palette in prop::collection::vec(demand_strategy(), 1..=5),
+            ops in prop::collection::vec(guard_op_strategy(), 1..60),
+            bound in prop::option::weighted(0.85, 0u64..=30),
+        ) {
+            run_guarded_ops(cluster, palette, ops, bound);
         }
     }
 
