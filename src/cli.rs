@@ -54,6 +54,11 @@ pub enum Command {
         /// run as root).
         #[arg(long, value_name = "USER")]
         root_jobs_as: Option<String>,
+        /// Once the oldest waiting job has waited this many seconds, hold back the resources
+        /// it needs until it starts (so a stream of small jobs cannot starve a big one);
+        /// `off` for SkyPilot's pure backfill.
+        #[arg(long, default_value = "1800", value_name = "SECS|off")]
+        starvation_bound: String,
     },
     /// Submit job YAMLs safely (written aside, then renamed into incoming/).
     Submit {
@@ -108,7 +113,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cluster_name,
             kill_grace,
             root_jobs_as,
+            starvation_bound,
         } => {
+            let starvation_bound = match starvation_bound.as_str() {
+                "off" | "none" => None,
+                secs => Some(Duration::from_secs_f64(
+                    secs.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 1e9)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("--starvation-bound: give seconds (e.g. 1800) or off")
+                        })?,
+                )),
+            };
             let cpus = cpus
                 .map(|c| Milli::parse_positive(&c).map_err(|e| anyhow::anyhow!("--cpus: {e}")))
                 .transpose()?;
@@ -123,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cluster_name,
                 kill_grace: Duration::from_secs_f64(kill_grace),
                 root_jobs_as,
+                starvation_bound,
             })?;
             Ok(ExitCode::SUCCESS)
         }

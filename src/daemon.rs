@@ -34,6 +34,9 @@ pub struct DaemonConfig {
     /// Submissions owned by root are treated as this user's (so root's jobs need not run
     /// as root, and a shared box's admin account cannot be used by accident).
     pub root_jobs_as: Option<String>,
+    /// Once the oldest waiting job has waited this long, resources are held back for it
+    /// (`None`: pure backfill, SkyPilot's documented behaviour).
+    pub starvation_bound: Option<Duration>,
 }
 
 macro_rules! note {
@@ -146,6 +149,23 @@ struct Daemon {
     retry_at: Option<std::time::Instant>,
     /// (uid, gid) that root's submissions belong to (`--root-jobs-as`).
     root_jobs_as: Option<(u32, u32)>,
+    /// When to run a scheduling pass for a job crossing the starvation bound.
+    starve_check_at: Option<std::time::Instant>,
+}
+
+/// Milliseconds since the epoch, now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An RFC 3339 time as milliseconds since the epoch (0 if unreadable).
+fn epoch_ms(rfc3339: &str) -> u64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .map(|t| t.timestamp_millis().max(0) as u64)
+        .unwrap_or(0)
 }
 
 /// How long a deferred admission waits before the next try.
@@ -186,7 +206,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut inventory = inventory;
     let ssh_dir = spool.private().join("ssh");
     probe_remote_nodes(&mut inventory, &ssh_dir);
-    let sched = Scheduler::new(inventory.capacities());
+    let mut sched = Scheduler::new(inventory.capacities());
+    sched.set_starvation_bound(cfg.starvation_bound.map(|b| b.as_millis() as u64));
     let inventory_json = serde_json::to_vec_pretty(&inventory).context("encoding the inventory")?;
     spool::write_atomic(spool.root(), "nodes.json", &inventory_json, false)?;
     let watcher = Watcher::new(&spool.incoming()).context("watching incoming/ (inotify)")?;
@@ -220,6 +241,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         last_nodes: String::new(),
         retry_at: None,
         root_jobs_as,
+        starve_check_at: None,
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -248,6 +270,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         let render_at = tokio::time::Instant::from_std(d.last_render + RENDER_INTERVAL);
         tokio::select! {
             _ = tokio::time::sleep_until(render_at), if d.dirty => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.starve_check_at.unwrap_or_else(std::time::Instant::now))), if d.starve_check_at.is_some() => {
+                d.starve_check_at = None;
+            }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
                 d.retry_at = None;
                 d.rescan();
@@ -427,7 +452,8 @@ impl Daemon {
 
     fn enqueue(&mut self, id: JobId) {
         if let Some(info) = self.jobs.get(&id) {
-            self.sched.enqueue(id, info.demand.clone());
+            let since = epoch_ms(&info.submitted);
+            self.sched.enqueue_at(id, info.demand.clone(), since);
         }
     }
 
@@ -552,7 +578,8 @@ impl Daemon {
 
     /// After each batch: start what fits, then refresh `queue` and `nodes` once.
     fn after_batch(&mut self) {
-        let started = self.sched.schedule();
+        let started = self.sched.schedule_at(now_ms());
+        self.starve_check_at = self.next_starvation_deadline();
         for (id, placement) in started {
             self.start(id, placement);
         }
@@ -1049,6 +1076,20 @@ impl Daemon {
                 }
             }
         });
+    }
+
+    /// When the oldest waiting job crosses the starvation bound (so a pass must run even if
+    /// no event comes); `None` without a bound or a waiting job, or once it has crossed.
+    fn next_starvation_deadline(&self) -> Option<std::time::Instant> {
+        let bound = self.sched.starvation_bound()?;
+        let oldest = self
+            .sched
+            .pending_ids()
+            .filter_map(|id| self.sched.waiting_since(id))
+            .min()?;
+        let due = oldest.saturating_add(bound).saturating_add(1);
+        let now = now_ms();
+        (due > now).then(|| std::time::Instant::now() + Duration::from_millis(due - now))
     }
 
     /// Master sockets and known_hosts of the ssh connections to remote nodes.

@@ -123,3 +123,81 @@ fn skypilot_job1_to_job5_sequence() {
         "{q}"
     );
 }
+
+/// Beyond SkyPilot: with a starvation bound, a big job under a stream of small ones starts
+/// while the stream is still flowing, instead of waiting for it to run dry.
+#[test]
+fn starvation_bound_lets_a_big_job_through_a_stream_of_small_ones() {
+    let mut d = Daemon::start(&["--gpus", "H100:2", "--starvation-bound", "0"]);
+    let s = d.scratch();
+    let first = Gate::new(&s, "first");
+    // Two small jobs occupy both GPUs, then the big one arrives, then a long stream.
+    let small = |i: usize, gate: Option<&Gate>| {
+        format!(
+            "name: small{i}\nresources:\n  accelerators: H100:1\nrun: {}\n",
+            gate.map(|g| g.wait_cmd())
+                .unwrap_or_else(|| "sleep 0.2".into())
+        )
+    };
+    let a = d.submit("s0.yaml", &small(0, Some(&first)));
+    let b = d.submit("s1.yaml", &small(1, Some(&first)));
+    d.wait_status(a, "RUNNING");
+    d.wait_status(b, "RUNNING");
+    let big = d.submit(
+        "big.yaml",
+        "name: big\nresources:\n  accelerators: H100:2\nrun: echo big\n",
+    );
+    let stream: Vec<u64> = (2..32)
+        .map(|i| d.submit(&format!("s{i}.yaml"), &small(i, None)))
+        .collect();
+    first.open();
+    d.wait_status(big, "SUCCEEDED");
+    let waiting = stream
+        .iter()
+        .filter(|id| {
+            let st = d.status(**id);
+            st == "PENDING"
+        })
+        .count();
+    assert!(
+        waiting >= 20,
+        "the big job should start long before the stream runs dry; only {waiting} small jobs were still waiting\n{}",
+        d.diagnostics()
+    );
+    for id in stream {
+        d.wait_done(id, "SUCCEEDED");
+    }
+}
+
+/// Without the bound the daemon is SkyPilot's pure backfill: a later small job takes a
+/// freed GPU while the big one keeps waiting (the documented behaviour the bound improves on).
+#[test]
+fn without_a_bound_backfill_is_pure() {
+    let mut d = Daemon::start(&["--gpus", "H100:2", "--starvation-bound", "off"]);
+    let s = d.scratch();
+    let g0 = Gate::new(&s, "g0");
+    let g1 = Gate::new(&s, "g1");
+    let gated = |i: usize, g: &Gate| {
+        format!(
+            "name: g{i}\nresources:\n  accelerators: H100:1\nrun: {}\n",
+            g.wait_cmd()
+        )
+    };
+    let a = d.submit("g0.yaml", &gated(0, &g0));
+    let b = d.submit("g1.yaml", &gated(1, &g1));
+    d.wait_status(a, "RUNNING");
+    d.wait_status(b, "RUNNING");
+    let big = d.submit(
+        "big.yaml",
+        "name: big\nresources:\n  accelerators: H100:2\nrun: echo big\n",
+    );
+    let later = d.submit(
+        "later.yaml",
+        "name: later\nresources:\n  accelerators: H100:1\nrun: echo later\n",
+    );
+    g0.open();
+    d.wait_done(later, "SUCCEEDED");
+    assert_eq!(d.status(big), "PENDING", "{}", d.diagnostics());
+    g1.open();
+    d.wait_done(big, "SUCCEEDED");
+}
