@@ -13,12 +13,14 @@ use crate::spec::{self, JobSpec};
 use crate::spool::{
     self, Claimed, Incoming, JobInfo, JobResult, NodeAssignment, Spool, State, Status,
 };
+use crate::view::{Submission, Submitter, View};
 use crate::watcher::{SpoolEvent, Watcher};
 use anyhow::Context;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -151,6 +153,26 @@ struct Daemon {
     root_jobs_as: Option<(u32, u32)>,
     /// When to run a scheduling pass for a job crossing the starvation bound.
     starve_check_at: Option<std::time::Instant>,
+    /// Jobs whose record changed since the view was last updated.
+    touched: BTreeSet<JobId>,
+    /// What the FUSE mount shows.
+    view: Arc<View>,
+    /// Names in `incoming/` handed back for lack of space: left alone until the retry.
+    deferred: HashSet<OsString>,
+}
+
+/// `SKYPILOT_TASK_ID` of a job: `sky-<submitted>_<cluster>_<id>`. Every process of the job
+/// inherits it, which is how the processes of a job that lost its supervisor are found.
+fn task_id(info: &JobInfo, cluster: &str) -> String {
+    let submitted = chrono::DateTime::parse_from_rfc3339(&info.submitted)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|_| chrono::Utc::now());
+    format!(
+        "sky-{}_{}_{}",
+        submitted.format("%Y-%m-%d-%H-%M-%S-%6f"),
+        cluster,
+        info.id
+    )
 }
 
 /// Milliseconds since the epoch, now.
@@ -212,6 +234,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     spool::write_atomic(spool.root(), "nodes.json", &inventory_json, false)?;
     let watcher = Watcher::new(&spool.incoming()).context("watching incoming/ (inotify)")?;
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let (sub_tx, mut sub_rx) = mpsc::unbounded_channel::<Submission>();
+    let view = Arc::new(View::new());
+    view.update(|v| v.cluster_name = inventory.cluster_name.clone());
     let exe = std::env::current_exe().context("locating the skyspool binary")?;
     let next_id = spool.next_id()?;
     let root_jobs_as = match cfg.root_jobs_as.as_deref() {
@@ -242,6 +267,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         retry_at: None,
         root_jobs_as,
         starve_check_at: None,
+        touched: BTreeSet::new(),
+        view: Arc::clone(&view),
+        deferred: HashSet::new(),
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -264,6 +292,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     d.rescan();
     d.after_batch();
     d.start_health_checks();
+    let _submitter = Submitter { tx: sub_tx };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
@@ -275,6 +304,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
                 d.retry_at = None;
+                d.deferred.clear();
                 d.rescan();
             }
             batch = d.watcher.next_batch() => {
@@ -284,6 +314,12 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
                         note!("inotify read failed ({e}); rescanning");
                         d.rescan();
                     }
+                }
+            }
+            Some(sub) = sub_rx.recv() => {
+                d.handle_submission(sub);
+                while let Ok(more) = sub_rx.try_recv() {
+                    d.handle_submission(more);
                 }
             }
             Some(msg) = rx.recv() => {
@@ -330,6 +366,7 @@ impl Daemon {
             info.status = status;
             if status.is_terminal() {
                 self.jobs.insert(id, info);
+                self.touched.insert(id);
                 if settled {
                     self.fix_link(id, State::Done);
                 } else {
@@ -341,6 +378,7 @@ impl Daemon {
                 continue;
             }
             self.jobs.insert(id, info);
+            self.touched.insert(id);
             let private = self.spool.job_private(id);
             if private.join("launched").exists() {
                 self.recover_launched(id);
@@ -351,6 +389,26 @@ impl Daemon {
         }
         for claimed in self.spool.list_staged()? {
             let id = claimed.id;
+            if claimed.staged {
+                // Fully written before the crash: only publishing was left.
+                if let Err(e) = self.spool.publish(&claimed) {
+                    note!("staged job {id}: {e}");
+                    continue;
+                }
+                if let Ok(info) = self.spool.read_info(id) {
+                    note!(
+                        "job {id} ({}) admitted from {} (staged before a restart)",
+                        info.name,
+                        info.source
+                    );
+                    self.jobs.insert(id, info);
+                    self.touched.insert(id);
+                    self.touched.insert(id);
+                    self.enqueue(id);
+                    self.dirty = true;
+                }
+                continue;
+            }
             match self.spool.read_claimed_yaml(&claimed) {
                 Ok(yaml) => match self.validate(&claimed.source, &yaml, claimed.uid) {
                     Ok(adm) => {
@@ -385,17 +443,22 @@ impl Daemon {
         let held = executor::lock_fd_is_held(&private.join("supervisor.lock")).unwrap_or(false);
         let record = self.spool.read_supervisor(id);
         if held {
-            if let Some(rec) = record.as_ref() {
-                if executor::process_start_ticks(rec.pid) == Some(rec.start_ticks) {
-                    let placement = self.placement_of(id);
-                    if let Err(e) = self.sched.restore(id, &placement) {
-                        note!("job {id}: re-adopted but its resources clash: {e}");
-                    }
-                    self.fix_link(id, State::Running);
-                    self.watch_supervisor(id, rec.pid);
-                    note!("job {id}: re-adopted running supervisor pid {}", rec.pid);
-                    return;
+            // A held lock means a supervisor lives (it may not have written its record yet):
+            // find it by its record, or as the holder of the lock.
+            let pid = record
+                .as_ref()
+                .filter(|rec| executor::process_start_ticks(rec.pid) == Some(rec.start_ticks))
+                .map(|rec| rec.pid)
+                .or_else(|| executor::flock_holder(&private.join("supervisor.lock")));
+            if let Some(pid) = pid {
+                let placement = self.placement_of(id);
+                if let Err(e) = self.sched.restore(id, &placement) {
+                    note!("job {id}: re-adopted but its resources clash: {e}");
                 }
+                self.fix_link(id, State::Running);
+                self.watch_supervisor(id, pid);
+                note!("job {id}: re-adopted running supervisor pid {pid}");
+                return;
             }
         }
         if let Some(result) = self.spool.read_result(id) {
@@ -424,6 +487,7 @@ impl Daemon {
         // Launch recorded but no supervisor ever ran: nothing of the job ran. Re-queue it.
         let _ = std::fs::remove_file(private.join("launched"));
         let _ = self.spool.write_status(id, Status::Pending);
+        self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
             info.status = Status::Pending;
             info.started = None;
@@ -502,7 +566,7 @@ impl Daemon {
         for ev in events {
             match ev {
                 SpoolEvent::Incoming(name) => {
-                    if !incoming.contains(&name) {
+                    if !incoming.contains(&name) && !self.deferred.contains(&name) {
                         incoming.push(name);
                     }
                 }
@@ -567,6 +631,7 @@ impl Daemon {
         let Ok(status) = self.spool.read_status(id) else {
             return;
         };
+        self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
             if info.status != status && !info.status.is_terminal() && !status.is_terminal() {
                 info.status = status;
@@ -578,10 +643,34 @@ impl Daemon {
 
     /// After each batch: start what fits, then refresh `queue` and `nodes` once.
     fn after_batch(&mut self) {
-        let started = self.sched.schedule_at(now_ms());
+        // A start that fails frees its resources again: keep placing until a pass starts
+        // everything it picked.
+        loop {
+            let started = self.sched.schedule_at(now_ms());
+            if started.is_empty() {
+                break;
+            }
+            let mut failed = false;
+            for (id, placement) in started {
+                failed |= !self.start(id, placement);
+            }
+            if !failed {
+                break;
+            }
+        }
         self.starve_check_at = self.next_starvation_deadline();
-        for (id, placement) in started {
-            self.start(id, placement);
+        if !self.touched.is_empty() {
+            let touched = std::mem::take(&mut self.touched);
+            let nodes = self.inventory.render_nodes(&self.sched.usage());
+            let jobs = &self.jobs;
+            self.view.update(|v| {
+                for id in touched {
+                    if let Some(info) = jobs.get(&id) {
+                        v.jobs.insert(id, info.clone());
+                    }
+                }
+                v.nodes_text = nodes;
+            });
         }
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
@@ -711,6 +800,7 @@ impl Daemon {
     /// Writes each claimed job's files, syncs them all, then publishes each job.
     fn stage_and_publish(&mut self, ready: Vec<(Claimed, Admission)>) -> anyhow::Result<()> {
         let mut staged: Vec<(Claimed, JobInfo)> = Vec::new();
+        let first_id = ready.iter().map(|(c, _)| c.id).min();
         for (claimed, adm) in ready {
             match self.stage(&claimed, &adm) {
                 Ok(info) => staged.push((claimed, info)),
@@ -740,6 +830,15 @@ impl Daemon {
             for (claimed, _) in &staged {
                 self.defer(claimed, &err);
             }
+            staged.clear();
+        }
+        if staged.is_empty() {
+            // Nothing of this batch was published: its IDs were never seen, give them again.
+            if let Some(first) = first_id {
+                if self.next_id > first && self.spool.next_id().is_ok_and(|n| n <= first) {
+                    self.next_id = first;
+                }
+            }
             return Ok(());
         }
         if let Some(max) = staged.iter().map(|(c, _)| c.id).max() {
@@ -749,7 +848,7 @@ impl Daemon {
             let id = claimed.id;
             if claimed.has_workdir && self.spool.secrets_file(id).exists() {
                 // The submitted copy holds the secrets in clear: keep only the redacted one.
-                let _ = std::fs::remove_file(claimed.dir.join("workdir").join("job.yaml"));
+                let _ = std::fs::remove_file(claimed.content.join("job.yaml"));
             }
             self.spool.publish(&claimed)?;
             note!(
@@ -760,6 +859,7 @@ impl Daemon {
                 info.resources
             );
             self.jobs.insert(id, info);
+            self.touched.insert(id);
             let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
             self.enqueue(id);
             self.dirty = true;
@@ -772,9 +872,88 @@ impl Daemon {
         Ok(())
     }
 
+    /// A submission written through the FUSE mount: validated and admitted (or rejected)
+    /// at once, and answered, so the writer's `close()` can report the outcome.
+    fn handle_submission(&mut self, sub: Submission) {
+        let source = format!("incoming/{}", sub.name);
+        let verdict = match self.validate(&source, &sub.yaml, sub.uid) {
+            Err(reason) => {
+                if let Err(e) = self.spool.reject_bytes(&sub.name, &sub.yaml, &reason) {
+                    note!("{source}: could not record the rejection: {e}");
+                }
+                note!("rejected {source} (through the mount): {reason}");
+                Err(reason)
+            }
+            Ok(adm) => {
+                let id = self.next_id;
+                match self
+                    .spool
+                    .claim_bytes(&sub.name, &sub.yaml, sub.uid, sub.gid, id)
+                {
+                    Err(e) => Err(format!("{source}: could not be admitted: {e}")),
+                    Ok(claimed) => {
+                        self.next_id += 1;
+                        self.admit_claimed_now(claimed, adm)
+                    }
+                }
+            }
+        };
+        let _ = sub.reply.send(verdict);
+    }
+
+    /// Stages and publishes one claimed submission without deferral: on failure it is
+    /// dropped and the writer told why (they still hold their copy).
+    fn admit_claimed_now(&mut self, claimed: Claimed, adm: Admission) -> Result<JobId, String> {
+        let id = claimed.id;
+        let dir = claimed.dir.clone();
+        let fail = |d: &mut Daemon, e: String| {
+            let _ = std::fs::remove_dir_all(&dir);
+            if d.next_id == id + 1 {
+                d.next_id = id;
+            }
+            Err(format!("{}: could not be admitted: {e}", claimed.source))
+        };
+        let info = match self.stage(&claimed, &adm) {
+            Ok(info) => info,
+            Err(e) => return fail(self, format!("{e:#}")),
+        };
+        let synced = ["job.yaml", "info.json", "status"]
+            .iter()
+            .try_for_each(|f| spool::sync_file(&claimed.dir.join(f)))
+            .and_then(|_| spool::sync_dir(&claimed.dir))
+            .and_then(|_| spool::sync_dir(&self.spool.staging()))
+            .and_then(|_| self.spool.record_last_id(id));
+        if let Err(e) = synced {
+            return fail(self, e.to_string());
+        }
+        if let Err(e) = self.spool.publish(&claimed) {
+            return fail(self, e.to_string());
+        }
+        let _ = spool::sync_dir(&self.spool.jobs());
+        let _ = spool::sync_dir(&self.spool.state_dir(State::Pending));
+        note!(
+            "job {id} ({}) admitted from {} (through the mount) for {}, needs {}",
+            info.name,
+            info.source,
+            info.user,
+            info.resources
+        );
+        self.jobs.insert(id, info);
+        self.touched.insert(id);
+        let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
+        self.enqueue(id);
+        self.dirty = true;
+        Ok(id)
+    }
+
     /// Gives a claimed submission back to `incoming/` (disk full, sync failed) and asks for
     /// a retry: it is admitted when space returns, never rejected for it or lost.
     fn defer(&mut self, claimed: &Claimed, why: &anyhow::Error) {
+        if let Some(name) = claimed.content.file_name().and_then(|n| n.to_str()) {
+            if let Some(orig) = name.strip_prefix(spool::CLAIM_PREFIX) {
+                self.deferred.insert(OsString::from(orig));
+            }
+        }
         match self.spool.unclaim(claimed) {
             Ok(()) => note!(
                 "{}: admission deferred ({why:#}); retrying shortly",
@@ -844,8 +1023,11 @@ impl Daemon {
     // ------------------------------------------------------------------ running
 
     /// Starts a placed job: records the launch, moves it to `running/`, spawns its supervisor.
-    fn start(&mut self, id: JobId, placement: Placement) {
-        if let Err(e) = self.try_start(id, &placement) {
+    fn start(&mut self, id: JobId, placement: Placement) -> bool {
+        let Err(e) = self.try_start(id, &placement) else {
+            return true;
+        };
+        {
             note!("job {id}: could not start: {e:#}");
             let _ = self
                 .spool
@@ -860,6 +1042,7 @@ impl Daemon {
                 }),
             );
         }
+        false
     }
 
     fn try_start(&mut self, id: JobId, placement: &Placement) -> anyhow::Result<()> {
@@ -896,6 +1079,7 @@ impl Daemon {
         self.spool.write_info(&info)?;
         self.spool.move_state(id, State::Pending, State::Running)?;
         self.jobs.insert(id, info);
+        self.touched.insert(id);
         self.dirty = true;
         let pid = executor::spawn_supervisor(&self.exe, &plan, lock)
             .context("spawning the job's supervisor")?;
@@ -972,15 +1156,7 @@ impl Daemon {
             }
         };
         let cluster = &self.inventory.cluster_name;
-        let submitted = chrono::DateTime::parse_from_rfc3339(&info.submitted)
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .unwrap_or_else(|_| chrono::Utc::now());
-        let task_id = format!(
-            "sky-{}_{}_{}",
-            submitted.format("%Y-%m-%d-%H-%M-%S-%6f"),
-            cluster,
-            info.id
-        );
+        let task_id = task_id(info, cluster);
         let cluster_info = serde_json::json!({
             "cluster_name": cluster,
             "cloud": "Local",
@@ -1148,6 +1324,23 @@ impl Daemon {
             )),
         });
         if result.status == Status::FailedDriver {
+            // The supervisor is gone: stop whatever of the job still runs before its GPUs
+            // are given to anyone else.
+            if let Some(info) = self.jobs.get(&id) {
+                let tid = task_id(info, &self.inventory.cluster_name);
+                let killed = executor::kill_tagged_processes(&tid);
+                if killed > 0 {
+                    note!("job {id}: killed {killed} process(es) left by its lost supervisor");
+                }
+                let ssh_dir = self.ssh_dir();
+                for a in &info.placement {
+                    if let Some(node) = self.inventory.nodes.iter().find(|n| n.name == a.node) {
+                        if let Some(t) = SshTarget::of(node, &ssh_dir) {
+                            executor::kill_remote_rank(&t, &tid, a.rank);
+                        }
+                    }
+                }
+            }
             let _ = self.spool.append_log(
                 id,
                 &format!(
@@ -1159,6 +1352,7 @@ impl Daemon {
         if self.spool.read_status(id).ok() != Some(result.status) {
             let _ = self.spool.write_status(id, result.status);
         }
+        self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
             info.status = result.status;
             info.ended = Some(result.ended.clone());
@@ -1215,6 +1409,7 @@ impl Daemon {
 
     fn finish_pending_cancel(&mut self, id: JobId) {
         let _ = self.spool.write_status(id, Status::Cancelled);
+        self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
             info.status = Status::Cancelled;
             info.ended = Some(spool::now_rfc3339());

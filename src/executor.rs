@@ -206,11 +206,17 @@ fn script_text(body: &str, cd_target: &str, exports: &str) -> String {
 
 /// The private directory of one rank on a remote node.
 fn remote_dir(plan: &LaunchPlan, node: &NodeLaunch) -> String {
-    let task: String = plan
+    let task = plan
         .env
         .get("SKYPILOT_TASK_ID")
         .cloned()
-        .unwrap_or_else(|| format!("job{}", plan.job_id))
+        .unwrap_or_else(|| format!("job{}", plan.job_id));
+    remote_dir_for(&task, node.rank)
+}
+
+/// `/tmp/skyspool-<task id>-r<rank>` on the node.
+fn remote_dir_for(task_id: &str, rank: u32) -> String {
+    let task: String = task_id
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -220,7 +226,78 @@ fn remote_dir(plan: &LaunchPlan, node: &NodeLaunch) -> String {
             }
         })
         .collect();
-    format!("/tmp/skyspool-{task}-r{}", node.rank)
+    format!("/tmp/skyspool-{task}-r{rank}")
+}
+
+/// Kills what runs of a remote rank of a job whose supervisor was lost (best effort).
+pub fn kill_remote_rank(target: &SshTarget, task_id: &str, rank: u32) {
+    let dir = remote_dir_for(task_id, rank);
+    for phase in ["setup", "run"] {
+        let _ = target.run(
+            &remote::signal_command(&dir, phase, "KILL"),
+            Duration::from_secs(15),
+        );
+    }
+    let _ = target.run(
+        &format!("rm -rf {}", remote::shell_quote(&dir)),
+        Duration::from_secs(15),
+    );
+}
+
+/// SIGKILLs every process on this machine whose environment holds
+/// `SKYPILOT_TASK_ID=<task_id>` (every process of that job inherits it, daemonized ones
+/// included), until none is left. Returns how many were killed.
+pub fn kill_tagged_processes(task_id: &str) -> usize {
+    let tag = format!("SKYPILOT_TASK_ID={task_id}");
+    let me = std::process::id();
+    let mut killed = 0;
+    for _ in 0..50 {
+        let mut found = 0;
+        if let Ok(rd) = fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if pid == me || is_zombie(pid) {
+                    continue;
+                }
+                let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+                    continue;
+                };
+                if env.split(|b| *b == 0).any(|kv| kv == tag.as_bytes()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    found += 1;
+                }
+            }
+        }
+        if found == 0 {
+            break;
+        }
+        killed += found;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    killed
+}
+
+/// The process that holds `path` open (the launch lock is held by exactly one: the
+/// supervisor, as fd 3), found by scanning `/proc/*/fd`. (`/proc/locks` would name the
+/// daemon that took the lock before handing it over, not its holder.)
+pub fn flock_holder(path: &Path) -> Option<u32> {
+    let target = fs::canonicalize(path).ok()?;
+    let me = std::process::id();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        if pid == me {
+            return None;
+        }
+        let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        fds.flatten()
+            .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l == target))
+            .then_some(pid)
+    })
 }
 
 /// `export K='v'` lines for a remote rank (what the local environment carries otherwise).

@@ -21,4 +21,5 @@ pub mod resources;
 pub mod scheduler;
 pub mod spec;
 pub mod spool;
+pub mod view;
 pub mod watcher;

@@ -221,11 +221,36 @@ pub enum Incoming {
 #[derive(Clone, Debug)]
 pub struct Claimed {
     pub id: JobId,
+    /// `.skyspool/staging/<id>`.
     pub dir: PathBuf,
+    /// The claimed file or directory: `staging/<id>/in--NAME`.
+    pub content: PathBuf,
+    /// `incoming/NAME` (or `incoming/NAME/`).
     pub source: String,
     pub uid: u32,
     pub gid: u32,
     pub has_workdir: bool,
+    /// Its `info.json` is written: only publishing is left.
+    pub staged: bool,
+}
+
+/// Prefix of a claimed submission's name inside its staging directory.
+pub const CLAIM_PREFIX: &str = "in--";
+
+fn source_of(name: &OsStr, dir: bool) -> String {
+    format!(
+        "incoming/{}{}",
+        display_name(name),
+        if dir { "/" } else { "" }
+    )
+}
+
+/// The original name of a claimed path `.../in--NAME`.
+fn claimed_name(content: &Path) -> Option<String> {
+    let n = content.file_name()?.to_str()?;
+    n.strip_prefix(CLAIM_PREFIX)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
 }
 
 /// A spool directory.
@@ -421,7 +446,8 @@ impl Spool {
     }
 
     /// Claims a submission: one rename moves it out of `incoming/` into the staging
-    /// directory of job `id`. From this moment it is this job's and nobody else's.
+    /// directory of job `id`, as `in--NAME` (so its name survives a crash). From this moment
+    /// it is this job's and nobody else's.
     pub fn claim(&self, name: &OsStr, kind: &Incoming, id: JobId) -> Result<Claimed> {
         let src = self.incoming().join(name);
         let meta = fs::symlink_metadata(&src).at(&src)?;
@@ -431,90 +457,116 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e).at(&dir),
         }
+        let mut target_name = std::ffi::OsString::from(CLAIM_PREFIX);
+        target_name.push(name);
+        fs::rename(&src, dir.join(&target_name)).at(&src)?;
         let has_workdir = *kind == Incoming::Dir;
-        let target = dir.join(if has_workdir {
-            "workdir"
-        } else {
-            "submitted.yaml"
-        });
-        fs::rename(&src, &target).at(&src)?;
-        let source = format!(
-            "incoming/{}{}",
-            display_name(name),
-            if has_workdir { "/" } else { "" }
-        );
         Ok(Claimed {
             id,
+            source: source_of(name, has_workdir),
+            content: dir.join(target_name),
             dir,
-            source,
             uid: meta.uid(),
             gid: meta.gid(),
             has_workdir,
+            staged: false,
         })
     }
 
-    /// Undoes a claim: the submission goes back to `incoming/` under its name, and the
-    /// staging directory is removed (its ID is not reused).
+    /// Claims a submission made through the FUSE mount: its bytes are written straight
+    /// into staging as `in--NAME`, owned by the writer.
+    pub fn claim_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        uid: u32,
+        gid: u32,
+        id: JobId,
+    ) -> Result<Claimed> {
+        let dir = self.staging().join(id.to_string());
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).at(&dir),
+        }
+        let content_name = format!("{CLAIM_PREFIX}{name}");
+        write_atomic(&dir, &content_name, bytes, false)?;
+        let content = dir.join(&content_name);
+        let _ = nix::unistd::chown(
+            &content,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        );
+        Ok(Claimed {
+            id,
+            source: source_of(OsStr::new(name), false),
+            content,
+            dir,
+            uid,
+            gid,
+            has_workdir: false,
+            staged: false,
+        })
+    }
+
+    /// Undoes a claim: the submission goes back to `incoming/` under its own name, and the
+    /// staging directory is removed.
     pub fn unclaim(&self, c: &Claimed) -> Result<()> {
-        let name = c
-            .source
-            .strip_prefix("incoming/")
-            .map(|n| n.trim_end_matches('/'))
-            .filter(|n| !n.is_empty() && !n.contains('/') && !n.starts_with('.'))
-            .map(str::to_string)
-            .unwrap_or_else(|| {
-                format!(
-                    "deferred-{}{}",
-                    c.id,
-                    if c.has_workdir { "" } else { ".yaml" }
-                )
-            });
-        let content = if c.has_workdir {
-            c.dir.join("workdir")
-        } else {
-            c.dir.join("submitted.yaml")
-        };
+        let name = claimed_name(&c.content).unwrap_or_else(|| format!("deferred-{}.yaml", c.id));
         let back = self.incoming().join(&name);
-        fs::rename(&content, &back).at(&back)?;
+        fs::rename(&c.content, &back).at(&back)?;
         let _ = fs::remove_dir_all(&c.dir);
         Ok(())
     }
 
-    /// Staged admissions left by a daemon that died mid-admission.
+    /// Staged admissions left by a daemon that died mid-admission: `staged` ones (their
+    /// `info.json` was written) only need publishing; the others need staging again.
     pub fn list_staged(&self) -> Result<Vec<Claimed>> {
         let mut out = Vec::new();
         for id in numeric_entries(&self.staging())? {
             let dir = self.staging().join(id.to_string());
-            let has_workdir = dir.join("workdir").is_dir();
-            let content = if has_workdir {
-                dir.join("workdir")
-            } else {
-                dir.join("submitted.yaml")
-            };
-            let meta = match fs::symlink_metadata(&content) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let info: Option<JobInfo> = fs::read(dir.join("info.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let content = fs::read_dir(&dir)
+                .at(&dir)?
+                .flatten()
+                .find(|e| {
+                    e.file_name()
+                        .as_bytes()
+                        .starts_with(CLAIM_PREFIX.as_bytes())
+                })
+                .map(|e| e.path());
+            match (content, info) {
+                (_, Some(info)) => out.push(Claimed {
+                    id,
+                    content: dir.join(format!("{CLAIM_PREFIX}-")),
+                    source: info.source.clone(),
+                    uid: info.uid,
+                    gid: info.gid,
+                    has_workdir: info.has_workdir,
+                    staged: true,
+                    dir,
+                }),
+                (Some(content), None) => {
+                    let meta = fs::symlink_metadata(&content).at(&content)?;
+                    let name = claimed_name(&content).unwrap_or_else(|| format!("staged-{id}"));
+                    out.push(Claimed {
+                        id,
+                        source: source_of(OsStr::new(&name), meta.is_dir()),
+                        has_workdir: meta.is_dir(),
+                        content,
+                        uid: meta.uid(),
+                        gid: meta.gid(),
+                        staged: false,
+                        dir,
+                    });
+                }
+                (None, None) => {
                     // Died between mkdir and the claiming rename: nothing was claimed.
                     let _ = fs::remove_dir_all(&dir);
-                    continue;
                 }
-                Err(e) => return Err(e).at(&content),
-            };
-            // The name it came in with is in info.json once that is written (it was
-            // validated before the claim, so it is only needed for the record).
-            let source = fs::read(dir.join("info.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<JobInfo>(&b).ok())
-                .map(|i| i.source)
-                .unwrap_or_else(|| format!("incoming/(staged job {id})"));
-            out.push(Claimed {
-                id,
-                dir,
-                source,
-                uid: meta.uid(),
-                gid: meta.gid(),
-                has_workdir,
-            });
+            }
         }
         Ok(out)
     }
@@ -522,9 +574,9 @@ impl Spool {
     /// The YAML text of a claimed submission (bounded, no links followed).
     pub fn read_claimed_yaml(&self, c: &Claimed) -> std::result::Result<Vec<u8>, String> {
         let path = if c.has_workdir {
-            c.dir.join("workdir").join("job.yaml")
+            c.content.join("job.yaml")
         } else {
-            c.dir.join("submitted.yaml")
+            c.content.clone()
         };
         match read_file_unless_writing(&path) {
             Ok(Some(bytes)) => Ok(bytes),
@@ -537,31 +589,51 @@ impl Spool {
         }
     }
 
-    /// Makes a staged job visible: `staging/<id>` becomes `jobs/<id>` and `pending/<id>`
-    /// links to it. Files in it must already be written.
+    /// Makes a staged job visible: the claimed directory becomes `workdir/` (a claimed file
+    /// is dropped: `job.yaml` holds its text), `staging/<id>` becomes `jobs/<id>` and
+    /// `pending/<id>` links to it. Idempotent, so recovery can redo it after a crash.
     pub fn publish(&self, c: &Claimed) -> Result<()> {
         let dst = self.job_dir(c.id);
-        let submitted = c.dir.join("submitted.yaml");
-        let _ = fs::remove_file(&submitted);
-        fs::rename(&c.dir, &dst).at(&dst)?;
+        if c.dir.exists() {
+            for entry in fs::read_dir(&c.dir).at(&c.dir)?.flatten() {
+                if !entry
+                    .file_name()
+                    .as_bytes()
+                    .starts_with(CLAIM_PREFIX.as_bytes())
+                {
+                    continue;
+                }
+                let p = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let w = c.dir.join("workdir");
+                    fs::rename(&p, &w).at(&w)?;
+                } else {
+                    fs::remove_file(&p).at(&p)?;
+                }
+            }
+            fs::rename(&c.dir, &dst).at(&dst)?;
+        }
         self.link_state(c.id, State::Pending)
     }
 
     /// Moves a claimed submission to `rejected/` with its reason beside it.
     pub fn reject_claimed(&self, c: &Claimed, reason: &str) -> Result<PathBuf> {
-        let name = c
-            .source
-            .trim_start_matches("incoming/")
-            .trim_end_matches('/')
-            .to_string();
-        let content = if c.has_workdir {
-            c.dir.join("workdir")
-        } else {
-            c.dir.join("submitted.yaml")
-        };
+        let name = claimed_name(&c.content).unwrap_or_else(|| format!("staged-{}", c.id));
         let dest = self.reject_path(&name, reason)?;
-        fs::rename(&content, &dest).at(&dest)?;
+        fs::rename(&c.content, &dest).at(&dest)?;
         let _ = fs::remove_dir_all(&c.dir);
+        Ok(dest)
+    }
+
+    /// Records a rejected submission that never was a file in `incoming/` (FUSE writes):
+    /// its bytes go to `rejected/NAME`, its reason beside it.
+    pub fn reject_bytes(&self, name: &str, bytes: &[u8], reason: &str) -> Result<PathBuf> {
+        let dest = self.reject_path(name, reason)?;
+        let file_name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "unnamed".into());
+        write_atomic(&self.rejected(), &file_name, bytes, false)?;
         Ok(dest)
     }
 
