@@ -59,6 +59,10 @@ pub enum Command {
         /// `off` for SkyPilot's pure backfill.
         #[arg(long, default_value = "1800", value_name = "SECS|off")]
         starvation_bound: String,
+        /// Also expose the spool as a FUSE mount at DIR (live status/queue/logs; bad
+        /// submissions fail at close()).
+        #[arg(long, value_name = "DIR")]
+        mount: Option<PathBuf>,
     },
     /// Submit job YAMLs safely (written aside, then renamed into incoming/).
     Submit {
@@ -114,6 +118,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kill_grace,
             root_jobs_as,
             starvation_bound,
+            mount,
         } => {
             let starvation_bound = match starvation_bound.as_str() {
                 "off" | "none" => None,
@@ -141,6 +146,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kill_grace: Duration::from_secs_f64(kill_grace),
                 root_jobs_as,
                 starvation_bound,
+                mount,
             })?;
             Ok(ExitCode::SUCCESS)
         }

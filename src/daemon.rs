@@ -39,6 +39,8 @@ pub struct DaemonConfig {
     /// Once the oldest waiting job has waited this long, resources are held back for it
     /// (`None`: pure backfill, SkyPilot's documented behaviour).
     pub starvation_bound: Option<Duration>,
+    /// Also expose the spool as a FUSE mount here.
+    pub mount: Option<PathBuf>,
 }
 
 macro_rules! note {
@@ -292,7 +294,18 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     d.rescan();
     d.after_batch();
     d.start_health_checks();
-    let _submitter = Submitter { tx: sub_tx };
+    let submitter = Submitter { tx: sub_tx };
+    let mounted = match &cfg.mount {
+        None => None,
+        Some(dir) => {
+            crate::fuse::clean_stale_mount(dir);
+            let m =
+                crate::fuse::mount(dir, d.spool.clone(), Arc::clone(&d.view), submitter.clone())
+                    .with_context(|| format!("mounting the spool at {}", dir.display()))?;
+            note!("spool mounted at {}", dir.display());
+            Some(m)
+        }
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
@@ -333,6 +346,10 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         }
         d.after_batch();
     }
+    if let Some(m) = mounted {
+        m.unmount();
+    }
+    drop(submitter);
     note!(
         "stopping; {} running job(s) keep running and will be re-adopted by the next start",
         d.supervisors.len()

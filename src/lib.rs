@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod executor;
+pub mod fuse;
 pub mod inventory;
 pub mod queue;
 pub mod remote;
