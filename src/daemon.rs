@@ -1002,6 +1002,15 @@ impl Daemon {
             )?;
             self.spool.write_secrets(c.id, &spec.secrets)?;
         }
+        // The job's private directory exists before the owner can write in the job
+        // directory (the ACL below), so they can never plant a link in its place.
+        let private = c.dir.join(".sky");
+        match std::fs::create_dir(&private) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755))?;
         spool::write_atomic(&c.dir, "status", b"PENDING\n", false)?;
         spool::write_atomic(&c.dir, "log", b"", false)?;
         let (uid, gid) = match self.root_jobs_as {
@@ -1076,9 +1085,13 @@ impl Daemon {
             .ok_or(spool::SpoolError::NoSuchJob(id))?;
         let assignments = self.assignments(placement);
         let plan = self.plan(&info, &spec, &assignments)?;
+        // `.sky/` was made at admission, before the owner could write in the job directory;
+        // never create or follow anything here that the owner could have planted.
         let private = self.spool.job_private(id);
-        std::fs::create_dir_all(&private)?;
-        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755))?;
+        let meta = std::fs::symlink_metadata(&private).context("the job's .sky directory")?;
+        if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
+            anyhow::bail!("jobs/{id}/.sky is not the daemon's directory");
+        }
         let lock = executor::take_launch_lock(&private.join("supervisor.lock"))
             .context("taking the job's launch lock")?;
         spool::write_atomic(&private, "launched", spool::now_rfc3339().as_bytes(), true)?;

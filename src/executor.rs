@@ -777,7 +777,9 @@ fn spawn_rank(
     if phase == "setup" {
         cmd.env_remove("CUDA_VISIBLE_DEVICES");
     }
-    cmd.current_dir(&plan.cwd);
+    // The script's own `cd` (as the job's user) enters the working directory; changing
+    // into it here would happen as root, through whatever the owner put there.
+    cmd.current_dir("/");
     cmd.stdin(Stdio::null());
     let reader = attach_output(&mut cmd, sink)?;
     cmd.process_group(0);

@@ -100,6 +100,20 @@ fn job_runs_as_submitter_and_only_owner_cancels() {
         "status removed by a user (rc {rc})"
     );
     assert_eq!(d.status(1), "RUNNING");
+    // Nor can she swap the daemon's private directory for a link to elsewhere.
+    for cmd in [
+        format!("rm -rf {}/.sky", job.display()),
+        format!("mv {0}/.sky {0}/old", job.display()),
+        format!("ln -sfn /etc {}/.sky", job.display()),
+    ] {
+        let _ = as_user("skyspool-alice", &cmd);
+    }
+    let sky = std::fs::symlink_metadata(job.join(".sky")).unwrap();
+    assert!(
+        sky.is_dir() && !sky.file_type().is_symlink(),
+        ".sky replaced by its owner"
+    );
+    assert!(!std::path::Path::new("/etc/supervisor.lock").exists());
 
     // Alice cancels her own job.
     let (rc, err) = as_user("skyspool-alice", &format!("touch {}/cancel", job.display()));
