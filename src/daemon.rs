@@ -717,6 +717,12 @@ impl Daemon {
         let text = std::str::from_utf8(yaml)
             .map_err(|e| format!("{source}: the file is not UTF-8 text ({e})"))?;
         let spec = spec::parse(text, source, &BTreeMap::new()).map_err(|e| e.to_string())?;
+        if !spec.secrets.is_empty() && spec.to_redacted_yaml().len() > spec::MAX_SPEC_BYTES {
+            return Err(format!(
+                "{source}: with its secrets redacted the job would exceed {} bytes; make the file smaller",
+                spec::MAX_SPEC_BYTES
+            ));
+        }
         let demand = spec.demand();
         self.sched.check_fits_ever(&demand).map_err(|e| {
             format!(

@@ -48,12 +48,47 @@ pub struct JobSpec {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{origin}{}: {message}", location(*line, *column))]
+#[error("{}{}: {}", printable(origin), location(*line, *column), printable(message))]
 pub struct SpecError {
     pub origin: String,
     pub line: Option<usize>,
     pub column: Option<usize>,
     pub message: String,
+}
+
+/// A message as one printable line: control characters (from YAML escapes in keys or
+/// values the user wrote) are shown escaped, so a reason can never forge log lines or send
+/// terminal escapes.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Finds a `!!binary` tag (or its long forms) used as a tag: serde-saphyr decodes such values
+/// into strings, which would let a job's commands be hidden in base64.
+fn binary_tag_at(src: &str) -> Option<usize> {
+    for tag in ["!!binary", "!binary", "tag:yaml.org,2002:binary"] {
+        let mut from = 0;
+        while let Some(i) = src[from..].find(tag) {
+            let at = from + i;
+            let before = src[..at].chars().next_back();
+            let after = src[at + tag.len()..].chars().next();
+            let starts = before.is_none_or(|c| c.is_whitespace() || "-:[{,<".contains(c));
+            let ends = after.is_none_or(|c| c.is_whitespace() || c == '>' || c == ',');
+            if starts && ends {
+                return Some(at);
+            }
+            from = at + tag.len();
+        }
+    }
+    None
 }
 
 fn location(line: Option<usize>, column: Option<usize>) -> String {
@@ -225,6 +260,14 @@ pub fn parse(
     let src = text.strip_prefix('\u{FEFF}').unwrap_or(text);
     let cx = Cx { src, origin };
     check_characters(&cx)?;
+    if let Some(at) = binary_tag_at(src) {
+        let (line, column) = line_col_of(src, at);
+        return Err(cx.err_at(
+            line,
+            column,
+            "binary (!!binary) values are not supported in a task YAML: write commands and values as text",
+        ));
+    }
     let root = read_tree(&cx)?;
     build_spec(&cx, &root, env_overrides)
 }
@@ -326,7 +369,9 @@ impl JobSpec {
     /// an env value that itself contains `$OTHER_ENV` would be substituted once more.
     pub fn to_redacted_yaml(&self) -> String {
         let doc = RedactedDoc::new(self);
-        match serde_saphyr::to_string(&doc) {
+        // No folding of long lines: the text must not grow past the size limit on the way.
+        let options = serde_saphyr::ser_options! { folded_wrap_chars: usize::MAX / 4 };
+        match serde_saphyr::to_string_with_options(&doc, options) {
             Ok(yaml) => yaml,
             // JSON is valid YAML, so this fallback still parses back (it never happens with
             // these plain types, but there is no reason to panic or to lose the redaction).

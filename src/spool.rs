@@ -782,11 +782,12 @@ impl Spool {
             path: self.secrets_file(id),
             message: e.to_string(),
         })?;
-        write_atomic(
+        write_atomic_mode(
             &self.private().join("secrets"),
             &format!("{id}.json"),
             &bytes,
             false,
+            0o600,
         )
     }
 
@@ -860,19 +861,20 @@ pub fn classify_incoming(name: &OsStr, meta: Option<&fs::Metadata>) -> Incoming 
     if bytes.first() == Some(&b'.') {
         return Incoming::Ignore; // dot-files: rsync temps, our own temps, editor state
     }
-    let Some(text) = name.to_str() else {
-        return Incoming::Bad("the name is not valid UTF-8".into());
-    };
-    if text.ends_with('~')
-        || text.ends_with(".swp")
-        || text.ends_with(".swx")
-        || text.ends_with(".tmp")
-        || text.ends_with(".part")
-        || text.ends_with(".partial")
-        || text.starts_with('#')
+    // Decided on the raw bytes, so an editor's backup of a Latin-1 name is left alone too.
+    if bytes.ends_with(b"~")
+        || bytes.ends_with(b".swp")
+        || bytes.ends_with(b".swx")
+        || bytes.ends_with(b".tmp")
+        || bytes.ends_with(b".part")
+        || bytes.ends_with(b".partial")
+        || bytes.starts_with(b"#")
     {
         return Incoming::Ignore; // editor backups/swap files, partial downloads
     }
+    let Some(text) = name.to_str() else {
+        return Incoming::Bad("the name is not valid UTF-8".into());
+    };
     if text.chars().any(|c| c.is_control()) {
         return Incoming::Bad("the name contains control characters".into());
     }
@@ -962,6 +964,17 @@ pub fn numeric_entries(dir: &Path) -> Result<Vec<JobId>> {
 /// Writes `dir/name` atomically: a temporary `.name.tmp.PID` is written (and fsynced when
 /// `durable`), then renamed over the target. Readers see the old or the new content only.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> Result<()> {
+    write_atomic_mode(dir, name, bytes, durable, 0o644)
+}
+
+/// [`write_atomic`] with the file's mode.
+pub fn write_atomic_mode(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    durable: bool,
+    mode: u32,
+) -> Result<()> {
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let dst = dir.join(name);
     let result = (|| -> io::Result<()> {
@@ -976,7 +989,7 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> Resu
             .write(true)
             .create_new(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .mode(0o644)
+            .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
         if durable {
