@@ -161,6 +161,31 @@ struct Daemon {
     view: Arc<View>,
     /// Names in `incoming/` handed back for lack of space: left alone until the retry.
     deferred: HashSet<OsString>,
+    /// Account lookups (passwd/group), cached while those files do not change.
+    users: std::cell::RefCell<UserCache>,
+}
+
+/// Caches [`run_as`] results; dropped whenever `/etc/passwd` or `/etc/group` changes.
+struct UserCache {
+    am_root: bool,
+    stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    by_uid: HashMap<(u32, u32), RunAs>,
+}
+
+impl UserCache {
+    fn get(&mut self, uid: u32, gid: u32) -> RunAs {
+        let mtime = |p: &str| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let stamp = mtime("/etc/passwd").zip(mtime("/etc/group"));
+        if stamp.is_none() || stamp != self.stamp {
+            self.by_uid.clear();
+            self.stamp = stamp;
+        }
+        let am_root = self.am_root;
+        self.by_uid
+            .entry((uid, gid))
+            .or_insert_with(|| run_as(uid, gid, am_root))
+            .clone()
+    }
 }
 
 /// `SKYPILOT_TASK_ID` of a job: `sky-<submitted>_<cluster>_<id>`. Every process of the job
@@ -272,6 +297,11 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         touched: BTreeSet::new(),
         view: Arc::clone(&view),
         deferred: HashSet::new(),
+        users: std::cell::RefCell::new(UserCache {
+            am_root: nix::unistd::geteuid().is_root(),
+            stamp: None,
+            by_uid: HashMap::new(),
+        }),
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -1023,7 +1053,7 @@ impl Daemon {
             Some(mapped) if c.uid == 0 => mapped,
             _ => (c.uid, c.gid),
         };
-        let user = user_name(uid);
+        let user = self.users.borrow_mut().get(uid, gid).name;
         let name = spec.name.clone().unwrap_or_else(|| default_name(&c.source));
         let info = JobInfo {
             id: c.id,
@@ -1162,7 +1192,7 @@ impl Daemon {
         spec: &JobSpec,
         nodes: &[NodeAssignment],
     ) -> anyhow::Result<LaunchPlan> {
-        let user = run_as(info.uid, info.gid, self.am_root);
+        let user = self.users.borrow_mut().get(info.uid, info.gid);
         let mut notes = Vec::new();
         let job_dir = self.spool.job_dir(info.id);
         let cwd = if info.has_workdir {
@@ -1502,15 +1532,6 @@ fn default_name(source: &str) -> String {
     } else {
         stem.to_string()
     }
-}
-
-/// The account name of `uid` (its number when it has none).
-pub fn user_name(uid: u32) -> String {
-    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| uid.to_string())
 }
 
 /// Who a job runs as: the submitter, when the daemon can switch users (root).

@@ -352,7 +352,10 @@ pub fn supervise_main() -> Result<(), ExecError> {
         start_ticks: process_start_ticks(me).unwrap_or(0),
     };
     let rec = serde_json::to_vec(&record).map_err(|e| ExecError::Plan(e.to_string()))?;
-    spool::write_atomic(&private_dir(&plan), "supervisor.json", &rec, true)?;
+    // Not fsynced: the record only matters while this process lives (after a power loss
+    // nothing of the job runs any more), and a daemon that finds the lock held before the
+    // record is written finds this process as the lock's holder instead.
+    spool::write_atomic(&private_dir(&plan), "supervisor.json", &rec, false)?;
     // A cancel that reached the daemon before we could receive signals (between its fork and
     // exec) left only its file: honour it before running anything.
     let result = if cancel_pending(&spool, &plan) {
