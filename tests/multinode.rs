@@ -256,3 +256,57 @@ fn multi_node_jobs_never_hold_partial_allocations() {
     d.wait_done(w2, "SUCCEEDED");
     d.wait_done(three, "SUCCEEDED");
 }
+
+#[test]
+fn unreachable_node_is_down_and_gets_no_jobs() {
+    if !sshd_up() {
+        return;
+    }
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("cluster.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "nodes:\n\
+             \x20 - name: head\n    host: local\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
+             \x20 - name: w1\n    host: root@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
+             \x20 - name: gone\n    host: root@127.0.0.9\n    port: 2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n"
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&["--config", &cfg.to_string_lossy()]);
+    let nodes = std::fs::read_to_string(d.path("nodes")).unwrap();
+    let gone = nodes
+        .lines()
+        .find(|l| l.starts_with("gone"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(gone.contains("DOWN"), "{nodes}");
+    // Two nodes: head and w1, never the unreachable one.
+    let two = d.submit(
+        "two.yaml",
+        "num_nodes: 2\nresources:\n  accelerators: H100:1\nrun: echo ok\n",
+    );
+    d.wait_done(two, "SUCCEEDED");
+    let placed: Vec<String> = d.info(two)["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(placed, vec!["head", "w1"]);
+    // Three nodes would need the unreachable one: admitted (it may come back), but waits.
+    let three = d.submit(
+        "three.yaml",
+        "num_nodes: 3\nresources:\n  accelerators: H100:1\nrun: echo no\n",
+    );
+    d.wait_queue_status(three, "PENDING");
+    let again = d.submit(
+        "again.yaml",
+        "num_nodes: 2\nresources:\n  accelerators: H100:1\nrun: echo ok\n",
+    );
+    d.wait_done(again, "SUCCEEDED");
+    assert_eq!(d.status(three), "PENDING");
+    d.cancel(three);
+    d.wait_done(three, "CANCELLED");
+}
