@@ -427,7 +427,7 @@ impl Daemon {
             self.jobs.insert(id, info);
             self.touched.insert(id);
             let private = self.spool.job_private(id);
-            if private.join("launched").exists() {
+            if private.join("supervisor.lock").exists() {
                 self.recover_launched(id);
             } else {
                 self.fix_link(id, State::Pending);
@@ -532,7 +532,7 @@ impl Daemon {
             return;
         }
         // Launch recorded but no supervisor ever ran: nothing of the job ran. Re-queue it.
-        let _ = std::fs::remove_file(private.join("launched"));
+        let _ = std::fs::remove_file(private.join("supervisor.lock"));
         let _ = self.spool.write_status(id, Status::Pending);
         self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
@@ -1130,7 +1130,6 @@ impl Daemon {
         }
         let lock = executor::take_launch_lock(&private.join("supervisor.lock"))
             .context("taking the job's launch lock")?;
-        spool::write_atomic(&private, "launched", spool::now_rfc3339().as_bytes(), true)?;
         spool::sync_dir(&private)?;
         let first = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             Status::SettingUp
