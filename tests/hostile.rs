@@ -1557,7 +1557,12 @@ fn users_cannot_touch_other_jobs_or_daemon_state() {
     // RUNNING is written as the supervisor is spawned; its own files follow. Snapshot after.
     for id in [1, 2] {
         let run = d.job(id).join(".sky/run.sh");
-        wait_until(DEADLINE, "the supervisor to start the job", || run.exists(), || d.diagnostics());
+        wait_until(
+            DEADLINE,
+            "the supervisor to start the job",
+            || run.exists(),
+            || d.diagnostics(),
+        );
     }
     assert_eq!(
         d.info(1)["uid"],
