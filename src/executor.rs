@@ -386,6 +386,13 @@ pub fn supervise_main() -> Result<(), ExecError> {
             None => note.to_string(),
         });
     }
+    // In a multi-node job, say which node's failure ended it (one node's log line alone does
+    // not tell); a single-node job's log stays exactly its own output.
+    if result.status != Status::Succeeded && plan.nodes.len() > 1 {
+        if let (Some(reason), Ok(mut log)) = (&result.reason, open_log(&plan, "log")) {
+            let _ = writeln!(log, "skyspool: {}: {reason}", result.status);
+        }
+    }
     let bytes = serde_json::to_vec(&result).map_err(|e| ExecError::Plan(e.to_string()))?;
     // Both are attempted whatever happens to the other: with the disk full, result.json
     // (a new file) may fail while status (rewritten in place) still records the outcome.
@@ -471,14 +478,14 @@ fn run_job(
                     Some("cancelled during setup"),
                 ))
             }
-            PhaseOutcome::Done(codes) if codes.iter().any(|c| *c != Some(0)) => {
+            PhaseOutcome::Done(codes, _) if codes.iter().any(|c| *c != Some(0)) => {
                 return Ok(finish(
                     Status::FailedSetup,
                     codes,
                     Some("setup exited with a non-zero code"),
                 ));
             }
-            PhaseOutcome::Done(_) => {}
+            PhaseOutcome::Done(..) => {}
         }
     }
     if plan.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
@@ -490,20 +497,32 @@ fn run_job(
     };
     match run_phase(plan, "run", run, &log, tx, rx)? {
         PhaseOutcome::Cancelled(codes) => Ok(finish(Status::Cancelled, codes, Some("cancelled"))),
-        PhaseOutcome::Done(codes) => {
+        PhaseOutcome::Done(codes, first) => {
             if codes.iter().all(|c| *c == Some(0)) {
                 Ok(finish(Status::Succeeded, codes, None))
             } else {
-                let failed: Vec<String> = codes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| **c != Some(0))
-                    .map(|(r, c)| match c {
-                        Some(c) => format!("rank {r} exited with {c}"),
-                        None => format!("rank {r} was stopped"),
-                    })
-                    .collect();
-                Ok(finish(Status::Failed, codes, Some(&failed.join("; "))))
+                let describe = |r: usize| {
+                    let node = plan.nodes.get(r).map(|n| n.name.as_str()).unwrap_or("?");
+                    match codes.get(r).copied().flatten() {
+                        Some(255) if plan.nodes.get(r).is_some_and(|n| n.ssh.is_some()) => {
+                            format!(
+                                "rank {r} ({node}) lost its connection (node down or unreachable)"
+                            )
+                        }
+                        Some(c) if c > 128 => {
+                            format!("rank {r} ({node}) was killed by signal {}", c - 128)
+                        }
+                        Some(c) => format!("rank {r} ({node}) exited with {c}"),
+                        None => format!("rank {r} ({node}) gave no exit code"),
+                    }
+                };
+                let first =
+                    first.unwrap_or_else(|| codes.iter().position(|c| *c != Some(0)).unwrap_or(0));
+                let mut reason = describe(first);
+                if codes.len() > 1 {
+                    reason.push_str("; the other ranks were stopped");
+                }
+                Ok(finish(Status::Failed, codes, Some(&reason)))
             }
         }
     }
@@ -519,7 +538,8 @@ fn finish(status: Status, exit_codes: Vec<Option<i32>>, reason: Option<&str>) ->
 }
 
 enum PhaseOutcome {
-    Done(Vec<Option<i32>>),
+    /// Exit codes per rank, and the rank that failed first (whose failure stopped the rest).
+    Done(Vec<Option<i32>>, Option<usize>),
     Cancelled(Vec<Option<i32>>),
 }
 
@@ -622,6 +642,7 @@ fn run_phase(
         }
     }
     let mut cancelled = false;
+    let mut first_failed: Option<usize> = codes.iter().position(|c| c.is_some());
     let mut kill_deadline: Option<Instant> = None;
     while running > 0 {
         let ev = match kill_deadline {
@@ -654,6 +675,9 @@ fn run_phase(
                 if let Some(c) = codes.get_mut(rank) {
                     *c = code;
                 }
+                if code != Some(0) && first_failed.is_none() && !cancelled {
+                    first_failed = Some(rank);
+                }
                 // A node that fails stops the others (SkyPilot's multi-node rule).
                 if multi && code != Some(0) && kill_deadline.is_none() {
                     stop_ranks(&ranks, phase, false);
@@ -674,7 +698,7 @@ fn run_phase(
     if cancelled {
         Ok(PhaseOutcome::Cancelled(codes))
     } else {
-        Ok(PhaseOutcome::Done(codes))
+        Ok(PhaseOutcome::Done(codes, first_failed))
     }
 }
 

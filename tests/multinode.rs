@@ -310,3 +310,73 @@ fn unreachable_node_is_down_and_gets_no_jobs() {
     d.cancel(three);
     d.wait_done(three, "CANCELLED");
 }
+
+/// A node that stops answering mid-job: its rank's connection dies; the job ends FAILED with
+/// the reason in its log (it never hangs), and the other ranks are stopped.
+#[test]
+fn lost_node_fails_the_job_instead_of_hanging() {
+    let Some(mut d) = start() else { return };
+    let s = d.scratch();
+    let id = d.submit(
+        "lost.yaml",
+        &format!(
+            "num_nodes: 2\nresources:\n  accelerators: H100:1\nrun: |\n  \
+             sleep 1000 & echo $! >> {s}/pids-$SKYPILOT_NODE_RANK\n  wait\n",
+            s = s.display()
+        ),
+    );
+    wait_until(
+        DEADLINE,
+        "both ranks started",
+        || (0..2).all(|r| !pids_in(&s.join(format!("pids-{r}"))).is_empty()),
+        || d.diagnostics(),
+    );
+    // Cut rank 1's connection the way a dead node does: its ssh client dies.
+    let sup = std::fs::read_to_string(d.job(id).join(".sky/supervisor.json")).unwrap();
+    let sup: serde_json::Value = serde_json::from_str(&sup).unwrap();
+    let sup_pid = sup["pid"].as_u64().unwrap() as u32;
+    let ssh_client = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(sup_pid) && String::from_utf8_lossy(&cmd).starts_with("ssh")
+        })
+        .expect("rank 1's ssh client");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(ssh_client as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.wait_done(id, "FAILED");
+    let info = d.info(id);
+    assert!(
+        info["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rank 1"),
+        "{info}"
+    );
+    assert!(
+        d.log(id).contains("skyspool: FAILED: rank 1 (w1)"),
+        "{}",
+        d.log(id)
+    );
+    // Rank 0 was stopped, and so was rank 1's work on its (still reachable) node.
+    for rank in 0..2 {
+        for pid in pids_in(&s.join(format!("pids-{rank}"))) {
+            wait_until(
+                DEADLINE,
+                &format!("rank {rank}'s sleep {pid} to be gone"),
+                || !alive(pid),
+                || d.diagnostics(),
+            );
+        }
+    }
+}
