@@ -567,6 +567,8 @@ fn rank_env(plan: &LaunchPlan, phase: &str, node: &NodeLaunch) -> BTreeMap<Strin
     if phase == "setup" {
         env.extend(plan.setup_env.clone());
         env.insert("SKYPILOT_SETUP_NODE_RANK".into(), node.rank.to_string());
+        // Setup sees no devices at all (SkyPilot), whatever `envs` says.
+        env.remove("CUDA_VISIBLE_DEVICES");
     } else {
         env.extend(plan.run_env.clone());
         let devices: Vec<String> = node.gpus.iter().map(|g| g.to_string()).collect();
@@ -801,35 +803,12 @@ fn spawn_rank(
     cmd.arg("--noprofile").arg("--norc").arg(script);
     cmd.env_clear();
     cmd.envs(rank_env(plan, phase, node));
-    if phase == "setup" {
-        cmd.env_remove("CUDA_VISIBLE_DEVICES");
-    }
     // The script's own `cd` (as the job's user) enters the working directory; changing
     // into it here would happen as root, through whatever the owner put there.
     cmd.current_dir("/");
     cmd.stdin(Stdio::null());
     let reader = attach_output(&mut cmd, sink)?;
-    cmd.process_group(0);
-    // SAFETY: sigemptyset/pthread_sigmask/signal are async-signal-safe. The supervisor
-    // blocks TERM/INT/HUP for its sigwait thread; the job must start with them deliverable
-    // (std does not reset the mask on every spawn path).
-    unsafe {
-        cmd.pre_exec(|| {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            for sig in [
-                libc::SIGTERM,
-                libc::SIGINT,
-                libc::SIGHUP,
-                libc::SIGQUIT,
-                libc::SIGPIPE,
-            ] {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-            Ok(())
-        });
-    }
+    own_group_with_default_signals(&mut cmd);
     if plan.user.switch {
         let (uid, gid) = (plan.user.uid, plan.user.gid);
         let groups: Vec<libc::gid_t> = plan.user.groups.clone();
@@ -851,6 +830,31 @@ fn spawn_rank(
     // Drop our copies of the pipe's write end (held by `cmd`) so the reader sees EOF.
     drop(cmd);
     Ok((child, reader))
+}
+
+/// Puts a rank's process in a process group of its own, with default signal handling and
+/// nothing blocked: the supervisor blocks TERM/INT/HUP for its sigwait thread, and std does
+/// not reset the mask on every spawn path.
+fn own_group_with_default_signals(cmd: &mut Command) {
+    cmd.process_group(0);
+    // SAFETY: sigemptyset, pthread_sigmask and signal are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            for sig in [
+                libc::SIGTERM,
+                libc::SIGINT,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+                libc::SIGPIPE,
+            ] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Output of a rank: the log itself, or a pipe for the prefixing pump.
@@ -889,33 +893,12 @@ fn spawn_remote_rank(
     } else {
         "\"$HOME\"".to_string()
     };
-    let mut env = rank_env(plan, phase, node);
-    if phase == "setup" {
-        env.remove("CUDA_VISIBLE_DEVICES");
-    }
+    let env = rank_env(plan, phase, node);
     let text = script_text(body, &cd, &exports(&env));
     let mut cmd = target.command(&remote::rank_wrapper(&dir, phase));
     cmd.stdin(Stdio::piped());
     let reader = attach_output(&mut cmd, sink)?;
-    cmd.process_group(0);
-    // SAFETY: as in spawn_rank: only async-signal-safe calls.
-    unsafe {
-        cmd.pre_exec(|| {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-            for sig in [
-                libc::SIGTERM,
-                libc::SIGINT,
-                libc::SIGHUP,
-                libc::SIGQUIT,
-                libc::SIGPIPE,
-            ] {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-            Ok(())
-        });
-    }
+    own_group_with_default_signals(&mut cmd);
     let mut child = cmd.spawn()?;
     drop(cmd);
     if let Some(mut stdin) = child.stdin.take() {
