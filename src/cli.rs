@@ -329,7 +329,21 @@ fn wait_for_admission(spool: &Spool, name: &str, source: &str, timeout: Duration
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(2);
     loop {
-        let still_there = fs::symlink_metadata(spool.incoming().join(name)).is_ok();
+        let path = spool.incoming().join(name);
+        let still_there = fs::symlink_metadata(&path).is_ok();
+        // Through a FUSE mount, the name stays as a receipt: "job N".
+        if still_there {
+            if let Some(id) = fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.strip_prefix("job ")?.trim().parse::<JobId>().ok())
+            {
+                return Admitted::Job(id);
+            }
+            let reason = spool.incoming().join(format!("{name}.reason"));
+            if let Ok(text) = fs::read_to_string(&reason) {
+                return Admitted::Rejected(text);
+            }
+        }
         if !still_there {
             // Newest jobs first: the one that came from our file.
             if let Ok(ids) = spool.job_ids() {

@@ -706,19 +706,7 @@ impl Daemon {
             }
         }
         self.starve_check_at = self.next_starvation_deadline();
-        if !self.touched.is_empty() {
-            let touched = std::mem::take(&mut self.touched);
-            let nodes = self.inventory.render_nodes(&self.sched.usage());
-            let jobs = &self.jobs;
-            self.view.update(|v| {
-                for id in touched {
-                    if let Some(info) = jobs.get(&id) {
-                        v.jobs.insert(id, info.clone());
-                    }
-                }
-                v.nodes_text = nodes;
-            });
-        }
+        self.sync_view();
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
         // must not re-render a 10,000-line table 1,000 times).
@@ -951,6 +939,8 @@ impl Daemon {
                 }
             }
         };
+        // The writer's close() returns with the job already visible in the mount.
+        self.after_batch();
         let _ = sub.reply.send(verdict);
     }
 
@@ -1316,6 +1306,26 @@ impl Daemon {
                     });
                 }
             }
+        });
+    }
+
+    /// Publishes changed job records and the `nodes` text to the FUSE view (and wakes its
+    /// waiters). Cheap when nothing changed.
+    fn sync_view(&mut self) {
+        let nodes = self.inventory.render_nodes(&self.sched.usage());
+        let nodes_changed = self.view.read(|v| v.nodes_text != nodes);
+        if self.touched.is_empty() && !nodes_changed {
+            return;
+        }
+        let touched = std::mem::take(&mut self.touched);
+        let jobs = &self.jobs;
+        self.view.update(|v| {
+            for id in touched {
+                if let Some(info) = jobs.get(&id) {
+                    v.jobs.insert(id, info.clone());
+                }
+            }
+            v.nodes_text = nodes;
         });
     }
 

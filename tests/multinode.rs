@@ -28,7 +28,7 @@ fn sshd_up() -> bool {
                 "-i",
                 KEY,
             ])
-            .arg(format!("root@{ip}"))
+            .arg(format!("skyspool-runner@{ip}"))
             .arg("true")
             .status()
             .is_ok_and(|s| s.success());
@@ -50,8 +50,8 @@ fn cluster(d_tmp: &std::path::Path) -> std::path::PathBuf {
         format!(
             "cluster_name: mn\nnodes:\n\
              \x20 - name: head\n    host: local\n    ip: 127.0.0.1\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
-             \x20 - name: w1\n    host: root@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
-             \x20 - name: w2\n    host: root@127.0.0.3\n    identity: {KEY}\n    accelerators: {{H100: 4}}\n    cpus: 4\n"
+             \x20 - name: w1\n    host: skyspool-runner@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
+             \x20 - name: w2\n    host: skyspool-runner@127.0.0.3\n    identity: {KEY}\n    accelerators: {{H100: 4}}\n    cpus: 4\n"
         ),
     )
     .unwrap();
@@ -269,8 +269,8 @@ fn unreachable_node_is_down_and_gets_no_jobs() {
         format!(
             "nodes:\n\
              \x20 - name: head\n    host: local\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
-             \x20 - name: w1\n    host: root@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
-             \x20 - name: gone\n    host: root@127.0.0.9\n    port: 2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n"
+             \x20 - name: w1\n    host: skyspool-runner@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
+             \x20 - name: gone\n    host: skyspool-runner@127.0.0.9\n    port: 2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n"
         ),
     )
     .unwrap();
