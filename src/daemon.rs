@@ -1018,14 +1018,9 @@ impl Daemon {
         std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755))?;
 
         if spec.secrets.is_empty() {
-            spool::write_atomic(&c.dir, "job.yaml", &adm.yaml, false)?;
+            spool::write_private(&c.dir, "job.yaml", &adm.yaml)?;
         } else {
-            spool::write_atomic(
-                &c.dir,
-                "job.yaml",
-                spec.to_redacted_yaml().as_bytes(),
-                false,
-            )?;
+            spool::write_private(&c.dir, "job.yaml", spec.to_redacted_yaml().as_bytes())?;
             self.spool.write_secrets(c.id, &spec.secrets)?;
         }
         // The job's private directory exists before the owner can write in the job
@@ -1037,8 +1032,8 @@ impl Daemon {
             Err(e) => return Err(e.into()),
         }
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755))?;
-        spool::write_atomic(&c.dir, "status", b"PENDING\n", false)?;
-        spool::write_atomic(&c.dir, "log", b"", false)?;
+        spool::write_private(&c.dir, "status", b"PENDING\n")?;
+        spool::write_private(&c.dir, "log", b"")?;
         let (uid, gid) = match self.root_jobs_as {
             Some(mapped) if c.uid == 0 => mapped,
             _ => (c.uid, c.gid),
@@ -1068,7 +1063,10 @@ impl Daemon {
             // The owner must be able to create `cancel`; nobody else may write here.
             spool::grant_create(&c.dir, uid)?;
         }
-        spool::write_info_in(&c.dir, &info)?;
+        // Last: a staging directory with a readable info.json is complete.
+        let mut bytes = serde_json::to_vec_pretty(&info)?;
+        bytes.push(b'\n');
+        spool::write_private(&c.dir, "info.json", &bytes)?;
         Ok(info)
     }
 

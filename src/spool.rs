@@ -734,10 +734,16 @@ impl Spool {
     /// Creates (or atomically re-points) `STATE/<id>` -> `../jobs/<id>`.
     pub fn link_state(&self, id: JobId, state: State) -> Result<()> {
         let dir = self.state_dir(state);
+        let dst = dir.join(id.to_string());
+        // A new link is created atomically in place; an existing one is re-pointed by rename.
+        match std::os::unix::fs::symlink(format!("../jobs/{id}"), &dst) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).at(&dst),
+        }
         let tmp = dir.join(format!(".{id}.tmp"));
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(format!("../jobs/{id}"), &tmp).at(&tmp)?;
-        let dst = dir.join(id.to_string());
         fs::rename(&tmp, &dst).at(&dst)
     }
 
@@ -1076,6 +1082,26 @@ pub fn grant_create(dir: &Path, uid: u32) -> Result<()> {
     // With the ACL, chmod's group bits set its mask (rwx), so user:<uid> stays rwx.
     let mode = if rc == 0 { 0o1775 } else { 0o1777 };
     fs::set_permissions(dir, fs::Permissions::from_mode(mode)).at(dir)
+}
+
+/// Writes `dir/name` in place, replacing any earlier copy: only for directories nobody
+/// else can see or write (staging), where the whole directory is published by one rename
+/// later, so no temporary name and rename per file are needed.
+pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).at(&path),
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(&path)
+        .at(&path)?;
+    f.write_all(bytes).at(&path)
 }
 
 /// fsync a directory (makes renames and creations in it durable).
