@@ -282,6 +282,32 @@ fn submissions_through_cp_rsync_and_scp() {
                     .arg(&to))
             }),
         ));
+        // scp's default SFTP protocol over ssh, as from a laptop.
+        let to = format!("root@127.0.0.2:{inc_slash}");
+        tools.push((
+            "scp-sftp-ssh",
+            Box::new(move |src| {
+                run(Command::new("scp")
+                    .args(["-q", "-i", SSH_KEY])
+                    .args(SSH_OPTS)
+                    .arg(src)
+                    .arg(&to))
+            }),
+        ));
+        // rsync over ssh (temporary name, then rename into place on the mount).
+        if have_program("rsync") {
+            let to = format!("root@127.0.0.2:{inc_slash}");
+            let ssh = format!("ssh -i {SSH_KEY} {}", SSH_OPTS.join(" "));
+            tools.push((
+                "rsync-ssh",
+                Box::new(move |src| {
+                    run(Command::new("rsync")
+                        .args(["-a", "-e", &ssh])
+                        .arg(src)
+                        .arg(&to))
+                }),
+            ));
+        }
     } else {
         skip("no ssh to root@127.0.0.2 (scripts/test-sshd): scp over ssh not tested");
     }
@@ -811,4 +837,65 @@ fn killed_daemon_mount_is_cleaned_and_remounted() {
     // A clean stop unmounts.
     m.d.stop();
     assert!(!m.p("queue").exists(), "still mounted after SIGTERM");
+}
+
+/// From another machine through sshfs (here: over ssh to 127.0.0.2, the same host): the
+/// mount works as a remote filesystem. sshfs cannot carry a close() error back (its release
+/// is asynchronous), so a rejection shows as the reason file, not as cp's exit code.
+#[test]
+fn sshfs_from_another_machine() {
+    let Some(m) = Mounted::start(&[]) else {
+        return;
+    };
+    if !have_program("sshfs") {
+        skip("sshfs is not installed: the mount over sshfs is not tested");
+        return;
+    }
+    if !ssh_reachable() {
+        skip("no ssh to root@127.0.0.2 (scripts/test-sshd): sshfs not tested");
+        return;
+    }
+    let remote = MountDir::new();
+    let out = run(Command::new("sshfs")
+        .arg("-o")
+        .arg(format!(
+            "IdentityFile={SSH_KEY},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes"
+        ))
+        .arg(format!("root@127.0.0.2:{}", m.root().display()))
+        .arg(remote.dir.path()));
+    assert!(out.status.success(), "sshfs: {}", text(&out));
+    let r = remote.dir.path();
+    let s = m.d.scratch();
+    let good = s.join("good.yaml");
+    fs::write(&good, "run: echo via-sshfs\n").unwrap();
+    let out = run(Command::new("cp").arg(&good).arg(r.join("incoming/")));
+    assert!(out.status.success(), "{}", text(&out));
+    let receipt = fs::read_to_string(r.join("incoming/good.yaml")).unwrap();
+    let id: u64 = receipt
+        .trim()
+        .strip_prefix("job ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("receipt: {receipt:?}"));
+    m.d.wait_done(id, "SUCCEEDED");
+    assert_eq!(
+        fs::read_to_string(r.join(format!("jobs/{id}/status"))).unwrap(),
+        "SUCCEEDED\n"
+    );
+    assert_eq!(
+        fs::read_to_string(r.join(format!("jobs/{id}/log"))).unwrap(),
+        "via-sshfs\n"
+    );
+    let bad = s.join("bad.yaml");
+    fs::write(&bad, BAD).unwrap();
+    let _ = run(Command::new("cp").arg(&bad).arg(r.join("incoming/")));
+    let reason_path = r.join("incoming/bad.yaml.reason");
+    wait_until(
+        DEADLINE,
+        "the reason to show through sshfs",
+        || reason_path.exists(),
+        || m.d.diagnostics(),
+    );
+    let reason = fs::read_to_string(&reason_path).unwrap();
+    assert!(reason.contains("acelerators"), "{reason}");
+    let _ = nix::mount::umount2(r, nix::mount::MntFlags::MNT_DETACH);
 }
