@@ -5,7 +5,7 @@
 
 use crate::executor::{self, LaunchPlan, NodeLaunch, RunAs};
 use crate::inventory::{self, Inventory};
-use crate::queue::{self, TimeStyle};
+use crate::queue;
 use crate::remote::SshTarget;
 use crate::resources::Milli;
 use crate::scheduler::{JobId, NodeGrant, Placement, Scheduler};
@@ -148,6 +148,10 @@ struct Daemon {
     /// `queue`/`nodes` need rewriting.
     dirty: bool,
     last_render: std::time::Instant,
+    /// How long `queue` may lag while busy (grows with the time a render takes).
+    render_interval: Duration,
+    /// The `queue` file's rows, re-formatted only for jobs that changed.
+    queue_rows: queue::QueueCache,
     last_nodes: String,
     /// When deferred submissions (disk full) are to be retried.
     retry_at: Option<std::time::Instant>,
@@ -290,6 +294,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         am_root: nix::unistd::geteuid().is_root(),
         dirty: true,
         last_render: std::time::Instant::now() - RENDER_INTERVAL,
+        render_interval: RENDER_INTERVAL,
+        queue_rows: queue::QueueCache::default(),
         last_nodes: String::new(),
         retry_at: None,
         root_jobs_as,
@@ -339,7 +345,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
-        let render_at = tokio::time::Instant::from_std(d.last_render + RENDER_INTERVAL);
+        let render_at = tokio::time::Instant::from_std(d.last_render + d.render_interval);
         tokio::select! {
             _ = tokio::time::sleep_until(render_at), if d.dirty => {}
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.starve_check_at.unwrap_or_else(std::time::Instant::now))), if d.starve_check_at.is_some() => {
@@ -710,11 +716,11 @@ impl Daemon {
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
         // must not re-render a 10,000-line table 1,000 times).
-        if self.dirty && self.last_render.elapsed() >= RENDER_INTERVAL {
+        if self.dirty && self.last_render.elapsed() >= self.render_interval {
             self.dirty = false;
-            self.last_render = std::time::Instant::now();
-            let rows: Vec<&JobInfo> = self.jobs.values().collect();
-            let text = queue::render(&rows, chrono::Utc::now(), TimeStyle::Absolute);
+            let began = std::time::Instant::now();
+            self.last_render = began;
+            let text = self.queue_rows.text();
             if let Err(e) = self.spool.write_queue(&text) {
                 note!("cannot write queue: {e}");
             }
@@ -725,6 +731,9 @@ impl Daemon {
                 }
                 self.last_nodes = nodes;
             }
+            // Never spend more than ~5% of the time re-rendering: a huge queue is rewritten
+            // less often while events keep coming (and at once when they stop).
+            self.render_interval = RENDER_INTERVAL.max(began.elapsed() * 20);
         }
     }
 
@@ -1317,6 +1326,11 @@ impl Daemon {
         }
         let touched = std::mem::take(&mut self.touched);
         let jobs = &self.jobs;
+        for id in &touched {
+            if let Some(info) = jobs.get(id) {
+                self.queue_rows.update(info);
+            }
+        }
         self.view.update(|v| {
             for id in touched {
                 if let Some(info) = jobs.get(&id) {

