@@ -345,15 +345,7 @@ impl Spool {
     /// Takes the daemon lock (`.skyspool/lock`, flock); fails if another daemon holds it.
     pub fn lock(&self) -> Result<SpoolLock> {
         let path = self.private().join("lock");
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(&path)
-            .at(&path)?;
-        let mut file = file;
+        let mut file = open_private_file(&path)?;
         match flock_raw(&file, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(()) => {
                 let _ = file.set_len(0);
@@ -392,14 +384,7 @@ impl Spool {
     pub fn record_last_id(&self, id: JobId) -> Result<()> {
         use std::os::unix::fs::FileExt;
         let path = self.private().join("last-id");
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .mode(0o600)
-            .open(&path)
-            .at(&path)?;
+        let f = open_private_file(&path)?;
         f.write_all_at(format!("{id:020}\n").as_bytes(), 0)
             .at(&path)?;
         f.sync_data().at(&path)
@@ -1102,6 +1087,19 @@ pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         .open(&path)
         .at(&path)?;
     f.write_all(bytes).at(&path)
+}
+
+/// Opens (creating, mode 0600, never truncating or following a link) one of the daemon's
+/// own files in `.skyspool/`.
+fn open_private_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(path)
+        .at(path)
 }
 
 /// fsync a directory (makes renames and creations in it durable).
