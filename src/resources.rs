@@ -38,6 +38,15 @@ impl Milli {
 
     /// Parses a decimal like `4`, `0.5`, `0.125`, `2.0`, `1e3` exactly.
     /// Rejects negatives, zero, NaN/inf, more than 3 decimals and absurd sizes.
+    ///
+    /// ```
+    /// use skyspool::resources::Milli;
+    /// let half = Milli::parse_positive("0.5").unwrap();
+    /// let quarter = Milli::parse_positive("0.25").unwrap();
+    /// assert_eq!(half + quarter + quarter, Milli::ONE); // exact: no float drift
+    /// assert!(Milli::parse_positive("0.33333333333").is_err());
+    /// assert!(Milli::parse_positive("-1").is_err());
+    /// ```
     pub fn parse_positive(text: &str) -> Result<Milli, QuantityError> {
         let s = text.trim();
         let bad = || QuantityError::NotANumber(text.to_string());
@@ -183,6 +192,18 @@ pub const DEFAULT_JOB_CPUS: Milli = Milli(500);
 
 impl Demand {
     /// The `sky queue` RESOURCES column: `1x[H100:1]`, `2x[T4:0.5]`, `1x[CPU:1+]`.
+    ///
+    /// ```
+    /// use skyspool::resources::{AccelDemand, Demand, Milli, NodeDemand};
+    /// let d = Demand {
+    ///     num_nodes: 2,
+    ///     per_node: NodeDemand {
+    ///         accelerators: vec![AccelDemand { kind: "H100".into(), count: Milli(4000) }],
+    ///         cpus: Milli(500),
+    ///     },
+    /// };
+    /// assert_eq!(d.display_resources(false), "2x[H100:4]");
+    /// ```
     pub fn display_resources(&self, cpus_plus: bool) -> String {
         let inner = match self.per_node.accelerators.first() {
             Some(a) if self.per_node.accelerators.len() == 1 => a.to_string(),
