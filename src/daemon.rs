@@ -724,7 +724,8 @@ impl Daemon {
             if let Err(e) = self.spool.write_queue(&text) {
                 note!("cannot write queue: {e}");
             }
-            let nodes = self.inventory.render_nodes(&self.sched.usage());
+            // sync_view() just rendered it for this batch.
+            let nodes = self.view.read(|v| v.nodes_text.clone());
             if nodes != self.last_nodes {
                 if let Err(e) = self.spool.write_nodes(&nodes) {
                     note!("cannot write nodes: {e}");
