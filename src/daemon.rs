@@ -165,6 +165,8 @@ struct Daemon {
     view: Arc<View>,
     /// Names in `incoming/` handed back for lack of space: left alone until the retry.
     deferred: HashSet<OsString>,
+    /// A supervisor started ahead of the next job.
+    standby: Option<executor::Standby>,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
 }
@@ -303,6 +305,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         touched: BTreeSet::new(),
         view: Arc::clone(&view),
         deferred: HashSet::new(),
+        standby: None,
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
             stamp: None,
@@ -424,6 +427,7 @@ impl Daemon {
                     self.fix_link(id, State::Done);
                 } else {
                     // It ended while no daemon watched: settle it like any ended job.
+                    self.adopt_launch_record(id);
                     let placement = self.placement_of(id);
                     let _ = self.sched.restore(id, &placement);
                     self.finish(id, self.spool.read_result(id));
@@ -492,6 +496,7 @@ impl Daemon {
     /// A job whose launch was recorded: its supervisor is alive (re-adopt), finished
     /// (settle), died (FAILED_DRIVER), or never started (back to pending).
     fn recover_launched(&mut self, id: JobId) {
+        self.adopt_launch_record(id);
         let private = self.spool.job_private(id);
         let held = executor::lock_fd_is_held(&private.join("supervisor.lock")).unwrap_or(false);
         let record = self.spool.read_supervisor(id);
@@ -549,6 +554,29 @@ impl Daemon {
         }
         self.fix_link(id, State::Pending);
         self.enqueue(id);
+    }
+
+    /// A daemon that died between handing a job over and recording its start left
+    /// `info.json` saying PENDING: take the start from the launch record.
+    fn adopt_launch_record(&mut self, id: JobId) {
+        let Some(launch) = self.spool.read_launch(id) else {
+            return;
+        };
+        let Some(info) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if info.started.is_some() && !info.placement.is_empty() {
+            return;
+        }
+        info.started = Some(launch.started);
+        info.placement = launch.placement;
+        if info.status == Status::Pending {
+            info.status = Status::Running;
+        }
+        if let Err(e) = self.spool.write_info(info) {
+            note!("job {id}: cannot record its launch in info.json: {e}");
+        }
+        self.touched.insert(id);
     }
 
     /// Makes sure exactly `state/<id>` links to the job.
@@ -736,6 +764,7 @@ impl Daemon {
             // less often while events keep coming (and at once when they stop).
             self.render_interval = RENDER_INTERVAL.max(began.elapsed() * 20);
         }
+        self.refill_standby();
     }
 
     // ------------------------------------------------------------------ admission
@@ -1126,26 +1155,43 @@ impl Daemon {
         if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
             anyhow::bail!("jobs/{id}/.sky is not the daemon's directory");
         }
-        let lock = executor::take_launch_lock(&private.join("supervisor.lock"))
+        let started = spool::now_rfc3339();
+        let record = spool::LaunchRecord {
+            started: started.clone(),
+            placement: assignments.clone(),
+        };
+        // No fsync: after a power loss nothing of the job runs, and a launch without the
+        // supervisor's record goes back to pending (the result, when there is one, is synced
+        // with its directory by the supervisor).
+        let lock = executor::take_launch_lock(&private.join("supervisor.lock"), &record)
             .context("taking the job's launch lock")?;
-        spool::sync_dir(&private)?;
-        let first = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
+        // The job goes first; the records follow while it starts on another core. From here
+        // only the supervisor writes `status`; a daemon that dies before `info.json` says
+        // RUNNING finds the placement in the launch record.
+        let pid = self
+            .hand_off(&plan, &lock)
+            .context("handing the job to its supervisor")?;
+        drop(lock);
+        let status = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             Status::SettingUp
         } else {
             Status::Running
         };
-        self.spool.write_status(id, first)?;
         let mut info = info;
-        info.status = first;
-        info.started = Some(spool::now_rfc3339());
+        info.status = status;
+        info.started = Some(started);
         info.placement = assignments;
-        self.spool.write_info(&info)?;
-        self.spool.move_state(id, State::Pending, State::Running)?;
+        self.watch_supervisor(id, pid);
+        // The job runs now whatever happens below: a failure here must not fail the start.
+        if let Err(e) = self.spool.write_info(&info) {
+            note!("job {id}: could not record its start in info.json: {e}");
+        }
+        if let Err(e) = self.spool.move_state(id, State::Pending, State::Running) {
+            note!("job {id}: could not move it to running/: {e}");
+        }
         self.jobs.insert(id, info);
         self.touched.insert(id);
         self.dirty = true;
-        let pid = executor::spawn_supervisor(&self.exe, &plan, lock)
-            .context("spawning the job's supervisor")?;
         note!(
             "job {id} started (supervisor pid {pid}) on {}",
             self.jobs
@@ -1158,8 +1204,43 @@ impl Daemon {
                     .join(", "))
                 .unwrap_or_default()
         );
-        self.watch_supervisor(id, pid);
         Ok(())
+    }
+
+    /// Gives a launch to the standby supervisor, or to a fresh one when there is none or it
+    /// cannot take it (killed by someone). Returns the supervisor's pid.
+    fn hand_off(
+        &mut self,
+        plan: &executor::LaunchPlan,
+        lock: &std::os::fd::OwnedFd,
+    ) -> std::io::Result<u32> {
+        if let Some(standby) = self.standby.take() {
+            let pid = standby.pid;
+            match standby.launch(plan, lock) {
+                Ok(pid) => return Ok(pid),
+                Err(e) => {
+                    note!(
+                        "standby supervisor pid {pid} could not take a job ({e}); starting another"
+                    );
+                    let _ = nix::sys::wait::waitpid(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                    );
+                }
+            }
+        }
+        executor::spawn_standby(&self.exe, self.spool.root())?.launch(plan, lock)
+    }
+
+    /// Keeps one supervisor started ahead of the next job (see [`executor::Standby`]).
+    fn refill_standby(&mut self) {
+        if self.standby.is_some() {
+            return;
+        }
+        match executor::spawn_standby(&self.exe, self.spool.root()) {
+            Ok(s) => self.standby = Some(s),
+            Err(e) => note!("could not start a standby supervisor: {e}"),
+        }
     }
 
     fn assignments(&self, placement: &Placement) -> Vec<NodeAssignment> {

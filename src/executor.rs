@@ -1,8 +1,9 @@
 //! Runs one job: the per-job supervisor process (`skyspool supervise`).
 //!
-//! The daemon starts one supervisor per job and hands it a [`LaunchPlan`] on stdin (so
-//! secrets never touch a file). The supervisor lives in its own session, outlives the daemon
-//! if the daemon dies, and:
+//! The daemon keeps one supervisor started ahead of need ([`Standby`]) and hands it a job:
+//! the launch lock and a [`LaunchPlan`] through a Unix socket on its stdin (so secrets never
+//! touch a file). The supervisor lives in its own session, outlives the daemon if the daemon
+//! dies, and:
 //! - runs `setup` (status `SETTING_UP`, `CUDA_VISIBLE_DEVICES` unset) then `run` (`RUNNING`)
 //!   with bash, once per node, each node's processes in a process group of their own, as the
 //!   submitting user;
@@ -20,7 +21,7 @@ use crate::spool::{self, JobResult, Spool, Status, SupervisorRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -85,9 +86,6 @@ pub struct LaunchPlan {
     pub kill_grace_ms: u64,
 }
 
-/// The file descriptor number at which the supervisor receives its launch lock.
-pub const LOCK_FD: i32 = 3;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("reading the launch plan: {0}")]
@@ -111,35 +109,51 @@ pub fn process_start_ticks(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Parent pid of `pid` from `/proc/PID/stat`.
-fn parent_pid(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Every live descendant of `root` (by walking `/proc`'s parent links).
-fn descendants(root: u32) -> Vec<u32> {
-    let mut parent_of = Vec::new();
-    if let Ok(rd) = fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
-                if let Some(pp) = parent_pid(pid) {
-                    parent_of.push((pid, pp));
-                }
+/// The children of `pid`, from `/proc/PID/task/*/children` (every thread's own children).
+/// Reading only the job's own process tree keeps the cost proportional to the job, not to
+/// the number of processes on the machine.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            if let Ok(text) = fs::read_to_string(t.path().join("children")) {
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
             }
         }
     }
+    out
+}
+
+/// Every live descendant of `root`, following the kernel's child lists. (The lists can miss
+/// a process forked while they are read; callers loop until nothing is left.)
+fn descendants(root: u32) -> Vec<u32> {
     let mut found: HashSet<u32> = HashSet::new();
     let mut frontier = vec![root];
     while let Some(p) = frontier.pop() {
-        for &(pid, pp) in &parent_of {
-            if pp == p && found.insert(pid) {
-                frontier.push(pid);
+        for c in children_of(p) {
+            if found.insert(c) {
+                frontier.push(c);
             }
         }
     }
     found.into_iter().collect()
+}
+
+/// Whether this process has no child at all, alive or zombie. As a child subreaper it then
+/// has no descendant either: an orphaned descendant is re-parented to us, so every living
+/// descendant hangs below one of our children.
+fn has_no_children() -> bool {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    matches!(
+        waitid(
+            Id::All,
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT
+        ),
+        Err(nix::errno::Errno::ECHILD)
+    )
 }
 
 fn signal_group(pgid: u32, sig: nix::sys::signal::Signal) {
@@ -147,9 +161,18 @@ fn signal_group(pgid: u32, sig: nix::sys::signal::Signal) {
 }
 
 /// Kills every remaining descendant of this process and reaps the orphans it inherited.
+/// `tracked_running`: ranks still run and are awaited by their own threads, so nothing may
+/// be reaped here (it would steal their exit status).
 fn kill_all_descendants(tracked_running: bool) {
     let me = std::process::id();
     for _ in 0..100 {
+        if !tracked_running {
+            reap_orphans();
+            if has_no_children() {
+                // The common case: one syscall, no /proc walk.
+                return;
+            }
+        }
         let pids = descendants(me);
         let live: Vec<u32> = pids.into_iter().filter(|p| !is_zombie(*p)).collect();
         if live.is_empty() {
@@ -160,9 +183,6 @@ fn kill_all_descendants(tracked_running: bool) {
                 nix::unistd::Pid::from_raw(*p as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
-        }
-        if !tracked_running {
-            reap_orphans();
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -283,7 +303,7 @@ pub fn kill_tagged_processes(task_id: &str) -> usize {
 }
 
 /// The process that holds `path` open (the launch lock is held by exactly one: the
-/// supervisor, as fd 3), found by scanning `/proc/*/fd`. (`/proc/locks` would name the
+/// supervisor), found by scanning `/proc/*/fd`. (`/proc/locks` would name the
 /// daemon that took the lock before handing it over, not its holder.)
 pub fn flock_holder(path: &Path) -> Option<u32> {
     let target = fs::canonicalize(path).ok()?;
@@ -327,22 +347,21 @@ enum Event {
     Terminate,
 }
 
-/// Entry point of `skyspool supervise`: reads the plan from stdin and runs the job.
+/// Entry point of `skyspool supervise`. The daemon starts supervisors ahead of need
+/// ("standby"): each waits on its stdin, a Unix socket, for one job: the launch lock (as
+/// `SCM_RIGHTS`) and the plan. A socket closed with nothing sent means the daemon is gone
+/// or no longer needs it: exit, having run nothing.
 pub fn supervise_main() -> Result<(), ExecError> {
-    let mut text = String::new();
-    io::stdin()
-        .read_to_string(&mut text)
-        .map_err(|e| ExecError::Plan(e.to_string()))?;
-    let plan: LaunchPlan =
-        serde_json::from_str(&text).map_err(|e| ExecError::Plan(e.to_string()))?;
     // Own session: a terminal's ^C or hang-up aimed at the daemon never reaches the job.
     let _ = nix::unistd::setsid();
-    // Keep the launch lock away from the job's processes.
-    // SAFETY: fcntl on a descriptor number; harmless if it is not open.
-    unsafe { libc::fcntl(LOCK_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     // Orphans of the job are re-parented to us, so nothing escapes a cancel.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let Some((text, lock)) = receive_launch()? else {
+        return Ok(());
+    };
+    let plan: LaunchPlan =
+        serde_json::from_slice(&text).map_err(|e| ExecError::Plan(e.to_string()))?;
     let (tx, rx) = mpsc::channel::<Event>();
     start_signal_thread(tx.clone());
     let spool = Spool::at(&plan.spool);
@@ -351,11 +370,16 @@ pub fn supervise_main() -> Result<(), ExecError> {
         pid: me,
         start_ticks: process_start_ticks(me).unwrap_or(0),
     };
-    let rec = serde_json::to_vec(&record).map_err(|e| ExecError::Plan(e.to_string()))?;
-    // Not fsynced: the record only matters while this process lives (after a power loss
-    // nothing of the job runs any more), and a daemon that finds the lock held before the
-    // record is written finds this process as the lock's holder instead.
-    spool::write_atomic(&private_dir(&plan), "supervisor.json", &rec, false)?;
+    let mut rec = serde_json::to_vec(&record).map_err(|e| ExecError::Plan(e.to_string()))?;
+    rec.push(b'\n');
+    // Appended to the lock file (opened O_APPEND by the daemon), after the daemon's launch
+    // record: no new file on the way to the job's first command. Not fsynced: the record only
+    // matters while this process lives (after a power loss nothing of the job runs any more),
+    // and a daemon that finds the lock held before the record is written finds this process
+    // as the lock's holder instead.
+    let mut lock = File::from(lock);
+    lock.write_all(&rec)
+        .map_err(|e| ExecError::Io("supervisor.lock".into(), e))?;
     // A cancel that reached the daemon before we could receive signals (between its fork and
     // exec) left only its file: honour it before running anything.
     let result = if cancel_pending(&spool, &plan) {
@@ -396,10 +420,61 @@ pub fn supervise_main() -> Result<(), ExecError> {
     let bytes = serde_json::to_vec(&result).map_err(|e| ExecError::Plan(e.to_string()))?;
     // Both are attempted whatever happens to the other: with the disk full, result.json
     // (a new file) may fail while status (rewritten in place) still records the outcome.
-    let recorded = spool::write_atomic(&private_dir(&plan), "result.json", &bytes, true);
+    let recorded = spool::write_atomic(&private_dir(&plan), "result.json", &bytes, true)
+        .and_then(|()| spool::sync_dir(&private_dir(&plan)));
     spool.write_status(plan.job_id, result.status)?;
     recorded?;
+    drop(lock);
     Ok(())
+}
+
+/// Waits on stdin (a Unix stream socket) for the launch lock and the plan; `None` when the
+/// socket closes with nothing sent.
+fn receive_launch() -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::io::IoSliceMut;
+    let mut data = Vec::new();
+    let mut lock: Option<OwnedFd> = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let (n, fds) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = match recvmsg::<()>(0, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+            {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(ExecError::Io("receiving the launch".into(), e.into()));
+                }
+            };
+            let mut fds = Vec::new();
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(r) = c {
+                        fds.extend(r);
+                    }
+                }
+            }
+            (msg.bytes, fds)
+        };
+        for fd in fds {
+            // SAFETY: the kernel just installed this descriptor for us.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            if lock.is_none() {
+                lock = Some(owned);
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        data.extend_from_slice(&buf[..n]);
+    }
+    match lock {
+        None if data.is_empty() => Ok(None),
+        None => Err(ExecError::Plan("no launch lock came with the plan".into())),
+        Some(l) => Ok(Some((data, l))),
+    }
 }
 
 /// Whether `jobs/<id>/cancel` exists and was made by the job's owner or root (the daemon
@@ -468,7 +543,6 @@ fn run_job(
         return Ok(finish(Status::FailedSetup, vec![None; n], Some(&msg)));
     }
     if let Some(setup) = plan.setup.as_deref().filter(|s| !s.trim().is_empty()) {
-        spool.write_status(plan.job_id, Status::SettingUp)?;
         let outcome = run_phase(plan, "setup", setup, &log, tx, rx)?;
         match outcome {
             PhaseOutcome::Cancelled(codes) => {
@@ -488,11 +562,8 @@ fn run_job(
             PhaseOutcome::Done(..) => {}
         }
     }
-    if plan.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
-        // (Without setup the daemon already wrote RUNNING when it started us.)
-        spool.write_status(plan.job_id, Status::Running)?;
-    }
     let Some(run) = plan.run.as_deref().filter(|s| !s.trim().is_empty()) else {
+        spool.write_status(plan.job_id, Status::Running)?;
         return Ok(finish(Status::Succeeded, vec![Some(0); n], None));
     };
     match run_phase(plan, "run", run, &log, tx, rx)? {
@@ -641,6 +712,20 @@ fn run_phase(
                 }
                 codes[i] = Some(127);
             }
+        }
+    }
+    // The phase's status, written once its processes run (it is this process that writes
+    // the final one later, so the order holds; the daemon never writes it after the launch).
+    let status = if phase == "setup" {
+        Status::SettingUp
+    } else {
+        Status::Running
+    };
+    if let Err(e) = Spool::at(&plan.spool).write_status(plan.job_id, status) {
+        // Not fatal: the processes run already and must be awaited; the final status is
+        // written (in place if need be) at the end.
+        if let Ok(mut l) = log.lock() {
+            let _ = writeln!(l, "skyspool: could not record status {status}: {e}");
         }
     }
     let mut cancelled = false;
@@ -981,13 +1066,14 @@ pub fn lock_fd_is_held(path: &Path) -> io::Result<bool> {
     }
 }
 
-/// Opens (creating) a job's launch lock and takes it; the daemon passes it to the
-/// supervisor as fd [`LOCK_FD`], so the lock is held exactly as long as a supervisor lives.
-pub fn take_launch_lock(path: &Path) -> io::Result<OwnedFd> {
-    let f = OpenOptions::new()
+/// Opens (creating) a job's launch lock, takes it and writes the launch record as its first
+/// line. The daemon passes the descriptor to the supervisor, so the lock is held exactly as
+/// long as a supervisor lives; the supervisor appends its own record (`O_APPEND`).
+pub fn take_launch_lock(path: &Path, record: &spool::LaunchRecord) -> io::Result<OwnedFd> {
+    let mut f = OpenOptions::new()
         .create(true)
         .truncate(false)
-        .write(true)
+        .append(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .mode(0o600)
         .open(path)?;
@@ -996,52 +1082,81 @@ pub fn take_launch_lock(path: &Path) -> io::Result<OwnedFd> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    // Only now, holding the lock: what an earlier launch attempt left is not ours to read.
+    f.set_len(0)?;
+    let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
+    line.push(b'\n');
+    f.write_all(&line)?;
     Ok(OwnedFd::from(f))
 }
 
-/// Spawns `skyspool supervise` for a plan, handing it the launch lock as fd 3.
-/// Returns the supervisor's pid. The plan goes through a pipe on stdin.
-pub fn spawn_supervisor(exe: &Path, plan: &LaunchPlan, lock: OwnedFd) -> io::Result<u32> {
-    let bytes = serde_json::to_vec(plan).map_err(io::Error::other)?;
+/// A supervisor started ahead of need, waiting for one job (see [`supervise_main`]).
+/// Handing a job to it costs a socket write instead of a fork and exec of this binary on
+/// the way to the job's first command. Dropping it closes the socket: it exits.
+pub struct Standby {
+    pub pid: u32,
+    sock: std::os::unix::net::UnixStream,
+}
+
+/// Starts a standby supervisor (`skyspool supervise`, stdin a Unix socket, stderr the
+/// daemon's log). TERM/INT/HUP are blocked before exec so that a cancel sent while the
+/// supervisor is still starting stays pending until its sigwait thread runs.
+pub fn spawn_standby(exe: &Path, spool: &Path) -> io::Result<Standby> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut cmd = Command::new(exe);
     cmd.arg("supervise");
-    cmd.stdin(Stdio::piped());
+    cmd.stdin(Stdio::from(OwnedFd::from(theirs)));
     cmd.stdout(Stdio::null());
-    let log = open_daemon_log(&plan.spool);
-    match log {
+    match open_daemon_log(spool) {
         Some(f) => cmd.stderr(Stdio::from(f)),
         None => cmd.stderr(Stdio::null()),
     };
-    let lock_raw = lock.as_raw_fd();
-    // SAFETY: dup2, fcntl and pthread_sigmask are async-signal-safe. The lock is installed
-    // at LOCK_FD without CLOEXEC. TERM/INT/HUP are blocked before exec so that a cancel sent
-    // while the supervisor is still starting stays pending until its sigwait thread runs.
+    // SAFETY: sigemptyset, sigaddset and pthread_sigmask are async-signal-safe.
     unsafe {
-        cmd.pre_exec(move || {
+        cmd.pre_exec(|| {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
                 libc::sigaddset(&mut set, sig);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            if lock_raw == LOCK_FD {
-                let flags = libc::fcntl(LOCK_FD, libc::F_GETFD);
-                libc::fcntl(LOCK_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            } else if libc::dup2(lock_raw, LOCK_FD) < 0 {
-                return Err(io::Error::last_os_error());
-            }
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
-    drop(lock);
+    let child = cmd.spawn()?;
     let pid = child.id();
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(&bytes)?;
-    }
-    // The daemon reaps it through its pidfd watcher; forget the std handle.
+    // The daemon reaps it through its pidfd watcher once it runs a job; forget the handle.
     std::mem::forget(child);
-    Ok(pid)
+    ours.set_write_timeout(Some(Duration::from_secs(10)))?;
+    Ok(Standby { pid, sock: ours })
+}
+
+impl Standby {
+    /// Hands this supervisor a job: the launch lock travels as `SCM_RIGHTS` with the first
+    /// bytes of the plan, then the rest, then end-of-file. Returns the supervisor's pid.
+    pub fn launch(self, plan: &LaunchPlan, lock: &OwnedFd) -> io::Result<u32> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let bytes = serde_json::to_vec(plan).map_err(io::Error::other)?;
+        let fds = [lock.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let sent = loop {
+            match sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &[io::IoSlice::new(&bytes)],
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut sock = &self.sock;
+        sock.write_all(&bytes[sent..])?;
+        self.sock.shutdown(std::net::Shutdown::Write)?;
+        Ok(self.pid)
+    }
 }
 
 fn open_daemon_log(spool: &Path) -> Option<File> {
@@ -1091,7 +1206,7 @@ mod tests {
     #[test]
     fn start_ticks_of_self() {
         assert!(process_start_ticks(std::process::id()).is_some());
-        assert!(parent_pid(std::process::id()).is_some());
+        assert!(!children_of(std::process::id()).contains(&std::process::id()));
     }
 
     #[test]

@@ -195,7 +195,17 @@ pub struct JobResult {
     pub reason: Option<String>,
 }
 
-/// What the per-job supervisor records when it starts (`jobs/<id>/.sky/supervisor.json`).
+/// What the daemon records in `jobs/<id>/.sky/supervisor.lock` (first line) when it
+/// launches a job, before the supervisor gets it: where the job runs and since when. With
+/// it, a restarted daemon knows the job's resources even if it died before `info.json` said.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchRecord {
+    pub started: String,
+    pub placement: Vec<NodeAssignment>,
+}
+
+/// What the per-job supervisor records when it takes a job (a line appended to
+/// `jobs/<id>/.sky/supervisor.lock`, after the daemon's [`LaunchRecord`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SupervisorRecord {
     pub pid: u32,
@@ -830,10 +840,39 @@ impl Spool {
         serde_json::from_slice(&b).ok()
     }
 
+    /// The supervisor's record: a line of `supervisor.lock` (or, from spools of earlier
+    /// versions, `supervisor.json`).
     pub fn read_supervisor(&self, id: JobId) -> Option<SupervisorRecord> {
-        let b = fs::read(self.job_private(id).join("supervisor.json")).ok()?;
-        serde_json::from_slice(&b).ok()
+        self.lock_records(id)
+            .and_then(|b| first_line_as(&b))
+            .or_else(|| {
+                let b = fs::read(self.job_private(id).join("supervisor.json")).ok()?;
+                first_line_as(&b)
+            })
     }
+
+    /// The daemon's launch record (first line of `supervisor.lock`).
+    pub fn read_launch(&self, id: JobId) -> Option<LaunchRecord> {
+        self.lock_records(id).and_then(|b| first_line_as(&b))
+    }
+
+    fn lock_records(&self, id: JobId) -> Option<Vec<u8>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(self.job_private(id).join("supervisor.lock"))
+            .ok()?;
+        let mut b = Vec::new();
+        f.take(64 * 1024).read_to_end(&mut b).ok()?;
+        Some(b)
+    }
+}
+
+/// The first line of `bytes` that parses as a `T` (JSON lines).
+fn first_line_as<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    bytes
+        .split(|b| *b == b'\n')
+        .find_map(|line| serde_json::from_slice(line).ok())
 }
 
 /// Writes `info.json` into a job directory (atomic replace).

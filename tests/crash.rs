@@ -162,11 +162,9 @@ fn walk_names(dir: &Path) -> Vec<String> {
     out
 }
 
-/// The pid the job's supervisor recorded in `jobs/<id>/.sky/supervisor.json`.
+/// The pid the job's supervisor recorded in `jobs/<id>/.sky/supervisor.lock`.
 fn supervisor_pid(d: &Daemon, id: u64) -> Option<u32> {
-    let text = fs::read_to_string(d.job(id).join(".sky/supervisor.json")).ok()?;
-    let v: Value = serde_json::from_str(&text).ok()?;
-    v["pid"].as_u64().map(|p| p as u32)
+    d.supervisor_pid(id)
 }
 
 /// Process start time (`/proc/PID/stat` field 22): with the pid, a process's identity.
@@ -1191,12 +1189,12 @@ fn restart_while_jobs_run() {
     }
     d.wait_queue_status(p2, "PENDING");
     assert_eq!(d.status(p1), "PENDING", "{}", d.diagnostics());
-    let long_sup = supervisor_pid(&d, long).expect("long's supervisor.json");
+    let long_sup = supervisor_pid(&d, long).expect("long's supervisor record");
     let long_gpus = gpus_of(&d.info(long));
     assert_eq!(long_gpus.len(), 2, "{}", d.info(long));
     let sups: Vec<u32> = [quick, bad]
         .iter()
-        .map(|id| supervisor_pid(&d, *id).expect("supervisor.json"))
+        .map(|id| supervisor_pid(&d, *id).expect("the supervisor's record"))
         .collect();
 
     d.kill9();
@@ -1373,7 +1371,7 @@ fn check_driver_loss(d: &Daemon, v: u64, w: u64, procs: &Leftovers, marker: &Pat
 fn supervisor_killed_is_failed_driver() {
     let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8", "--kill-grace", "1"]);
     let (v, w, procs, marker) = victim_and_waiter(&mut d);
-    let sup = supervisor_pid(&d, v).expect("supervisor.json");
+    let sup = supervisor_pid(&d, v).expect("the supervisor's record");
     sigkill(sup);
     check_driver_loss(&d, v, w, &procs, &marker);
 }
@@ -1384,7 +1382,7 @@ fn supervisor_killed_is_failed_driver() {
 fn supervisor_killed_while_daemon_down_is_failed_driver() {
     let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8", "--kill-grace", "1"]);
     let (v, w, procs, marker) = victim_and_waiter(&mut d);
-    let sup = supervisor_pid(&d, v).expect("supervisor.json");
+    let sup = supervisor_pid(&d, v).expect("the supervisor's record");
     d.kill9();
     sigkill(sup);
     wait_until(
@@ -1654,7 +1652,7 @@ fn enospc() {
     );
 
     // A fills what is left with its output; its supervisor can then hardly write anything.
-    let a_sup = supervisor_pid(d, a).expect("writer's supervisor.json");
+    let a_sup = supervisor_pid(d, a).expect("the writer's supervisor record");
     gate.open();
     wait_until(
         Duration::from_secs(30),
@@ -1834,7 +1832,7 @@ fn crash_inside_publish_loses_nothing() {
     assert_eq!(lines(&x_runs).len(), 1);
 }
 
-/// The daemon spawns a supervisor and dies before the supervisor writes `supervisor.json`;
+/// The daemon hands a job over and dies before the supervisor writes its record;
 /// the next daemon starts before it does. The supervisor holds the launch lock (inherited
 /// at spawn), so it is alive: the job must not be re-queued, re-launched or failed, and its
 /// GPU must stay taken.
@@ -1854,16 +1852,22 @@ fn restart_before_supervisor_records_itself() {
     let marker = s.join("waiter-ran");
     let w = d.submit_new("waiter.yaml", &waiter_job(&marker));
     d.wait_queue_status(w, "PENDING");
-    let sup = supervisor_pid(&d, j).expect("supervisor.json");
+    let sup = supervisor_pid(&d, j).expect("the supervisor's record");
     d.kill9();
-    // As at the moment the supervisor is spawned but has not written its record yet.
-    let record = d.job(j).join(".sky/supervisor.json");
-    let aside = s.join("supervisor.json");
-    fs::rename(&record, &aside).expect("hide supervisor.json");
+    // As at the moment the supervisor has the job but has not written its record yet: the
+    // lock file holds only the daemon's launch record (the supervisor's line is the last).
+    let record = d.job(j).join(".sky/supervisor.lock");
+    let full = fs::read_to_string(&record).expect("supervisor.lock");
+    let launch_only: String = full.lines().take(1).map(|l| format!("{l}\n")).collect();
+    assert_ne!(
+        launch_only, full,
+        "the supervisor's record is in supervisor.lock"
+    );
+    fs::write(&record, &launch_only).expect("hide the supervisor's record");
     d.spawn();
     // The supervisor writes its record a moment later.
     std::thread::sleep(ms(100));
-    fs::rename(&aside, &record).expect("restore supervisor.json");
+    fs::write(&record, &full).expect("restore the supervisor's record");
     std::thread::sleep(ms(1000));
     let mut p = Problems::default();
     p.check(

@@ -1719,7 +1719,7 @@ fn owner_cannot_redirect_the_jobs_private_directory_out_of_the_spool() {
     fs::set_permissions(&src, fs::Permissions::from_mode(0o644)).unwrap();
     // Two pending jobs of alice's: in the first she makes `.sky` a link to the root-only
     // directory; in the second, a directory of her own (she could then swap the daemon's
-    // records in it, e.g. `supervisor.json`, which names the pid the daemon signals on cancel).
+    // records in it, e.g. `supervisor.lock`, which names the pid the daemon signals on cancel).
     for name in ["alice-link.yaml", "alice-dir.yaml"] {
         let (rc, out) = as_user(
             "skyspool-alice",

@@ -332,9 +332,7 @@ fn lost_node_fails_the_job_instead_of_hanging() {
         || d.diagnostics(),
     );
     // Cut rank 1's connection the way a dead node does: its ssh client dies.
-    let sup = std::fs::read_to_string(d.job(id).join(".sky/supervisor.json")).unwrap();
-    let sup: serde_json::Value = serde_json::from_str(&sup).unwrap();
-    let sup_pid = sup["pid"].as_u64().unwrap() as u32;
+    let sup_pid = d.supervisor_pid(id).expect("the supervisor's record");
     let ssh_client = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()

@@ -50,10 +50,7 @@ fn running_job_survives_and_is_readopted() {
         || d.log(id1).contains("before"),
         || d.diagnostics(),
     );
-    let supervisor: serde_json::Value =
-        serde_json::from_slice(&fs::read(d.job(id1).join(".sky/supervisor.json")).unwrap())
-            .unwrap();
-    let supervisor = supervisor["pid"].as_u64().unwrap() as u32;
+    let supervisor = d.supervisor_pid(id1).expect("the supervisor's record");
 
     d.kill9();
     // The job does not notice.

@@ -184,6 +184,16 @@ impl Daemon {
         self.spool.join("jobs").join(id.to_string())
     }
 
+    /// The pid the job's supervisor recorded: its line in `jobs/<id>/.sky/supervisor.lock`
+    /// (after the daemon's launch record).
+    pub fn supervisor_pid(&self, id: u64) -> Option<u32> {
+        let text = fs::read_to_string(self.job(id).join(".sky/supervisor.lock")).ok()?;
+        text.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v["pid"].as_u64().map(|p| p as u32)
+        })
+    }
+
     /// A scratch directory outside the spool (for gates, markers, workdirs).
     pub fn scratch(&self) -> PathBuf {
         let p = self.tmp.path().join("scratch");
