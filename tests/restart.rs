@@ -3,6 +3,7 @@
 mod common;
 use common::*;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// Appends `tag` to the scratch file `ran` (one line per run of a job).
@@ -196,4 +197,241 @@ fn cancel_made_while_daemon_is_down_is_applied_at_start() {
     d.wait_done(id2, "CANCELLED");
     assert_eq!(count(&ran, "two"), 0, "the pending job ran");
     assert!(!d.log(id1).contains("after"));
+}
+
+/// The live `skyspool supervise` processes that are children of the daemon: the standby
+/// supervisor, and the supervisors of jobs it started (until they end).
+fn supervise_children(d: &Daemon) -> Vec<u32> {
+    let Some(daemon) = d.pid() else {
+        return Vec::new();
+    };
+    let bin = fs::canonicalize(BIN).unwrap_or_else(|_| BIN.into());
+    let mut pids = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Field 4 of /proc/PID/stat (the parent), after the `(comm)` field.
+        let ppid = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = s.get(s.rfind(')')? + 2..)?.to_string();
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            });
+        if ppid != Some(daemon) {
+            continue;
+        }
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let argv: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_supervise = matches!(argv.as_slice(), [exe, arg, last]
+            if *arg == b"supervise" && last.is_empty()
+                && fs::canonicalize(std::ffi::OsStr::from_bytes(exe)).is_ok_and(|p| p == bin));
+        if is_supervise && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The daemon's standby supervisor: its `supervise` child that no job has recorded as its
+/// supervisor. `None` unless there is exactly one.
+fn standby(d: &Daemon) -> Option<u32> {
+    let jobs: Vec<u32> = d
+        .job_ids()
+        .into_iter()
+        .filter_map(|id| d.supervisor_pid(id))
+        .collect();
+    let mut free: Vec<u32> = supervise_children(d)
+        .into_iter()
+        .filter(|p| !jobs.contains(p))
+        .collect();
+    (free.len() == 1).then(|| free.remove(0))
+}
+
+/// Someone SIGKILLs the daemon's standby supervisor: the next job still starts (on a fresh
+/// supervisor), runs once and succeeds, and a new standby takes the dead one's place and
+/// takes the job after.
+#[test]
+fn killed_standby_is_replaced() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let mut first = None;
+    wait_until(
+        DEADLINE,
+        "the standby supervisor to start",
+        || {
+            first = standby(&d);
+            first.is_some()
+        },
+        || {
+            format!(
+                "supervise children {:?}\n{}",
+                supervise_children(&d),
+                d.diagnostics()
+            )
+        },
+    );
+    let old = first.expect("standby");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL the standby");
+    wait_until(
+        DEADLINE,
+        "the standby to die",
+        || !alive(old),
+        || d.diagnostics(),
+    );
+
+    let id = d.submit_new("echo.yaml", &once_job("echo", Some("H100:1"), &ran));
+    d.wait_done(id, "SUCCEEDED");
+    assert_eq!(d.log(id), "echo-ran\n", "{}", d.diagnostics());
+    assert_eq!(count(&ran, "echo"), 1);
+    let sup = d.supervisor_pid(id).expect("the job's supervisor record");
+    assert_ne!(
+        sup, old,
+        "the dead standby recorded itself as the job's supervisor"
+    );
+    let log = d.daemon_log();
+    assert!(
+        log.contains(&format!(
+            "standby supervisor pid {old} could not take a job"
+        )),
+        "the daemon did not say it replaced the dead standby\n{}",
+        d.diagnostics()
+    );
+    assert!(
+        !log.contains("could not start"),
+        "the job's start failed\n{}",
+        d.diagnostics()
+    );
+
+    // A new standby, neither the dead one nor the one that ran the job.
+    let mut next = None;
+    wait_until(
+        DEADLINE,
+        "a new standby supervisor",
+        || {
+            next = standby(&d).filter(|p| *p != old && *p != sup);
+            next.is_some()
+        },
+        || {
+            format!(
+                "supervise children {:?}\n{}",
+                supervise_children(&d),
+                d.diagnostics()
+            )
+        },
+    );
+    let new = next.expect("new standby");
+    // It takes the next job.
+    let id2 = d.submit_new("echo2.yaml", &once_job("echo2", Some("H100:1"), &ran));
+    d.wait_done(id2, "SUCCEEDED");
+    assert_eq!(d.log(id2), "echo2-ran\n", "{}", d.diagnostics());
+    assert_eq!(
+        d.supervisor_pid(id2),
+        Some(new),
+        "the next job did not go to the new standby\n{}",
+        d.diagnostics()
+    );
+    assert_eq!(count(&ran, "echo2"), 1);
+    assert_eq!(d.daemon_log().matches("could not take a job").count(), 1);
+}
+
+/// The daemon hands job A to its supervisor and dies before rewriting `info.json` and moving
+/// the link: `info.json` still says PENDING with no start or placement, and the link is in
+/// `pending/`. The next start takes both from the launch record, re-adopts A as RUNNING on
+/// GPU 0 and keeps that GPU taken; A runs once and succeeds, and B waits for A's GPU.
+#[test]
+fn crash_after_hand_over_before_info_is_readopted() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let gate = Gate::new(&s, "a");
+    let a = d.submit_new("a.yaml", &held_job("a", &ran, &gate));
+    let running = d.path(&format!("running/{a}"));
+    let pending = d.path(&format!("pending/{a}"));
+    wait_until(
+        DEADLINE,
+        "A to run and be recorded in running/",
+        || d.log(a).contains("before") && fs::symlink_metadata(&running).is_ok(),
+        || d.diagnostics(),
+    );
+    let sup = d.supervisor_pid(a).expect("A's supervisor record");
+    let before = d.info(a);
+    assert!(before["started"].is_string(), "{before:#}");
+    d.kill9();
+    assert!(alive(sup), "A's supervisor died with the daemon");
+
+    // Back to how a daemon dying right after the hand-over leaves it.
+    let mut info = d.info(a);
+    info["status"] = serde_json::json!("PENDING");
+    info["started"] = serde_json::Value::Null;
+    info["placement"] = serde_json::json!([]);
+    fs::write(
+        d.job(a).join("info.json"),
+        serde_json::to_vec_pretty(&info).expect("json"),
+    )
+    .expect("rewrite info.json");
+    fs::remove_file(&running).expect("remove running link");
+    std::os::unix::fs::symlink(format!("../jobs/{a}"), &pending).expect("pending link");
+
+    d.spawn();
+    // spawn() returns after the first scheduling pass (the daemon wrote `nodes`).
+    let info = d.info(a);
+    assert_eq!(info["status"], "RUNNING", "{info:#}\n{}", d.diagnostics());
+    assert!(info["started"].is_string(), "{info:#}");
+    assert_eq!(info["started"], before["started"], "{info:#}");
+    let placement = info["placement"].as_array().cloned().unwrap_or_default();
+    assert_eq!(placement.len(), 1, "{info:#}");
+    assert_eq!(placement[0]["gpus"], serde_json::json!([0]), "{info:#}");
+    assert_eq!(placement[0]["accelerator"], "H100", "{info:#}");
+    assert_eq!(info["placement"], before["placement"], "{info:#}");
+    assert!(
+        fs::symlink_metadata(&running).is_ok(),
+        "{}",
+        d.diagnostics()
+    );
+    assert!(
+        fs::symlink_metadata(&pending).is_err(),
+        "{}",
+        d.diagnostics()
+    );
+    assert_eq!(d.status(a), "RUNNING");
+    assert_eq!(d.supervisor_pid(a), Some(sup));
+    assert!(alive(sup), "A's supervisor died");
+    assert!(
+        d.daemon_log()
+            .contains(&format!("job {a}: re-adopted running supervisor pid {sup}")),
+        "{}",
+        d.diagnostics()
+    );
+
+    // B needs the GPU A still holds: the scheduling pass that admits it leaves it pending.
+    let b = d.submit_new("b.yaml", &once_job("b", Some("H100:1"), &ran));
+    d.wait_queue_status(b, "PENDING");
+    assert_eq!(
+        d.queue_status(a).as_deref(),
+        Some("RUNNING"),
+        "{}",
+        d.diagnostics()
+    );
+    assert_eq!(d.status(b), "PENDING", "{}", d.diagnostics());
+    assert_eq!(count(&ran, "b"), 0, "B ran on A's GPU\n{}", d.diagnostics());
+    assert!(alive(sup));
+
+    gate.open();
+    d.wait_done(a, "SUCCEEDED");
+    d.wait_done(b, "SUCCEEDED");
+    assert_eq!(d.log(a), "before\nafter\n", "{}", d.diagnostics());
+    assert_eq!(d.log(b), "b-ran\n", "{}", d.diagnostics());
+    assert_eq!(d.info(a)["exit_codes"], serde_json::json!([0]));
+    assert_eq!(count(&ran, "a"), 1, "A ran {} times", count(&ran, "a"));
+    assert_eq!(count(&ran, "b"), 1);
 }
