@@ -167,6 +167,11 @@ struct Daemon {
     deferred: HashSet<OsString>,
     /// A supervisor started ahead of the next job.
     standby: Option<executor::Standby>,
+    /// Right after a hand-over, until the job's processes run (its supervisor writes
+    /// `status`) or this time passes: no re-render and no new standby, which would compete
+    /// for the CPU with the job's start (2 cores: the supervisor's fork and bash's exec).
+    quiet_until: Option<std::time::Instant>,
+    quiet_for: Option<JobId>,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
 }
@@ -237,6 +242,9 @@ fn is_out_of_space(e: &anyhow::Error) -> bool {
 
 /// Longest time `queue` and `nodes` lag behind the daemon's state while it is busy.
 const RENDER_INTERVAL: Duration = Duration::from_millis(50);
+/// The longest the daemon holds back housekeeping after handing a job over (see
+/// `Daemon::quiet_until`); normally the job's first `status` ends it within a millisecond.
+const QUIET_AFTER_START: Duration = Duration::from_millis(20);
 
 /// Runs the daemon until SIGTERM/SIGINT. Jobs keep running when it stops; the next start
 /// re-adopts them.
@@ -306,6 +314,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         view: Arc::clone(&view),
         deferred: HashSet::new(),
         standby: None,
+        quiet_until: None,
+        quiet_for: None,
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
             stamp: None,
@@ -350,7 +360,10 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     loop {
         let render_at = tokio::time::Instant::from_std(d.last_render + d.render_interval);
         tokio::select! {
-            _ = tokio::time::sleep_until(render_at), if d.dirty => {}
+            _ = tokio::time::sleep_until(render_at), if d.dirty && d.quiet_until.is_none() => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.quiet_until.unwrap_or_else(std::time::Instant::now))), if d.quiet_until.is_some() => {
+                d.quiet_until = None;
+            }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.starve_check_at.unwrap_or_else(std::time::Instant::now))), if d.starve_check_at.is_some() => {
                 d.starve_check_at = None;
             }
@@ -671,7 +684,13 @@ impl Daemon {
         for (id, name) in touched {
             match name.to_str() {
                 Some("cancel") => self.handle_cancel(id),
-                Some("status") => self.refresh_status(id),
+                Some("status") => {
+                    if self.quiet_for == Some(id) {
+                        // Its supervisor wrote the first status: the job's processes run.
+                        self.quiet_until = None;
+                    }
+                    self.refresh_status(id)
+                }
                 _ => {}
             }
         }
@@ -741,6 +760,14 @@ impl Daemon {
         }
         self.starve_check_at = self.next_starvation_deadline();
         self.sync_view();
+        if self
+            .quiet_until
+            .is_some_and(|t| t > std::time::Instant::now())
+        {
+            return;
+        }
+        self.quiet_until = None;
+        self.quiet_for = None;
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
         // must not re-render a 10,000-line table 1,000 times).
@@ -1172,6 +1199,8 @@ impl Daemon {
             .hand_off(&plan, &lock)
             .context("handing the job to its supervisor")?;
         drop(lock);
+        self.quiet_until = Some(std::time::Instant::now() + QUIET_AFTER_START);
+        self.quiet_for = Some(id);
         let status = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             Status::SettingUp
         } else {

@@ -357,14 +357,9 @@ pub fn supervise_main() -> Result<(), ExecError> {
     // Orphans of the job are re-parented to us, so nothing escapes a cancel.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let Some((text, lock)) = receive_launch()? else {
-        return Ok(());
-    };
-    let plan: LaunchPlan =
-        serde_json::from_slice(&text).map_err(|e| ExecError::Plan(e.to_string()))?;
+    // Everything that does not depend on the job is done before it arrives.
     let (tx, rx) = mpsc::channel::<Event>();
     start_signal_thread(tx.clone());
-    let spool = Spool::at(&plan.spool);
     let me = std::process::id();
     let record = SupervisorRecord {
         pid: me,
@@ -372,6 +367,12 @@ pub fn supervise_main() -> Result<(), ExecError> {
     };
     let mut rec = serde_json::to_vec(&record).map_err(|e| ExecError::Plan(e.to_string()))?;
     rec.push(b'\n');
+    let Some((text, lock)) = receive_launch()? else {
+        return Ok(());
+    };
+    let plan: LaunchPlan =
+        serde_json::from_slice(&text).map_err(|e| ExecError::Plan(e.to_string()))?;
+    let spool = Spool::at(&plan.spool);
     // Appended to the lock file (opened O_APPEND by the daemon), after the daemon's launch
     // record: no new file on the way to the job's first command. Not fsynced: the record only
     // matters while this process lives (after a power loss nothing of the job runs any more),
