@@ -152,16 +152,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Submit { files, detach } => submit(&Spool::at(&cli.spool), &files, detach),
         Command::Queue { active } => {
-            let spool = Spool::at(&cli.spool);
-            let jobs = load_jobs(&spool)?;
-            let rows: Vec<&JobInfo> = jobs
-                .iter()
-                .filter(|j| !active || !j.status.is_terminal())
-                .collect();
-            print!(
-                "{}",
-                queue::render(&rows, chrono::Utc::now(), TimeStyle::Relative)
-            );
+            let rows = queue_rows(&Spool::at(&cli.spool), active)?;
+            print!("{}", queue::render_rows(&rows));
             Ok(ExitCode::SUCCESS)
         }
         Command::Logs { id, follow } => logs(&Spool::at(&cli.spool), id, follow),
@@ -199,6 +191,57 @@ pub fn status_exit_code(s: Status) -> u8 {
 }
 
 /// Every job record, with the live `status` file taking precedence.
+/// The rows of `skyspool queue`, newest first. An ended job's row never changes, so it is
+/// taken from the daemon's `queue` file when that has it; every other job is read from its
+/// records (`info.json`, `status`), which are always current. With 10,000 finished jobs this
+/// reads one file and one directory instead of 20,000 files.
+fn queue_rows(spool: &Spool, active: bool) -> anyhow::Result<Vec<[String; 8]>> {
+    let now = chrono::Utc::now();
+    let ids: std::collections::BTreeSet<JobId> = if active {
+        // pending/ before running/: a job moving between them is seen in one of the two.
+        let mut ids = Vec::new();
+        for state in [spool::State::Pending, spool::State::Running] {
+            ids.extend(spool.state_ids(state).unwrap_or_default());
+        }
+        ids.into_iter().collect()
+    } else {
+        spool.job_ids()?.into_iter().collect()
+    };
+    let mut rows: std::collections::BTreeMap<JobId, [String; 8]> = Default::default();
+    if !active {
+        let table = std::fs::read_to_string(spool.root().join("queue")).ok();
+        for cells in table
+            .as_deref()
+            .and_then(queue::parse_table)
+            .unwrap_or_default()
+        {
+            let Ok(id) = cells[0].parse::<JobId>() else {
+                continue;
+            };
+            let ended = spool::Status::parse(&cells[7]).is_some_and(|s| s.is_terminal());
+            if ended && ids.contains(&id) {
+                rows.insert(id, queue::relative_cells(cells, now));
+            }
+        }
+    }
+    for &id in &ids {
+        if rows.contains_key(&id) {
+            continue;
+        }
+        let Ok(mut info) = spool.read_info(id) else {
+            continue;
+        };
+        if let Ok(s) = spool.read_status(id) {
+            info.status = s;
+        }
+        if active && info.status.is_terminal() {
+            continue;
+        }
+        rows.insert(id, queue::row_cells(&info, now, TimeStyle::Relative));
+    }
+    Ok(rows.into_values().rev().collect())
+}
+
 fn load_jobs(spool: &Spool) -> anyhow::Result<Vec<JobInfo>> {
     let mut jobs = Vec::new();
     for id in spool.job_ids()? {

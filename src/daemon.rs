@@ -920,10 +920,11 @@ impl Daemon {
             }
         }
         // Durability: one round of syncs for the batch (the first fsync commits the
-        // journal for all of them; the rest find little left to do).
+        // journal for all of them; the rest find little left to do). Not `status`: a
+        // PENDING lost to a power cut is what `info.json` says anyway.
         let synced = (|| -> spool::Result<()> {
             for (claimed, _) in &staged {
-                for f in ["job.yaml", "info.json", "status"] {
+                for f in ["job.yaml", "info.json"] {
                     spool::sync_file(&claimed.dir.join(f))?;
                 }
                 spool::sync_dir(&claimed.dir)?;
@@ -975,7 +976,6 @@ impl Daemon {
         }
         spool::sync_dir(&self.spool.jobs())?;
         spool::sync_dir(&self.spool.state_dir(State::Pending))?;
-        spool::sync_dir(&self.spool.private())?;
         Ok(())
     }
 

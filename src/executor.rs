@@ -666,11 +666,12 @@ fn run_phase(
     let dir = private_dir(plan);
     let script = dir.join(format!("{phase}.sh"));
     let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
-    spool::write_atomic(
+    // Written in place, not renamed over: `.sky/` is the daemon's, nobody else writes there,
+    // and nothing reads the script before the bash started below.
+    spool::write_private(
         &dir,
         &format!("{phase}.sh"),
         script_text(body, &cwd, "").as_bytes(),
-        false,
     )?;
     let multi = plan.nodes.len() > 1;
     let mut ranks: Vec<RankProc> = Vec::new();

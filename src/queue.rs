@@ -124,6 +124,80 @@ fn layout<'a>(rows: impl Iterator<Item = &'a [String; 8]> + Clone) -> String {
     out
 }
 
+/// The rows of a table [`layout`] made (the `queue` file), each cut into its 8 cells at the
+/// header's column starts (so a cell may hold spaces). `None` when the header is not ours.
+pub fn parse_table(text: &str) -> Option<Vec<[String; 8]>> {
+    let mut lines = text.lines();
+    let header: Vec<char> = lines.next()?.chars().collect();
+    let mut starts = [0usize; 8];
+    let mut from = 0;
+    for (i, h) in HEADER.iter().enumerate() {
+        let h: Vec<char> = h.chars().collect();
+        let at = (from..header.len().saturating_sub(h.len() - 1))
+            .find(|&k| header[k..k + h.len()] == h[..])?;
+        starts[i] = at;
+        from = at + h.len();
+    }
+    if starts[0] != 0 {
+        return None;
+    }
+    let mut rows = Vec::new();
+    for line in lines {
+        let end = |i: usize, len: usize| starts.get(i + 1).map_or(len, |&e| e.min(len));
+        if line.is_ascii() {
+            // Character and byte offsets agree: slice the line itself.
+            let len = line.len();
+            rows.push(std::array::from_fn(|i| {
+                line[starts[i].min(len)..end(i, len)].trim().to_string()
+            }));
+        } else {
+            let chars: Vec<char> = line.chars().collect();
+            let len = chars.len();
+            rows.push(std::array::from_fn(|i| {
+                let cell: String = chars[starts[i].min(len)..end(i, len)].iter().collect();
+                cell.trim().to_string()
+            }));
+        }
+    }
+    Some(rows)
+}
+
+/// A `queue` file row (absolute times) as `skyspool queue` shows it (relative times). Only
+/// for rows of ended jobs, whose cells never change again.
+pub fn relative_cells(mut cells: [String; 8], now: DateTime<Utc>) -> [String; 8] {
+    for i in [3, 4] {
+        if let Some(t) = parse_local(&cells[i]) {
+            cells[i] = format_time(Some(t), now, TimeStyle::Relative);
+        }
+    }
+    cells
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in local time (what [`TimeStyle::Absolute`] writes), read by
+/// position: a 10,000-row table has 20,000 of them.
+fn parse_local(cell: &str) -> Option<DateTime<Utc>> {
+    let b = cell.as_bytes();
+    if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+        })
+    };
+    let date = chrono::NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    let naive = date.and_hms_opt(num(11..13)?, num(14..16)?, num(17..19)?)?;
+    naive
+        .and_local_timezone(Local)
+        .earliest()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Lays out rows given newest first.
+pub fn render_rows(rows: &[[String; 8]]) -> String {
+    layout(rows.iter())
+}
+
 /// The table: newest job first, columns as `sky queue` prints them.
 pub fn render(jobs: &[&JobInfo], now: DateTime<Utc>, style: TimeStyle) -> String {
     let rows: Vec<[String; 8]> = jobs
@@ -216,6 +290,25 @@ mod tests {
         assert_eq!(format_duration(200), "3m 20s");
         assert_eq!(format_duration(7500), "2h 5m");
         assert_eq!(format_duration(97200), "1d 3h");
+    }
+
+    #[test]
+    fn table_parses_back_into_its_cells() {
+        let mut a = job(1, Status::Succeeded, Some("2026-11-28T10:01:00Z"));
+        a.ended = Some("2026-11-28T10:03:20Z".into());
+        a.name = "two  spaces, ünïcode".into();
+        let b = job(12, Status::Pending, None);
+        let now = Utc::now();
+        let text = render(&[&a, &b], now, TimeStyle::Absolute);
+        let rows = parse_table(&text).expect("our own header");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], row_cells(&b, now, TimeStyle::Absolute));
+        assert_eq!(rows[1], row_cells(&a, now, TimeStyle::Absolute));
+        assert_eq!(
+            relative_cells(rows[1].clone(), now),
+            row_cells(&a, now, TimeStyle::Relative)
+        );
+        assert!(parse_table("NOT A QUEUE\n1 2 3\n").is_none());
     }
 
     #[test]

@@ -719,6 +719,11 @@ impl Spool {
         numeric_entries(&self.jobs())
     }
 
+    /// The jobs linked from one state directory.
+    pub fn state_ids(&self, state: State) -> Result<Vec<JobId>> {
+        numeric_entries(&self.state_dir(state))
+    }
+
     /// Which state directory links to job `id` (the first found).
     pub fn state_of(&self, id: JobId) -> Option<State> {
         State::ALL
