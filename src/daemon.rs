@@ -172,6 +172,8 @@ struct Daemon {
     /// for the CPU with the job's start (2 cores: the supervisor's fork and bash's exec).
     quiet_until: Option<std::time::Instant>,
     quiet_for: Option<JobId>,
+    /// Jobs ended in this batch whose records are still to be written.
+    settling: Vec<JobId>,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
 }
@@ -316,6 +318,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         standby: None,
         quiet_until: None,
         quiet_for: None,
+        settling: Vec::new(),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
             stamp: None,
@@ -495,6 +498,7 @@ impl Daemon {
                 }
             }
         }
+        self.settle_records();
         self.next_id = self.next_id.max(self.spool.next_id()?);
         let ids: Vec<JobId> = self.jobs.keys().copied().collect();
         for id in ids {
@@ -732,6 +736,14 @@ impl Daemon {
             return;
         };
         self.touched.insert(id);
+        if status.is_terminal() && self.supervisors.contains_key(&id) {
+            // The supervisor writes the final status last, after every process of the job
+            // is gone and its result is recorded: the job has ended, its resources are free
+            // now (the supervisor's exit follows; it is then only reaped).
+            let result = self.spool.read_result(id);
+            self.finish(id, result);
+            return;
+        }
         if let Some(info) = self.jobs.get_mut(&id) {
             if info.status != status && !info.status.is_terminal() && !status.is_terminal() {
                 info.status = status;
@@ -758,6 +770,7 @@ impl Daemon {
                 break;
             }
         }
+        self.settle_records();
         self.starve_check_at = self.next_starvation_deadline();
         self.sync_view();
         if self
@@ -1547,24 +1560,38 @@ impl Daemon {
                 ),
             );
         }
-        if self.spool.read_status(id).ok() != Some(result.status) {
-            let _ = self.spool.write_status(id, result.status);
-        }
         self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
             info.status = result.status;
             info.ended = Some(result.ended.clone());
             info.exit_codes = result.exit_codes.clone();
             info.reason = result.reason.clone();
-            let _ = self.spool.write_info(info);
         }
-        let from = self.spool.state_of(id).unwrap_or(State::Running);
-        let _ = self.spool.move_state(id, from, State::Done);
         self.sched.release(id);
-        self.watcher.unwatch_job(id);
-        self.spool.remove_secrets(id);
         self.dirty = true;
         note!("job {id} ended {}", result.status);
+        // Its records are written after this batch's starts: a freed slot is given to the
+        // next job first. (A daemon killed in between finds the supervisor's result and
+        // settles the job again at start-up.)
+        self.settling.push(id);
+    }
+
+    /// Writes the records of the jobs [`Daemon::finish`] ended: final `status` (where the
+    /// supervisor could not), `info.json`, the link moved to `done/`.
+    fn settle_records(&mut self) {
+        for id in std::mem::take(&mut self.settling) {
+            let Some(info) = self.jobs.get(&id) else {
+                continue;
+            };
+            if self.spool.read_status(id).ok() != Some(info.status) {
+                let _ = self.spool.write_status(id, info.status);
+            }
+            let _ = self.spool.write_info(info);
+            let from = self.spool.state_of(id).unwrap_or(State::Running);
+            let _ = self.spool.move_state(id, from, State::Done);
+            self.watcher.unwatch_job(id);
+            self.spool.remove_secrets(id);
+        }
     }
 
     // ------------------------------------------------------------------ cancel

@@ -96,6 +96,9 @@ pub enum ExecError {
     Io(String, #[source] io::Error),
 }
 
+/// The longest script passed to bash as an argument (Linux caps one argument at 128 KiB).
+const INLINE_SCRIPT_MAX: usize = 100 * 1024;
+
 /// Path of the job's private files (`jobs/<id>/.sky`).
 fn private_dir(plan: &LaunchPlan) -> PathBuf {
     Spool::at(&plan.spool).job_private(plan.job_id)
@@ -666,13 +669,16 @@ fn run_phase(
     let dir = private_dir(plan);
     let script = dir.join(format!("{phase}.sh"));
     let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
-    // Written in place, not renamed over: `.sky/` is the daemon's, nobody else writes there,
-    // and nothing reads the script before the bash started below.
-    spool::write_private(
-        &dir,
-        &format!("{phase}.sh"),
-        script_text(body, &cwd, "").as_bytes(),
-    )?;
+    let text = script_text(body, &cwd, "");
+    // A script that fits in one argument goes to bash as `-c` (with the script's path as
+    // `$0`), and the file is written after the start, as the record of what ran: no file
+    // to create on the way to the job's first command. A longer one is read from the file.
+    // (Written in place, not renamed over: `.sky/` is the daemon's, nobody else writes
+    // there.)
+    let inline = (text.len() <= INLINE_SCRIPT_MAX).then_some(text.as_str());
+    if inline.is_none() {
+        spool::write_private(&dir, &format!("{phase}.sh"), text.as_bytes())?;
+    }
     let multi = plan.nodes.len() > 1;
     let mut ranks: Vec<RankProc> = Vec::new();
     let mut pumps = Vec::new();
@@ -689,7 +695,7 @@ fn run_phase(
                 .map_err(|e| ExecError::Io("log".into(), e))?;
             Sink::Direct(f)
         };
-        match spawn_rank(plan, phase, &script, body, node, sink) {
+        match spawn_rank(plan, phase, &script, inline, body, node, sink) {
             Ok((child, reader)) => {
                 let pid = child.id();
                 ranks.push(RankProc {
@@ -723,6 +729,16 @@ fn run_phase(
     } else {
         Status::Running
     };
+    if let Some(text) = inline {
+        if let Err(e) = spool::write_private(&dir, &format!("{phase}.sh"), text.as_bytes()) {
+            if let Ok(mut l) = log.lock() {
+                let _ = writeln!(
+                    l,
+                    "skyspool: could not keep a copy of the {phase} script: {e}"
+                );
+            }
+        }
+    }
     if let Err(e) = Spool::at(&plan.spool).write_status(plan.job_id, status) {
         // Not fatal: the processes run already and must be awaited; the final status is
         // written (in place if need be) at the end.
@@ -875,10 +891,12 @@ fn pump(reader: File, prefix: String, log: Arc<Mutex<File>>, mut per_node: File)
 
 /// Starts one rank of one phase: a local bash in its own process group, or, for a remote
 /// node, an ssh client (in its own process group) running [`remote::rank_wrapper`] there.
+#[allow(clippy::too_many_arguments)]
 fn spawn_rank(
     plan: &LaunchPlan,
     phase: &str,
     script: &Path,
+    inline: Option<&str>,
     body: &str,
     node: &NodeLaunch,
     sink: Sink,
@@ -887,7 +905,11 @@ fn spawn_rank(
         return spawn_remote_rank(plan, phase, body, node, target, sink);
     }
     let mut cmd = Command::new("/bin/bash");
-    cmd.arg("--noprofile").arg("--norc").arg(script);
+    cmd.arg("--noprofile").arg("--norc");
+    if let Some(text) = inline {
+        cmd.arg("-c").arg(text);
+    }
+    cmd.arg(script);
     cmd.env_clear();
     cmd.envs(rank_env(plan, phase, node));
     // The script's own `cd` (as the job's user) enters the working directory; changing
