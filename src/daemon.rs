@@ -165,11 +165,11 @@ struct Daemon {
     view: Arc<View>,
     /// Names in `incoming/` handed back for lack of space: left alone until the retry.
     deferred: HashSet<OsString>,
-    /// A supervisor started ahead of the next job.
-    standby: Option<executor::Standby>,
+    /// Forks each job's supervisor (see [`executor::Launcher`]).
+    launcher: Option<executor::Launcher>,
     /// Right after a hand-over, until the job's processes run (its supervisor writes
-    /// `status`) or this time passes: no re-render and no new standby, which would compete
-    /// for the CPU with the job's start (2 cores: the supervisor's fork and bash's exec).
+    /// `status`) or this time passes: no re-render, which would compete for the CPU with the
+    /// job's start (2 cores: the supervisor and bash's exec).
     quiet_until: Option<std::time::Instant>,
     quiet_for: Option<JobId>,
     /// Jobs ended in this batch whose records are still to be written.
@@ -315,7 +315,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         touched: BTreeSet::new(),
         view: Arc::clone(&view),
         deferred: HashSet::new(),
-        standby: None,
+        launcher: None,
         quiet_until: None,
         quiet_for: None,
         settling: Vec::new(),
@@ -804,7 +804,7 @@ impl Daemon {
             // less often while events keep coming (and at once when they stop).
             self.render_interval = RENDER_INTERVAL.max(began.elapsed() * 20);
         }
-        self.refill_standby();
+        self.ensure_launcher();
     }
 
     // ------------------------------------------------------------------ admission
@@ -1209,7 +1209,7 @@ impl Daemon {
         // only the supervisor writes `status`; a daemon that dies before `info.json` says
         // RUNNING finds the placement in the launch record.
         let pid = self
-            .hand_off(&plan, &lock)
+            .hand_off(&plan, &lock, &private.join("supervisor.lock"))
             .context("handing the job to its supervisor")?;
         drop(lock);
         self.quiet_until = Some(std::time::Instant::now() + QUIET_AFTER_START);
@@ -1249,39 +1249,50 @@ impl Daemon {
         Ok(())
     }
 
-    /// Gives a launch to the standby supervisor, or to a fresh one when there is none or it
-    /// cannot take it (killed by someone). Returns the supervisor's pid.
+    /// Gives a launch to the launcher; starts a new launcher when there is none or it
+    /// failed (killed by someone). Returns the pid of the job's supervisor.
     fn hand_off(
         &mut self,
         plan: &executor::LaunchPlan,
         lock: &std::os::fd::OwnedFd,
+        lock_path: &Path,
     ) -> std::io::Result<u32> {
-        if let Some(standby) = self.standby.take() {
-            let pid = standby.pid;
-            match standby.launch(plan, lock) {
-                Ok(pid) => return Ok(pid),
+        if let Some(mut launcher) = self.launcher.take() {
+            match launcher.launch(plan, lock) {
+                Ok(pid) => {
+                    self.launcher = Some(launcher);
+                    return Ok(pid);
+                }
                 Err(e) => {
-                    note!(
-                        "standby supervisor pid {pid} could not take a job ({e}); starting another"
-                    );
+                    let lpid = launcher.pid;
+                    note!("launcher pid {lpid} failed ({e}); starting another");
+                    drop(launcher);
                     let _ = nix::sys::wait::waitpid(
-                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::unistd::Pid::from_raw(lpid as i32),
                         Some(nix::sys::wait::WaitPidFlag::WNOHANG),
                     );
+                    // A supervisor may have got the job before the failure: it then holds the
+                    // lock file open. Launching again would run the job twice.
+                    if let Some(pid) = executor::flock_holder(lock_path) {
+                        return Ok(pid);
+                    }
                 }
             }
         }
-        executor::spawn_standby(&self.exe, self.spool.root())?.launch(plan, lock)
+        let mut launcher = executor::spawn_launcher(&self.exe, self.spool.root())?;
+        let pid = launcher.launch(plan, lock)?;
+        self.launcher = Some(launcher);
+        Ok(pid)
     }
 
-    /// Keeps one supervisor started ahead of the next job (see [`executor::Standby`]).
-    fn refill_standby(&mut self) {
-        if self.standby.is_some() {
+    /// Keeps a launcher ready for the next job (see [`executor::Launcher`]).
+    fn ensure_launcher(&mut self) {
+        if self.launcher.is_some() {
             return;
         }
-        match executor::spawn_standby(&self.exe, self.spool.root()) {
-            Ok(s) => self.standby = Some(s),
-            Err(e) => note!("could not start a standby supervisor: {e}"),
+        match executor::spawn_launcher(&self.exe, self.spool.root()) {
+            Ok(l) => self.launcher = Some(l),
+            Err(e) => note!("could not start the launcher: {e}"),
         }
     }
 

@@ -1,9 +1,9 @@
 //! Runs one job: the per-job supervisor process (`skyspool supervise`).
 //!
-//! The daemon keeps one supervisor started ahead of need ([`Standby`]) and hands it a job:
-//! the launch lock and a [`LaunchPlan`] through a Unix socket on its stdin (so secrets never
-//! touch a file). The supervisor lives in its own session, outlives the daemon if the daemon
-//! dies, and:
+//! The daemon keeps one launcher process ([`Launcher`], `skyspool supervise`) and hands it
+//! each job: the launch lock and a [`LaunchPlan`] through a Unix socket (so secrets never
+//! touch a file). The launcher forks the job's supervisor, which lives in its own session,
+//! outlives the daemon if the daemon dies, and:
 //! - runs `setup` (status `SETTING_UP`, `CUDA_VISIBLE_DEVICES` unset) then `run` (`RUNNING`)
 //!   with bash, once per node, each node's processes in a process group of their own, as the
 //!   submitting user;
@@ -21,7 +21,7 @@ use crate::spool::{self, JobResult, Spool, Status, SupervisorRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -350,17 +350,77 @@ enum Event {
     Terminate,
 }
 
-/// Entry point of `skyspool supervise`. The daemon starts supervisors ahead of need
-/// ("standby"): each waits on its stdin, a Unix socket, for one job: the launch lock (as
-/// `SCM_RIGHTS`) and the plan. A socket closed with nothing sent means the daemon is gone
-/// or no longer needs it: exit, having run nothing.
+/// Entry point of `skyspool supervise`: the daemon's *launcher*. One such process, started
+/// by the daemon and kept for its lifetime, waits on its stdin (a Unix socket) for jobs:
+/// each comes as the launch lock (`SCM_RIGHTS`) and a length-prefixed plan. For each, it
+/// forks; the child becomes that job's supervisor, and the launcher answers with its pid.
+/// A fork of this small single-threaded process replaces a fork and exec of this binary on
+/// the way to every job's first command. End-of-file means the daemon is gone or no longer
+/// needs it: exit. Running supervisors are not affected; they live in sessions of their own.
 pub fn supervise_main() -> Result<(), ExecError> {
+    // Children are never waited for here: the kernel reaps them (the daemon watches each
+    // through a pidfd, which does not need a parent's wait).
+    // SAFETY: setting a signal disposition.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    loop {
+        let Some((text, lock)) = receive_launch()? else {
+            return Ok(());
+        };
+        // SAFETY: this process is single-threaded (no thread is ever started before a fork),
+        // so the child may run anything.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Child) => {
+                let code = match supervise_job(&text, lock) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("skyspool supervise: {e}");
+                        1
+                    }
+                };
+                std::process::exit(code);
+            }
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                drop(lock);
+                reply_pid(child.as_raw() as u32)?;
+            }
+            Err(e) => {
+                drop(lock);
+                eprintln!("skyspool supervise: fork: {e}");
+                reply_pid(0)?;
+            }
+        }
+    }
+}
+
+/// Tells the daemon the pid of the supervisor just forked (0: none), on stdin (the socket).
+fn reply_pid(pid: u32) -> Result<(), ExecError> {
+    let bytes = pid.to_le_bytes();
+    let stdin = io::stdin();
+    let mut done = 0;
+    while done < bytes.len() {
+        match nix::unistd::write(std::os::fd::AsFd::as_fd(&stdin), &bytes[done..]) {
+            Ok(n) => done += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(ExecError::Io("answering the daemon".into(), e.into())),
+        }
+    }
+    Ok(())
+}
+
+/// One job's supervisor (a child of the launcher).
+fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
+    // SAFETY: restoring the default disposition; we wait for our own children.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    // The daemon's socket is not the job's business.
+    if let Ok(null) = File::open("/dev/null") {
+        // SAFETY: dup2 onto fd 0.
+        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+    }
     // Own session: a terminal's ^C or hang-up aimed at the daemon never reaches the job.
     let _ = nix::unistd::setsid();
     // Orphans of the job are re-parented to us, so nothing escapes a cancel.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    // Everything that does not depend on the job is done before it arrives.
     let (tx, rx) = mpsc::channel::<Event>();
     start_signal_thread(tx.clone());
     let me = std::process::id();
@@ -370,11 +430,8 @@ pub fn supervise_main() -> Result<(), ExecError> {
     };
     let mut rec = serde_json::to_vec(&record).map_err(|e| ExecError::Plan(e.to_string()))?;
     rec.push(b'\n');
-    let Some((text, lock)) = receive_launch()? else {
-        return Ok(());
-    };
     let plan: LaunchPlan =
-        serde_json::from_slice(&text).map_err(|e| ExecError::Plan(e.to_string()))?;
+        serde_json::from_slice(text).map_err(|e| ExecError::Plan(e.to_string()))?;
     let spool = Spool::at(&plan.spool);
     // Appended to the lock file (opened O_APPEND by the daemon), after the daemon's launch
     // record: no new file on the way to the job's first command. Not fsynced: the record only
@@ -432,15 +489,29 @@ pub fn supervise_main() -> Result<(), ExecError> {
     Ok(())
 }
 
-/// Waits on stdin (a Unix stream socket) for the launch lock and the plan; `None` when the
-/// socket closes with nothing sent.
+/// Waits on stdin (a Unix stream socket) for the next launch: the lock (as `SCM_RIGHTS`
+/// with the first bytes) and the plan, after its length (8 bytes, little-endian). `None`
+/// when the socket closes between launches.
 fn receive_launch() -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::io::IoSliceMut;
-    let mut data = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
     let mut lock: Option<OwnedFd> = None;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        if data.len() >= 8 {
+            let mut len = [0u8; 8];
+            len.copy_from_slice(&data[..8]);
+            let len = u64::from_le_bytes(len) as usize;
+            if data.len() >= 8 + len {
+                if data.len() > 8 + len {
+                    return Err(ExecError::Plan("more bytes than the plan's length".into()));
+                }
+                let lock = lock
+                    .ok_or_else(|| ExecError::Plan("no launch lock came with the plan".into()))?;
+                return Ok(Some((data.split_off(8), lock)));
+            }
+        }
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
         let (n, fds) = {
             let mut iov = [IoSliceMut::new(&mut buf)];
@@ -449,7 +520,7 @@ fn receive_launch() -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
                 Ok(m) => m,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
-                    return Err(ExecError::Io("receiving the launch".into(), e.into()));
+                    return Err(ExecError::Io("receiving a launch".into(), e.into()));
                 }
             };
             let mut fds = Vec::new();
@@ -470,14 +541,14 @@ fn receive_launch() -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
             }
         }
         if n == 0 {
-            break;
+            if data.is_empty() && lock.is_none() {
+                return Ok(None);
+            }
+            return Err(ExecError::Plan(
+                "the daemon hung up in the middle of a launch".into(),
+            ));
         }
         data.extend_from_slice(&buf[..n]);
-    }
-    match lock {
-        None if data.is_empty() => Ok(None),
-        None => Err(ExecError::Plan("no launch lock came with the plan".into())),
-        Some(l) => Ok(Some((data, l))),
     }
 }
 
@@ -1114,18 +1185,18 @@ pub fn take_launch_lock(path: &Path, record: &spool::LaunchRecord) -> io::Result
     Ok(OwnedFd::from(f))
 }
 
-/// A supervisor started ahead of need, waiting for one job (see [`supervise_main`]).
-/// Handing a job to it costs a socket write instead of a fork and exec of this binary on
-/// the way to the job's first command. Dropping it closes the socket: it exits.
-pub struct Standby {
+/// The daemon's end of its launcher (see [`supervise_main`]). Dropping it closes the
+/// socket: the launcher exits (running supervisors stay).
+pub struct Launcher {
     pub pid: u32,
     sock: std::os::unix::net::UnixStream,
 }
 
-/// Starts a standby supervisor (`skyspool supervise`, stdin a Unix socket, stderr the
-/// daemon's log). TERM/INT/HUP are blocked before exec so that a cancel sent while the
-/// supervisor is still starting stays pending until its sigwait thread runs.
-pub fn spawn_standby(exe: &Path, spool: &Path) -> io::Result<Standby> {
+/// Starts the launcher (`skyspool supervise`, stdin a Unix socket, stderr the daemon's
+/// log). TERM/INT/HUP are blocked before exec: every supervisor it forks inherits the mask,
+/// so a cancel sent while a supervisor is still starting stays pending until its sigwait
+/// thread runs.
+pub fn spawn_launcher(exe: &Path, spool: &Path) -> io::Result<Launcher> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut cmd = Command::new(exe);
     cmd.arg("supervise");
@@ -1149,18 +1220,22 @@ pub fn spawn_standby(exe: &Path, spool: &Path) -> io::Result<Standby> {
     }
     let child = cmd.spawn()?;
     let pid = child.id();
-    // The daemon reaps it through its pidfd watcher once it runs a job; forget the handle.
+    // Reaped by the daemon when it replaces a launcher; forget the handle.
     std::mem::forget(child);
     ours.set_write_timeout(Some(Duration::from_secs(10)))?;
-    Ok(Standby { pid, sock: ours })
+    ours.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(Launcher { pid, sock: ours })
 }
 
-impl Standby {
-    /// Hands this supervisor a job: the launch lock travels as `SCM_RIGHTS` with the first
-    /// bytes of the plan, then the rest, then end-of-file. Returns the supervisor's pid.
-    pub fn launch(self, plan: &LaunchPlan, lock: &OwnedFd) -> io::Result<u32> {
+impl Launcher {
+    /// Hands a job over: the launch lock travels as `SCM_RIGHTS` with the plan's length,
+    /// then the plan. Returns the pid of the job's supervisor.
+    pub fn launch(&mut self, plan: &LaunchPlan, lock: &OwnedFd) -> io::Result<u32> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        let bytes = serde_json::to_vec(plan).map_err(io::Error::other)?;
+        let json = serde_json::to_vec(plan).map_err(io::Error::other)?;
+        let mut bytes = Vec::with_capacity(8 + json.len());
+        bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&json);
         let fds = [lock.as_raw_fd()];
         let cmsg = [ControlMessage::ScmRights(&fds)];
         let sent = loop {
@@ -1178,8 +1253,12 @@ impl Standby {
         };
         let mut sock = &self.sock;
         sock.write_all(&bytes[sent..])?;
-        self.sock.shutdown(std::net::Shutdown::Write)?;
-        Ok(self.pid)
+        let mut pid = [0u8; 4];
+        sock.read_exact(&mut pid)?;
+        match u32::from_le_bytes(pid) {
+            0 => Err(io::Error::other("the launcher could not fork")),
+            pid => Ok(pid),
+        }
     }
 }
 

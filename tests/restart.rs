@@ -199,8 +199,15 @@ fn cancel_made_while_daemon_is_down_is_applied_at_start() {
     assert!(!d.log(id1).contains("after"));
 }
 
-/// The live `skyspool supervise` processes that are children of the daemon: the standby
-/// supervisor, and the supervisors of jobs it started (until they end).
+/// Parent pid of `pid` (field 4 of /proc/PID/stat, after the `(comm)` field).
+fn parent_of(pid: u32) -> Option<u32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.get(s.rfind(')')? + 2..)?.to_string();
+    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+}
+
+/// The live `skyspool supervise` processes that are children of the daemon: its launcher
+/// (the jobs' supervisors are the launcher's children).
 fn supervise_children(d: &Daemon) -> Vec<u32> {
     let Some(daemon) = d.pid() else {
         return Vec::new();
@@ -215,14 +222,7 @@ fn supervise_children(d: &Daemon) -> Vec<u32> {
         else {
             continue;
         };
-        // Field 4 of /proc/PID/stat (the parent), after the `(comm)` field.
-        let ppid = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let rest = s.get(s.rfind(')')? + 2..)?.to_string();
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
-        if ppid != Some(daemon) {
+        if parent_of(pid) != Some(daemon) {
             continue;
         }
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -237,35 +237,25 @@ fn supervise_children(d: &Daemon) -> Vec<u32> {
     pids
 }
 
-/// The daemon's standby supervisor: its `supervise` child that no job has recorded as its
-/// supervisor. `None` unless there is exactly one.
-fn standby(d: &Daemon) -> Option<u32> {
-    let jobs: Vec<u32> = d
-        .job_ids()
-        .into_iter()
-        .filter_map(|id| d.supervisor_pid(id))
-        .collect();
-    let mut free: Vec<u32> = supervise_children(d)
-        .into_iter()
-        .filter(|p| !jobs.contains(p))
-        .collect();
-    (free.len() == 1).then(|| free.remove(0))
+/// The daemon's launcher: its one `supervise` child. `None` unless there is exactly one.
+fn launcher(d: &Daemon) -> Option<u32> {
+    let mut all = supervise_children(d);
+    (all.len() == 1).then(|| all.remove(0))
 }
 
-/// Someone SIGKILLs the daemon's standby supervisor: the next job still starts (on a fresh
-/// supervisor), runs once and succeeds, and a new standby takes the dead one's place and
-/// takes the job after.
+/// Someone SIGKILLs the daemon's launcher: the next job still starts (through a fresh
+/// launcher), runs once and succeeds; the new launcher forks the supervisors after that.
 #[test]
-fn killed_standby_is_replaced() {
+fn killed_launcher_is_replaced() {
     let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
     let s = d.scratch();
     let ran = s.join("ran");
     let mut first = None;
     wait_until(
         DEADLINE,
-        "the standby supervisor to start",
+        "the launcher to start",
         || {
-            first = standby(&d);
+            first = launcher(&d);
             first.is_some()
         },
         || {
@@ -276,15 +266,15 @@ fn killed_standby_is_replaced() {
             )
         },
     );
-    let old = first.expect("standby");
+    let old = first.expect("launcher");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
-    .expect("SIGKILL the standby");
+    .expect("SIGKILL the launcher");
     wait_until(
         DEADLINE,
-        "the standby to die",
+        "the launcher to die",
         || !alive(old),
         || d.diagnostics(),
     );
@@ -296,14 +286,12 @@ fn killed_standby_is_replaced() {
     let sup = d.supervisor_pid(id).expect("the job's supervisor record");
     assert_ne!(
         sup, old,
-        "the dead standby recorded itself as the job's supervisor"
+        "the dead launcher recorded itself as a supervisor"
     );
     let log = d.daemon_log();
     assert!(
-        log.contains(&format!(
-            "standby supervisor pid {old} could not take a job"
-        )),
-        "the daemon did not say it replaced the dead standby\n{}",
+        log.contains(&format!("launcher pid {old} failed")),
+        "the daemon did not say it replaced the dead launcher\n{}",
         d.diagnostics()
     );
     assert!(
@@ -312,36 +300,28 @@ fn killed_standby_is_replaced() {
         d.diagnostics()
     );
 
-    // A new standby, neither the dead one nor the one that ran the job.
-    let mut next = None;
+    // The new launcher forks the next job's supervisor.
+    let new = launcher(&d).expect("a new launcher");
+    assert_ne!(new, old);
+    let gate = Gate::new(&s, "two");
+    let id2 = d.submit_new("two.yaml", &held_job("two", &ran, &gate));
     wait_until(
         DEADLINE,
-        "a new standby supervisor",
-        || {
-            next = standby(&d).filter(|p| *p != old && *p != sup);
-            next.is_some()
-        },
-        || {
-            format!(
-                "supervise children {:?}\n{}",
-                supervise_children(&d),
-                d.diagnostics()
-            )
-        },
+        "job two to run",
+        || d.log(id2).contains("before"),
+        || d.diagnostics(),
     );
-    let new = next.expect("new standby");
-    // It takes the next job.
-    let id2 = d.submit_new("echo2.yaml", &once_job("echo2", Some("H100:1"), &ran));
-    d.wait_done(id2, "SUCCEEDED");
-    assert_eq!(d.log(id2), "echo2-ran\n", "{}", d.diagnostics());
+    let sup2 = d.supervisor_pid(id2).expect("job two's supervisor record");
     assert_eq!(
-        d.supervisor_pid(id2),
+        parent_of(sup2),
         Some(new),
-        "the next job did not go to the new standby\n{}",
+        "job two's supervisor is not the new launcher's child\n{}",
         d.diagnostics()
     );
-    assert_eq!(count(&ran, "echo2"), 1);
-    assert_eq!(d.daemon_log().matches("could not take a job").count(), 1);
+    gate.open();
+    d.wait_done(id2, "SUCCEEDED");
+    assert_eq!(count(&ran, "two"), 1);
+    assert_eq!(d.daemon_log().matches("failed (").count(), 1);
 }
 
 /// The daemon hands job A to its supervisor and dies before rewriting `info.json` and moving
