@@ -324,26 +324,24 @@ fn submit(spool: &Spool, files: &[PathBuf], detach: bool) -> anyhow::Result<Exit
             }
         });
         let tmp = incoming.join(format!(".{base}.tmp"));
-        let final_name = match workdir.filter(|w| w.is_dir()) {
+        let (final_name, is_dir) = match workdir.filter(|w| w.is_dir()) {
             Some(w) => {
                 fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
                 copy_tree(&w, &tmp)?;
                 fs::write(tmp.join("job.yaml"), &text)?;
-                base.clone()
+                (base.clone(), true)
             }
             None => {
                 let mut f = fs::File::create(&tmp)?;
                 f.write_all(text.as_bytes())?;
                 f.sync_all()?;
-                format!("{base}.yaml")
+                (format!("{base}.yaml"), false)
             }
         };
         let dest = incoming.join(&final_name);
         fs::rename(&tmp, &dest)?;
-        let source = format!(
-            "incoming/{final_name}{}",
-            if dest.is_dir() { "/" } else { "" }
-        );
+        // What we made, not what is there now: the daemon may have taken it already.
+        let source = format!("incoming/{final_name}{}", if is_dir { "/" } else { "" });
         if detach {
             println!("submitted {source}");
             continue;

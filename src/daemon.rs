@@ -174,6 +174,8 @@ struct Daemon {
     quiet_for: Option<JobId>,
     /// Jobs ended in this batch whose records are still to be written.
     settling: Vec<JobId>,
+    /// Jobs were published in this batch and `jobs/`, `pending/` are not synced yet.
+    unsynced_publish: bool,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
 }
@@ -319,6 +321,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         quiet_until: None,
         quiet_for: None,
         settling: Vec::new(),
+        unsynced_publish: false,
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
             stamp: None,
@@ -770,6 +773,7 @@ impl Daemon {
                 break;
             }
         }
+        self.sync_published();
         self.settle_records();
         self.starve_check_at = self.next_starvation_deadline();
         self.sync_view();
@@ -987,8 +991,10 @@ impl Daemon {
             // A cancel may already be waiting (made between publish and watch).
             self.handle_cancel(id);
         }
-        spool::sync_dir(&self.spool.jobs())?;
-        spool::sync_dir(&self.spool.state_dir(State::Pending))?;
+        // `jobs/` and `pending/` are synced after this batch's starts (`sync_published`): the
+        // job's content is durable already, and a power cut before that sync finds the job in
+        // `staging/` (synced) and publishes it again.
+        self.unsynced_publish = true;
         Ok(())
     }
 
@@ -1585,6 +1591,18 @@ impl Daemon {
         // next job first. (A daemon killed in between finds the supervisor's result and
         // settles the job again at start-up.)
         self.settling.push(id);
+    }
+
+    /// Makes this batch's publications durable (see `stage_and_publish`).
+    fn sync_published(&mut self) {
+        if !std::mem::take(&mut self.unsynced_publish) {
+            return;
+        }
+        for dir in [self.spool.jobs(), self.spool.state_dir(State::Pending)] {
+            if let Err(e) = spool::sync_dir(&dir) {
+                note!("cannot sync {}: {e}", dir.display());
+            }
+        }
     }
 
     /// Writes the records of the jobs [`Daemon::finish`] ended: final `status` (where the

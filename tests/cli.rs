@@ -70,6 +70,13 @@ fn submit_ships_the_workdir() {
     .unwrap();
     let o = d.cli(&["submit", proj.join("job.yaml").to_str().unwrap()]);
     assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    assert!(
+        out(&o).contains("Job ID: "),
+        "{}{}\n{}",
+        out(&o),
+        err(&o),
+        d.diagnostics()
+    );
     let id = job_id_of(&o);
     d.wait_done(id, "SUCCEEDED");
     let workdir = fs::canonicalize(d.job(id).join("workdir")).unwrap();
