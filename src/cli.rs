@@ -191,37 +191,49 @@ pub fn status_exit_code(s: Status) -> u8 {
 }
 
 /// Every job record, with the live `status` file taking precedence.
-/// The rows of `skyspool queue`, newest first. An ended job's row never changes, so it is
-/// taken from the daemon's `queue` file when that has it; every other job is read from its
-/// records (`info.json`, `status`), which are always current. With 10,000 finished jobs this
-/// reads one file and one directory instead of 20,000 files.
+/// The rows of `skyspool queue`, newest first. Rows that cannot have changed since the
+/// daemon last wrote its `queue` file are taken from it: an ended job's (final), and a
+/// pending job's while it is still linked from `pending/` (nothing in a pending row changes
+/// before it leaves). Every other job is read from its records (`info.json`, `status`). With
+/// 10,000 finished jobs this reads one file and a directory instead of 20,000 files.
 fn queue_rows(spool: &Spool, active: bool) -> anyhow::Result<Vec<[String; 8]>> {
+    use std::collections::{BTreeMap, BTreeSet};
     let now = chrono::Utc::now();
-    let ids: std::collections::BTreeSet<JobId> = if active {
-        // pending/ before running/: a job moving between them is seen in one of the two.
-        let mut ids = Vec::new();
-        for state in [spool::State::Pending, spool::State::Running] {
-            ids.extend(spool.state_ids(state).unwrap_or_default());
-        }
-        ids.into_iter().collect()
+    // pending/ before running/: a job moving between them is seen in one of the two.
+    let pending: BTreeSet<JobId> = spool
+        .state_ids(spool::State::Pending)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let ids: BTreeSet<JobId> = if active {
+        let mut ids = pending.clone();
+        ids.extend(spool.state_ids(spool::State::Running).unwrap_or_default());
+        ids
     } else {
         spool.job_ids()?.into_iter().collect()
     };
-    let mut rows: std::collections::BTreeMap<JobId, [String; 8]> = Default::default();
-    if !active {
-        let table = std::fs::read_to_string(spool.root().join("queue")).ok();
-        for cells in table
-            .as_deref()
-            .and_then(queue::parse_table)
-            .unwrap_or_default()
-        {
-            let Ok(id) = cells[0].parse::<JobId>() else {
-                continue;
-            };
-            let ended = spool::Status::parse(&cells[7]).is_some_and(|s| s.is_terminal());
-            if ended && ids.contains(&id) {
-                rows.insert(id, queue::relative_cells(cells, now));
-            }
+    let mut rows: BTreeMap<JobId, [String; 8]> = BTreeMap::new();
+    let table = std::fs::read_to_string(spool.root().join("queue")).ok();
+    for cells in table
+        .as_deref()
+        .and_then(queue::parse_table)
+        .unwrap_or_default()
+    {
+        let Ok(id) = cells[0].parse::<JobId>() else {
+            continue;
+        };
+        if !ids.contains(&id) {
+            continue;
+        }
+        let status = spool::Status::parse(&cells[7]);
+        let current = match status {
+            // (Listing only active jobs, an ended one is checked against its records.)
+            Some(s) if s.is_terminal() => !active,
+            Some(spool::Status::Pending) => pending.contains(&id),
+            _ => false,
+        };
+        if current {
+            rows.insert(id, queue::relative_cells(cells, now));
         }
     }
     for &id in &ids {
