@@ -1209,13 +1209,14 @@ impl Daemon {
         // No fsync: after a power loss nothing of the job runs, and a launch without the
         // supervisor's record goes back to pending (the result, when there is one, is synced
         // with its directory by the supervisor).
-        let lock = executor::take_launch_lock(&private.join("supervisor.lock"), &record)
+        let lock_path = private.join("supervisor.lock");
+        let lock = executor::take_launch_lock(&lock_path, &record)
             .context("taking the job's launch lock")?;
         // The job goes first; the records follow while it starts on another core. From here
         // only the supervisor writes `status`; a daemon that dies before `info.json` says
         // RUNNING finds the placement in the launch record.
         let pid = self
-            .hand_off(&plan, &lock, &private.join("supervisor.lock"))
+            .hand_off(&plan, &lock, &lock_path)
             .context("handing the job to its supervisor")?;
         drop(lock);
         self.quiet_until = Some(std::time::Instant::now() + QUIET_AFTER_START);
@@ -1605,8 +1606,9 @@ impl Daemon {
         }
     }
 
-    /// Writes the records of the jobs [`Daemon::finish`] ended: final `status` (where the
-    /// supervisor could not), `info.json`, the link moved to `done/`.
+    /// Writes the records of the jobs that ended ([`Daemon::finish`], or cancelled while
+    /// pending): final `status` (where the supervisor did not), `info.json`, the link moved
+    /// to `done/`.
     fn settle_records(&mut self) {
         for id in std::mem::take(&mut self.settling) {
             let Some(info) = self.jobs.get(&id) else {
@@ -1662,20 +1664,16 @@ impl Daemon {
     }
 
     fn finish_pending_cancel(&mut self, id: JobId) {
-        let _ = self.spool.write_status(id, Status::Cancelled);
         self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
             info.status = Status::Cancelled;
             info.ended = Some(spool::now_rfc3339());
             info.reason = Some("cancelled while pending".into());
-            let _ = self.spool.write_info(info);
         }
-        let from = self.spool.state_of(id).unwrap_or(State::Pending);
-        let _ = self.spool.move_state(id, from, State::Done);
-        self.watcher.unwatch_job(id);
-        self.spool.remove_secrets(id);
         self.dirty = true;
         note!("job {id} cancelled while pending");
+        // `status`, `info.json` and the move to `done/` are written like any ended job's.
+        self.settling.push(id);
     }
 }
 

@@ -441,8 +441,8 @@ fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
     let mut lock = File::from(lock);
     lock.write_all(&rec)
         .map_err(|e| ExecError::Io("supervisor.lock".into(), e))?;
-    // A cancel that reached the daemon before we could receive signals (between its fork and
-    // exec) left only its file: honour it before running anything.
+    // A cancel whose file exists already (the daemon signals only a supervisor it knows)
+    // is honoured before anything runs.
     let result = if cancel_pending(&spool, &plan) {
         Ok(finish(
             Status::Cancelled,
