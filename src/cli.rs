@@ -240,12 +240,9 @@ fn queue_rows(spool: &Spool, active: bool) -> anyhow::Result<Vec<[String; 8]>> {
         if rows.contains_key(&id) {
             continue;
         }
-        let Ok(mut info) = spool.read_info(id) else {
+        let Some(info) = current_info(spool, id) else {
             continue;
         };
-        if let Ok(s) = spool.read_status(id) {
-            info.status = s;
-        }
         if active && info.status.is_terminal() {
             continue;
         }
@@ -254,17 +251,21 @@ fn queue_rows(spool: &Spool, active: bool) -> anyhow::Result<Vec<[String; 8]>> {
     Ok(rows.into_values().rev().collect())
 }
 
-fn load_jobs(spool: &Spool) -> anyhow::Result<Vec<JobInfo>> {
-    let mut jobs = Vec::new();
-    for id in spool.job_ids()? {
-        if let Ok(mut info) = spool.read_info(id) {
-            if let Ok(s) = spool.read_status(id) {
-                info.status = s;
-            }
-            jobs.push(info);
-        }
+/// A job's record with its current status (`status` is authoritative, `info.json` may lag).
+fn current_info(spool: &Spool, id: JobId) -> Option<JobInfo> {
+    let mut info = spool.read_info(id).ok()?;
+    if let Ok(s) = spool.read_status(id) {
+        info.status = s;
     }
-    Ok(jobs)
+    Some(info)
+}
+
+fn load_jobs(spool: &Spool) -> anyhow::Result<Vec<JobInfo>> {
+    Ok(spool
+        .job_ids()?
+        .into_iter()
+        .filter_map(|id| current_info(spool, id))
+        .collect())
 }
 
 fn unique_suffix() -> String {

@@ -205,7 +205,7 @@ pub fn render(jobs: &[&JobInfo], now: DateTime<Utc>, style: TimeStyle) -> String
         .rev()
         .map(|j| row_cells(j, now, style))
         .collect();
-    layout(rows.iter())
+    render_rows(&rows)
 }
 
 /// The `queue` file's rows, kept per job so that a re-render after a change formats only
