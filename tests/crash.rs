@@ -169,16 +169,12 @@ fn supervisor_pid(d: &Daemon, id: u64) -> Option<u32> {
 
 /// Process start time (`/proc/PID/stat` field 22): with the pid, a process's identity.
 fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    proc_stat(pid)?.get(19)?.parse().ok()
 }
 
 /// CPU time (user + system, clock ticks) a process has used.
 fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let f = proc_stat(pid)?;
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 

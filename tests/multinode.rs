@@ -338,11 +338,7 @@ fn lost_node_fails_the_job_instead_of_hanging() {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .find(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
+            let ppid = parent_of(*pid);
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             ppid == Some(sup_pid) && String::from_utf8_lossy(&cmd).starts_with("ssh")
         })

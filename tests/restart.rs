@@ -199,13 +199,6 @@ fn cancel_made_while_daemon_is_down_is_applied_at_start() {
     assert!(!d.log(id1).contains("after"));
 }
 
-/// Parent pid of `pid` (field 4 of /proc/PID/stat, after the `(comm)` field).
-fn parent_of(pid: u32) -> Option<u32> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.get(s.rfind(')')? + 2..)?.to_string();
-    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-}
-
 /// The live `skyspool supervise` processes that are children of the daemon: its launcher
 /// (the jobs' supervisors are the launcher's children).
 fn supervise_children(d: &Daemon) -> Vec<u32> {

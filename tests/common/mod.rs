@@ -394,15 +394,22 @@ impl Gate {
     }
 }
 
+/// The fields of `/proc/PID/stat` after the `(comm)` one (which may hold spaces and
+/// parentheses): `[0]` is the state, `[1]` the parent pid, `[19]` the start time.
+pub fn proc_stat(pid: u32) -> Option<Vec<String>> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.get(s.rfind(')')? + 2..)?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The parent pid of a process.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    proc_stat(pid)?.get(1)?.parse().ok()
+}
+
 /// Whether a process with this pid is alive (not a zombie).
 pub fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s.get(i + 2..i + 3))
-            .is_some_and(|st| st != "Z"),
-        Err(_) => false,
-    }
+    proc_stat(pid).is_some_and(|f| f.first().is_some_and(|st| st != "Z"))
 }
 
 // ------------------------------------------------------------------ helpers added for the
