@@ -414,12 +414,20 @@ impl Cx<'_> {
     }
 }
 
-/// 1-based line and column (in characters) of byte offset `at` in `text`.
+/// 1-based line and column (in characters) of byte offset `at` in `text`, counting lines
+/// the way YAML (and so the parser's own positions) does: `\r\n`, a lone `\r` and `\n`
+/// each end a line.
 fn line_col_of(text: &str, at: usize) -> (usize, usize) {
     let at = at.min(text.len());
     let before = text.get(..at).unwrap_or(text);
-    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let all = text.as_bytes();
+    let line = all[..before.len()]
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && all.get(i + 1) != Some(&b'\n')))
+        .count()
+        + 1;
+    let line_start = before.rfind(['\n', '\r']).map(|i| i + 1).unwrap_or(0);
     let column = before
         .get(line_start..)
         .map(|s| s.chars().count())
@@ -1861,6 +1869,20 @@ mod tests {
             );
         }
         e
+    }
+
+    #[test]
+    fn lines_are_counted_as_yaml_counts_them() {
+        // `\r\n`, a lone `\r` and `\n` each end a line, as in the parser's own positions.
+        assert_eq!(line_col_of("a\nb", 2), (2, 1));
+        assert_eq!(line_col_of("a\r\nb", 3), (2, 1));
+        assert_eq!(line_col_of("\r\ra", 2), (3, 1));
+        assert_eq!(line_col_of("x\r\n", 1), (1, 2));
+        assert_eq!(line_col_of("ab\rcd", 5), (2, 3));
+        // The parser's error and ours agree on a file with old-Mac line ends.
+        assert_eq!(err("\r\ra").line, Some(3));
+        assert_eq!(err("run: a\r\rx: \u{1}").line, Some(3));
+        assert_eq!(err("run: a\r\n\r\nx: \u{1}").line, Some(3));
     }
 
     fn a(kind: &str, milli: u64) -> AccelDemand {

@@ -15,13 +15,14 @@
 //!
 //! Case counts are small by default (the suite runs in seconds in a debug build);
 //! `SKYSPOOL_FUZZ_CASES` sets the parser tests' count and `SKYSPOOL_FUZZ_SUBMIT_CASES` the
-//! submission test's (see `scripts/fuzz`).
+//! submission test's (see `scripts/fuzz`). Each run draws a new random seed and a failure
+//! names it: `SKYSPOOL_FUZZ_SEED=N` replays that run's inputs.
 mod common;
 
 use common::*;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, RngSeed, TestCaseError, TestRunner};
 use skyspool::resources::Milli;
 use skyspool::spec::{self, JobSpec, SpecError};
 use std::collections::{BTreeMap, BTreeSet};
@@ -54,9 +55,36 @@ fn env_cases(var: &str, default: u32) -> u32 {
 }
 
 /// Parser fuzzing config: `SKYSPOOL_FUZZ_CASES` cases if set, else `default`.
+/// The seed of this run's inputs: `SKYSPOOL_FUZZ_SEED`, or drawn from the clock (and printed,
+/// so that a failure can be replayed).
+fn fuzz_seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| {
+        let seed = std::env::var("SKYSPOOL_FUZZ_SEED")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            });
+        eprintln!("fuzz seed: SKYSPOOL_FUZZ_SEED={seed}");
+        seed
+    })
+}
+
+/// How to replay a failure, for the failure message.
+fn replay_hint() -> String {
+    format!(
+        "replay with SKYSPOOL_FUZZ_SEED={} (and the same SKYSPOOL_FUZZ_CASES)",
+        fuzz_seed()
+    )
+}
+
 fn parser_config(default: u32) -> Config {
     Config {
         cases: env_cases("SKYSPOOL_FUZZ_CASES", default),
+        rng_seed: RngSeed::Fixed(fuzz_seed()),
         max_shrink_iters: 2048,
         // Failures are printed (minimal input included); no regression file is written into
         // the source tree.
@@ -118,7 +146,13 @@ fn check_error(bytes: &[u8], e: &SpecError) -> Result<(), TestCaseError> {
         return Err(fail(format!("error message is {} bytes long", shown.len())));
     }
     if let Some(line) = e.line {
-        let lines = bytes.iter().filter(|b| **b == b'\n').count() + 1;
+        // YAML's line breaks: `\r\n`, a lone `\r`, `\n`.
+        let lines = bytes
+            .iter()
+            .enumerate()
+            .filter(|&(i, &b)| b == b'\n' || (b == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
+            .count()
+            + 1;
         if line == 0 || line > lines + 1 {
             return Err(fail(format!(
                 "error points at line {line} of a {lines}-line input: {shown:?}"
@@ -865,9 +899,10 @@ fn explain<V>(e: proptest::test_runner::TestError<V>, bytes_of: impl Fn(&V) -> V
         proptest::test_runner::TestError::Fail(r, v) => {
             let b = bytes_of(&v);
             format!(
-                "{r}\nminimal failing input ({} bytes): {:?}",
+                "{r}\nminimal failing input ({} bytes): {:?}\n{}",
                 b.len(),
-                clip(&String::from_utf8_lossy(&b), 2000)
+                clip(&String::from_utf8_lossy(&b), 2000),
+                replay_hint()
             )
         }
     }
@@ -948,6 +983,7 @@ fn corpus_files_pass_the_parser_checks() {
         // Each corpus file, mutated a little, through the same checks.
         let mut runner = TestRunner::new(Config {
             cases: env_cases("SKYSPOOL_FUZZ_CASES", 1000) / 50 + 1,
+            rng_seed: RngSeed::Fixed(fuzz_seed()),
             failure_persistence: None,
             ..Config::default()
         });
@@ -1516,6 +1552,7 @@ fn fuzz_submission_path() {
         cases: env_cases("SKYSPOOL_FUZZ_SUBMIT_CASES", 20),
         max_shrink_iters: 64,
         max_shrink_time: 20_000,
+        rng_seed: RngSeed::Fixed(fuzz_seed()),
         failure_persistence: None,
         ..Config::default()
     });
@@ -1523,7 +1560,7 @@ fn fuzz_submission_path() {
     let result = runner.run(&submissions(), |subs| check_submissions(&d, &subs));
     eprintln!("submission fuzzing: {:?}", t0.elapsed());
     if let Err(e) = result {
-        panic!("{e}");
+        panic!("{e}\n{}", replay_hint());
     }
     // Every admitted job was a good one: all of them succeed.
     for id in d.job_ids() {
