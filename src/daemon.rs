@@ -1618,6 +1618,7 @@ impl Daemon {
                 let _ = self.spool.write_status(id, info.status);
             }
             let _ = self.spool.write_info(info);
+            self.spool.trim_spares(id);
             let from = self.spool.state_of(id).unwrap_or(State::Running);
             let _ = self.spool.move_state(id, from, State::Done);
             self.watcher.unwatch_job(id);

@@ -666,51 +666,91 @@ impl Spool {
     // ------------------------------------------------------------ job files
 
     pub fn write_status(&self, id: JobId, status: Status) -> Result<()> {
-        write_atomic(
+        write_exchanged(
             &self.job_dir(id),
             "status",
+            &self.job_private(id),
             format!("{status}\n").as_bytes(),
             false,
         )
     }
 
-    pub fn read_status(&self, id: JobId) -> Result<Status> {
-        let path = self.job_dir(id).join("status");
-        let text = fs::read_to_string(&path).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound && !self.job_dir(id).exists() {
-                SpoolError::NoSuchJob(id)
-            } else {
-                SpoolError::Io {
-                    path: path.clone(),
-                    source: e,
+    /// Empties the spares of an ended job's `status` and `info.json` (see
+    /// [`write_exchanged`]): they keep their inodes (freeing one costs more on ext4 than
+    /// keeping it) but no longer any block.
+    pub fn trim_spares(&self, id: JobId) {
+        for name in ["status.spare", "info.json.spare"] {
+            let path = self.job_private(id).join(name);
+            if let Ok(f) = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                .open(&path)
+            {
+                if f.metadata().is_ok_and(|m| m.is_file()) {
+                    let _ = f.set_len(0);
                 }
             }
-        })?;
-        Status::parse(&text).ok_or_else(|| SpoolError::Corrupt {
+        }
+    }
+
+    pub fn read_status(&self, id: JobId) -> Result<Status> {
+        self.read_exchanged(id, "status", false, |b| {
+            let text = String::from_utf8_lossy(b);
+            Status::parse(&text).ok_or_else(|| format!("unknown status {:?}", text.trim()))
+        })
+    }
+
+    /// Reads and parses a job file replaced by [`write_exchanged`], reading it afresh (up to
+    /// [`REREADS`] times) when what it read does not parse: a read that raced two
+    /// replacements in a row can find the file emptied. A missing file means "no such job"
+    /// when `missing_is_no_job`, else only when the job's directory is missing too.
+    fn read_exchanged<T>(
+        &self,
+        id: JobId,
+        name: &str,
+        missing_is_no_job: bool,
+        parse: impl Fn(&[u8]) -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        let path = self.job_dir(id).join(name);
+        let mut last = String::new();
+        for _ in 0..REREADS {
+            let bytes = fs::read(&path).map_err(|e| {
+                if e.kind() == io::ErrorKind::NotFound
+                    && (missing_is_no_job || !self.job_dir(id).exists())
+                {
+                    SpoolError::NoSuchJob(id)
+                } else {
+                    SpoolError::Io {
+                        path: path.clone(),
+                        source: e,
+                    }
+                }
+            })?;
+            match parse(&bytes) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(SpoolError::Corrupt {
             path,
-            message: format!("unknown status {:?}", text.trim()),
+            message: last,
         })
     }
 
     pub fn write_info(&self, info: &JobInfo) -> Result<()> {
-        write_info_in(&self.job_dir(info.id), info)
+        let bytes = info_bytes(&self.job_dir(info.id), info)?;
+        write_exchanged(
+            &self.job_dir(info.id),
+            "info.json",
+            &self.job_private(info.id),
+            &bytes,
+            false,
+        )
     }
 
     pub fn read_info(&self, id: JobId) -> Result<JobInfo> {
-        let path = self.job_dir(id).join("info.json");
-        let text = fs::read(&path).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                SpoolError::NoSuchJob(id)
-            } else {
-                SpoolError::Io {
-                    path: path.clone(),
-                    source: e,
-                }
-            }
-        })?;
-        serde_json::from_slice(&text).map_err(|e| SpoolError::Corrupt {
-            path,
-            message: e.to_string(),
+        self.read_exchanged(id, "info.json", true, |b| {
+            serde_json::from_slice(b).map_err(|e| e.to_string())
         })
     }
 
@@ -771,11 +811,11 @@ impl Spool {
     }
 
     pub fn write_queue(&self, text: &str) -> Result<()> {
-        write_atomic(&self.root, "queue", text.as_bytes(), false)
+        write_exchanged(&self.root, "queue", &self.private(), text.as_bytes(), false)
     }
 
     pub fn write_nodes(&self, text: &str) -> Result<()> {
-        write_atomic(&self.root, "nodes", text.as_bytes(), false)
+        write_exchanged(&self.root, "nodes", &self.private(), text.as_bytes(), false)
     }
 
     /// Stores a job's secrets where only root can read them (never in the job directory).
@@ -882,12 +922,17 @@ fn first_line_as<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
 
 /// Writes `info.json` into a job directory (atomic replace).
 pub fn write_info_in(dir: &Path, info: &JobInfo) -> Result<()> {
+    write_atomic(dir, "info.json", &info_bytes(dir, info)?, false)
+}
+
+/// `info.json`'s content (pretty JSON and a newline).
+fn info_bytes(dir: &Path, info: &JobInfo) -> Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec_pretty(info).map_err(|e| SpoolError::Corrupt {
         path: dir.join("info.json"),
         message: e.to_string(),
     })?;
     bytes.push(b'\n');
-    write_atomic(dir, "info.json", &bytes, false)
+    Ok(bytes)
 }
 
 /// What `name` in `incoming/` is. `meta` (from lstat) decides file vs dir vs hostile.
@@ -1044,6 +1089,97 @@ pub fn write_atomic_mode(
         }
     }
     result.at(&dst)
+}
+
+/// How often a reader of a file replaced by [`write_exchanged`] reads it again when what it
+/// read does not parse.
+const REREADS: usize = 3;
+
+/// Replaces `dir/name` with `bytes` by exchanging it with a spare kept in `spare_dir`
+/// (as `NAME.spare`, written in place first): one `renameat2(RENAME_EXCHANGE)`, so readers
+/// see the old or the new content, never a mix. Unlike [`write_atomic`] no inode is created
+/// or freed once the spare exists; on a journal-less ext4 each freed inode slows every
+/// creation in its block group for a minute or more, and a rename over the old file frees
+/// one per rewrite. After the exchange the spare holds the previous content.
+///
+/// The spare is rewritten in place on the next replacement, so a reader that keeps the file
+/// open across two replacements may read it empty or newer (readers open afresh: `cat`,
+/// [`Spool::read_status`]). `spare_dir` must be a directory nobody else can write; a spare
+/// that is not a regular file of ours with one link is replaced, never written. Where the
+/// filesystem cannot exchange (or `name` does not exist yet) the spare is renamed over
+/// `name`, as [`write_atomic`] would.
+pub fn write_exchanged(
+    dir: &Path,
+    name: &str,
+    spare_dir: &Path,
+    bytes: &[u8],
+    durable: bool,
+) -> Result<()> {
+    let spare = spare_dir.join(format!("{name}.spare"));
+    let dst = dir.join(name);
+    let reusable = |f: &File| {
+        f.metadata().is_ok_and(|m| {
+            m.is_file() && m.nlink() == 1 && m.uid() == nix::unistd::geteuid().as_raw()
+        })
+    };
+    let result = (|| -> io::Result<()> {
+        let existing = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&spare);
+        let mut f = match existing {
+            Ok(f) if reusable(&f) => {
+                f.set_len(0)?;
+                f
+            }
+            Ok(_) => {
+                fs::remove_file(&spare)?;
+                create_new_file(&spare, 0o644)?
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => create_new_file(&spare, 0o644)?,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                fs::remove_file(&spare)?;
+                create_new_file(&spare, 0o644)?
+            }
+            Err(e) => return Err(e),
+        };
+        f.write_all(bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+        drop(f);
+        match nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &spare,
+            nix::fcntl::AT_FDCWD,
+            &dst,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        ) {
+            Ok(()) => Ok(()),
+            // No file to exchange with yet, or a filesystem that cannot exchange (NFS, some
+            // FUSE): the spare becomes the file.
+            Err(
+                nix::errno::Errno::ENOENT | nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS,
+            ) => fs::rename(&spare, &dst),
+            Err(e) => Err(e.into()),
+        }
+    })();
+    match result {
+        Ok(()) => Ok(()),
+        // Disk full (the spare could not be made) and the like: the rename-based path, with
+        // its own emergency fallback.
+        Err(e) if is_out_of_space(&e) => write_atomic(dir, name, bytes, durable),
+        Err(e) => Err(e).at(&dst),
+    }
+}
+
+fn create_new_file(path: &Path, mode: u32) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(mode)
+        .open(path)
 }
 
 /// ENOSPC or EDQUOT.
