@@ -13,7 +13,7 @@ use crate::spec::{self, JobSpec};
 use crate::spool::{
     self, Claimed, Incoming, JobInfo, JobResult, NodeAssignment, Spool, State, Status,
 };
-use crate::view::{Submission, Submitter, View};
+use crate::view::{NodesSnapshot, Submission, Submitter, View};
 use crate::watcher::{SpoolEvent, Watcher};
 use anyhow::Context;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -796,8 +796,7 @@ impl Daemon {
             if let Err(e) = self.spool.write_queue(&text) {
                 note!("cannot write queue: {e}");
             }
-            // sync_view() just rendered it for this batch.
-            let nodes = self.view.read(|v| v.nodes_text.clone());
+            let nodes = self.inventory.render_nodes(&self.sched.usage());
             if nodes != self.last_nodes {
                 if let Err(e) = self.spool.write_nodes(&nodes) {
                     note!("cannot write nodes: {e}");
@@ -1461,11 +1460,21 @@ impl Daemon {
     /// Publishes changed job records and the `nodes` text to the FUSE view (and wakes its
     /// waiters). Cheap when nothing changed.
     fn sync_view(&mut self) {
-        let nodes = self.inventory.render_nodes(&self.sched.usage());
-        let nodes_changed = self.view.read(|v| v.nodes_text != nodes);
+        let usage = self.sched.usage();
+        let nodes_changed = self.view.read(|v| {
+            v.nodes
+                .as_ref()
+                .is_none_or(|n| n.usage != usage || n.inventory != self.inventory)
+        });
         if self.touched.is_empty() && !nodes_changed {
             return;
         }
+        let nodes = nodes_changed.then(|| {
+            Arc::new(NodesSnapshot {
+                inventory: self.inventory.clone(),
+                usage,
+            })
+        });
         let touched = std::mem::take(&mut self.touched);
         let jobs = &self.jobs;
         for id in &touched {
@@ -1479,7 +1488,9 @@ impl Daemon {
                     v.jobs.insert(id, info.clone());
                 }
             }
-            v.nodes_text = nodes;
+            if let Some(nodes) = nodes {
+                v.nodes = Some(nodes);
+            }
         });
     }
 
@@ -1487,11 +1498,7 @@ impl Daemon {
     /// no event comes); `None` without a bound or a waiting job, or once it has crossed.
     fn next_starvation_deadline(&self) -> Option<std::time::Instant> {
         let bound = self.sched.starvation_bound()?;
-        let oldest = self
-            .sched
-            .pending_ids()
-            .filter_map(|id| self.sched.waiting_since(id))
-            .min()?;
+        let oldest = self.sched.oldest_waiting_since()?;
         let due = oldest.saturating_add(bound).saturating_add(1);
         let now = now_ms();
         (due > now).then(|| std::time::Instant::now() + Duration::from_millis(due - now))

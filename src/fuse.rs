@@ -82,6 +82,9 @@ use std::time::{Duration, Instant, SystemTime};
 /// everything; reads that wait (`stream`) do not hold one.
 const FUSE_THREADS: usize = 8;
 
+/// A rendering of the `nodes` file and the snapshot it was made from.
+type NodesText = (Arc<crate::view::NodesSnapshot>, Arc<Vec<u8>>);
+
 /// Everything the handlers and the helper threads share.
 pub(crate) struct Shared {
     spool: Spool,
@@ -100,6 +103,8 @@ pub(crate) struct Shared {
     /// When the view last changed (the time of `queue`, `nodes` and the state directories).
     changed_at: Mutex<SystemTime>,
     queue_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// The `nodes` text and the snapshot it was rendered from.
+    nodes_cache: Mutex<Option<NodesText>>,
 }
 
 /// A live mount; unmounted by [`FuseMount::unmount`] (or when dropped).
@@ -134,6 +139,7 @@ pub fn mount(
         shutdown: AtomicBool::new(false),
         changed_at: Mutex::new(now),
         queue_cache: Mutex::new(None),
+        nodes_cache: Mutex::new(None),
     });
     let mut helpers = Vec::new();
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {

@@ -819,6 +819,11 @@ impl Scheduler {
         self.starvation_bound
     }
 
+    /// When the longest-waiting pending job started waiting; `None` with no job pending.
+    pub fn oldest_waiting_since(&self) -> Option<u64> {
+        self.by_age.first().map(|&(since, _)| since)
+    }
+
     /// When a pending job started waiting (as given to [`Scheduler::enqueue_at`]).
     pub fn waiting_since(&self, id: JobId) -> Option<u64> {
         self.since.get(&id).copied()
@@ -2053,6 +2058,10 @@ mod tests {
         assert_eq!(ids(&s.schedule_at(10)), vec![3]);
         assert_eq!(s.waiting_since(5), Some(7));
         assert_eq!(s.waiting_since(3), None);
+        assert_eq!(
+            s.oldest_waiting_since(),
+            s.pending_ids().filter_map(|id| s.waiting_since(id)).min()
+        );
     }
 
     #[test]
@@ -2194,6 +2203,10 @@ mod tests {
                 assert!(s.is_pending(*id) && s.running_placement(*id).is_none());
                 assert_eq!(s.pending_demand(*id), Some(d));
                 assert_eq!(s.waiting_since(*id), Some(*since));
+                assert_eq!(
+                    s.oldest_waiting_since(),
+                    pending.values().map(|(_, since)| *since).min()
+                );
             }
             for (id, (_, p)) in &running {
                 assert!(!s.is_pending(*id));

@@ -5,20 +5,36 @@
 //! than the batch being processed) and send submissions to the event loop, which answers
 //! with the job ID or the rejection reason.
 
-use crate::scheduler::JobId;
+use crate::inventory::Inventory;
+use crate::scheduler::{JobId, NodeUsage};
 use crate::spool::JobInfo;
 use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// The daemon's state as the mount shows it.
 #[derive(Clone, Debug, Default)]
 pub struct ViewState {
     pub jobs: BTreeMap<JobId, JobInfo>,
-    /// The text of the `nodes` file.
-    pub nodes_text: String,
+    /// What the `nodes` file shows: the inventory and each node's use. Rendered only
+    /// when read through the mount ([`NodesSnapshot::text`]), not after every batch.
+    pub nodes: Option<Arc<NodesSnapshot>>,
     pub cluster_name: String,
     /// Bumped after every update.
     pub generation: u64,
+}
+
+/// The inventory and its use at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodesSnapshot {
+    pub inventory: Inventory,
+    pub usage: Vec<NodeUsage>,
+}
+
+impl NodesSnapshot {
+    /// The text of the `nodes` file.
+    pub fn text(&self) -> String {
+        self.inventory.render_nodes(&self.usage)
+    }
 }
 
 /// Shared between the event loop (writer) and FUSE threads (readers).

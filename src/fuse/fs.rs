@@ -230,14 +230,22 @@ impl Shared {
         })
     }
 
+    /// The `nodes` table, rendered once per snapshot of the inventory's use.
     fn nodes_bytes(&self) -> Arc<Vec<u8>> {
-        let text = self.view.read(|s| s.nodes_text.clone());
-        if text.is_empty() {
-            // The daemon fills `nodes_text` with its first job change; until then the
-            // file it wrote at start-up says the same.
+        let Some(nodes) = self.view.read(|s| s.nodes.clone()) else {
+            // The daemon fills the snapshot with its first batch; until then the file it
+            // wrote at start-up says the same.
             return Arc::new(fs::read(self.spool.root().join("nodes")).unwrap_or_default());
+        };
+        let mut cache = lock(&self.nodes_cache);
+        if let Some((snapshot, bytes)) = cache.as_ref() {
+            if Arc::ptr_eq(snapshot, &nodes) {
+                return Arc::clone(bytes);
+            }
         }
-        Arc::new(text.into_bytes())
+        let bytes = Arc::new(nodes.text().into_bytes());
+        *cache = Some((nodes, Arc::clone(&bytes)));
+        bytes
     }
 
     /// Generated content of a node (`None`: not a generated file).
