@@ -1381,6 +1381,58 @@ mod tests {
     }
 
     #[test]
+    fn exchanged_rewrites_keep_their_two_inodes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, spare_dir) = (tmp.path().join("d"), tmp.path().join("p"));
+        fs::create_dir(&dir).unwrap();
+        fs::create_dir(&spare_dir).unwrap();
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        let file = dir.join("status");
+        let spare = spare_dir.join("status.spare");
+        // No file yet: the spare becomes the file.
+        write_exchanged(&dir, "status", &spare_dir, b"PENDING\n", false).unwrap();
+        assert_eq!(fs::read(&file).unwrap(), b"PENDING\n");
+        assert!(!spare.exists());
+        let first = ino(&file);
+        write_exchanged(&dir, "status", &spare_dir, b"RUNNING\n", false).unwrap();
+        assert_eq!(fs::read(&file).unwrap(), b"RUNNING\n");
+        assert_eq!(fs::read(&spare).unwrap(), b"PENDING\n");
+        let second = ino(&file);
+        assert_eq!(ino(&spare), first);
+        // From now on the same two inodes trade places: nothing is created or freed.
+        for (i, word) in ["SUCCEEDED\n", "FAILED\n", "CANCELLED\n"]
+            .iter()
+            .enumerate()
+        {
+            write_exchanged(&dir, "status", &spare_dir, word.as_bytes(), i == 1).unwrap();
+            assert_eq!(fs::read_to_string(&file).unwrap(), *word);
+            let inos = [ino(&file), ino(&spare)];
+            assert!(inos.contains(&first) && inos.contains(&second), "{inos:?}");
+        }
+    }
+
+    #[test]
+    fn exchanged_rewrite_never_writes_through_a_planted_spare() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, spare_dir) = (tmp.path().join("d"), tmp.path().join("p"));
+        fs::create_dir(&dir).unwrap();
+        fs::create_dir(&spare_dir).unwrap();
+        let outside = tmp.path().join("outside");
+        fs::write(&outside, "keep").unwrap();
+        fs::write(dir.join("info.json"), "old").unwrap();
+        // A symlink and a hard link to a file elsewhere: replaced, never written through.
+        std::os::unix::fs::symlink(&outside, spare_dir.join("info.json.spare")).unwrap();
+        write_exchanged(&dir, "info.json", &spare_dir, b"new", false).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("info.json")).unwrap(), "new");
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "keep");
+        fs::remove_file(spare_dir.join("info.json.spare")).unwrap();
+        fs::hard_link(&outside, spare_dir.join("info.json.spare")).unwrap();
+        write_exchanged(&dir, "info.json", &spare_dir, b"newer", false).unwrap();
+        assert_eq!(fs::read_to_string(dir.join("info.json")).unwrap(), "newer");
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "keep");
+    }
+
+    #[test]
     fn classifies_names() {
         let n = |s: &str| classify_incoming(OsStr::new(s), None);
         assert_eq!(n(".job.yaml.XYZ123"), Incoming::Ignore);
