@@ -1166,9 +1166,12 @@ pub fn write_exchanged(
     })();
     match result {
         Ok(()) => Ok(()),
-        // Disk full (the spare could not be made) and the like: the rename-based path, with
-        // its own emergency fallback.
-        Err(e) if is_out_of_space(&e) => write_atomic(dir, name, bytes, durable),
+        // Disk full (the spare could not be made), or no place for a spare (a job directory
+        // of an older spool without `.sky/`): the rename-based path, with its own emergency
+        // fallback.
+        Err(e) if is_out_of_space(&e) || e.kind() == io::ErrorKind::NotFound => {
+            write_atomic(dir, name, bytes, durable)
+        }
         Err(e) => Err(e).at(&dst),
     }
 }
@@ -1409,6 +1412,23 @@ mod tests {
             let inos = [ino(&file), ino(&spare)];
             assert!(inos.contains(&first) && inos.contains(&second), "{inos:?}");
         }
+    }
+
+    #[test]
+    fn exchanged_rewrite_without_a_spare_directory_still_replaces() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("status"), "PENDING\n").unwrap();
+        write_exchanged(
+            &dir,
+            "status",
+            &tmp.path().join("gone"),
+            b"RUNNING\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(fs::read(dir.join("status")).unwrap(), b"RUNNING\n");
     }
 
     #[test]
