@@ -1105,7 +1105,10 @@ const REREADS: usize = 3;
 /// The spare is rewritten in place on the next replacement, so a reader that keeps the file
 /// open across two replacements may read it empty or newer (readers open afresh: `cat`,
 /// [`Spool::read_status`]). `spare_dir` must be a directory nobody else can write; a spare
-/// that is not a regular file of ours with one link is replaced, never written. Where the
+/// that is not a regular file of ours with one link is replaced, never written. One writer
+/// at a time per file (the spare is shared): the daemon alone writes `info.json`, `queue`
+/// and `nodes`, and `status` passes from the daemon to the supervisor at the hand-over and
+/// back only once the supervisor is gone. Where the
 /// filesystem cannot exchange (or `name` does not exist yet) the spare is renamed over
 /// `name`, as [`write_atomic`] would.
 pub fn write_exchanged(
