@@ -680,12 +680,7 @@ impl Spool {
     /// keeping it) but no longer any block.
     pub fn trim_spares(&self, id: JobId) {
         for name in ["status.spare", "info.json.spare"] {
-            let path = self.job_private(id).join(name);
-            if let Ok(f) = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-                .open(&path)
-            {
+            if let Ok(f) = open_existing_for_write(&self.job_private(id).join(name)) {
                 if f.metadata().is_ok_and(|m| m.is_file()) {
                     let _ = f.set_len(0);
                 }
@@ -1060,17 +1055,8 @@ pub fn write_atomic_mode(
     let result = (|| -> io::Result<()> {
         // Never reuse what is at the temporary name: in a directory others can write to,
         // it could be theirs (a link, a FIFO, a file they keep open).
-        match fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .mode(mode)
-            .open(&tmp)?;
+        remove_if_present(&tmp)?;
+        let mut f = create_new_file(&tmp, mode)?;
         f.write_all(bytes)?;
         if durable {
             f.sync_all()?;
@@ -1126,25 +1112,20 @@ pub fn write_exchanged(
         })
     };
     let result = (|| -> io::Result<()> {
-        let existing = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(&spare);
-        let mut f = match existing {
+        let mut f = match open_existing_for_write(&spare) {
             Ok(f) if reusable(&f) => {
                 f.set_len(0)?;
                 f
             }
-            Ok(_) => {
-                fs::remove_file(&spare)?;
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
+                return Err(e)
+            }
+            // Missing, or not ours to write (a link, a FIFO, a file with other links): a
+            // new one in its place.
+            _ => {
+                remove_if_present(&spare)?;
                 create_new_file(&spare, 0o644)?
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => create_new_file(&spare, 0o644)?,
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                fs::remove_file(&spare)?;
-                create_new_file(&spare, 0o644)?
-            }
-            Err(e) => return Err(e),
         };
         f.write_all(bytes)?;
         if durable {
@@ -1179,6 +1160,24 @@ pub fn write_exchanged(
     }
 }
 
+/// Removes `path` if something is there (never following a link).
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Opens an existing file for writing without following a link, creating, truncating or
+/// blocking (on a FIFO).
+fn open_existing_for_write(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Creates a new file (failing if anything is there, never following a link).
 fn create_new_file(path: &Path, mode: u32) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
@@ -1196,10 +1195,7 @@ pub fn is_out_of_space(e: &io::Error) -> bool {
 /// Rewrites an existing regular file in place (no links followed, no new inode).
 fn overwrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
-    let f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)?;
+    let f = open_existing_for_write(path)?;
     if !f.metadata()?.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -1260,18 +1256,8 @@ pub fn grant_create(dir: &Path, uid: u32) -> Result<()> {
 /// later, so no temporary name and rename per file are needed.
 pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(name);
-    match fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).at(&path),
-    }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .mode(0o644)
-        .open(&path)
-        .at(&path)?;
+    remove_if_present(&path).at(&path)?;
+    let mut f = create_new_file(&path, 0o644).at(&path)?;
     f.write_all(bytes).at(&path)
 }
 
@@ -1386,12 +1372,18 @@ mod tests {
         assert_eq!(Status::SettingUp.state(), State::Running);
     }
 
-    #[test]
-    fn exchanged_rewrites_keep_their_two_inodes() {
+    /// A temporary directory holding a directory for a file and one for its spare.
+    fn dir_and_spare_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let (dir, spare_dir) = (tmp.path().join("d"), tmp.path().join("p"));
         fs::create_dir(&dir).unwrap();
         fs::create_dir(&spare_dir).unwrap();
+        (tmp, dir, spare_dir)
+    }
+
+    #[test]
+    fn exchanged_rewrites_keep_their_two_inodes() {
+        let (_tmp, dir, spare_dir) = dir_and_spare_dir();
         let ino = |p: &Path| fs::metadata(p).unwrap().ino();
         let file = dir.join("status");
         let spare = spare_dir.join("status.spare");
@@ -1436,10 +1428,7 @@ mod tests {
 
     #[test]
     fn exchanged_rewrite_never_writes_through_a_planted_spare() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (dir, spare_dir) = (tmp.path().join("d"), tmp.path().join("p"));
-        fs::create_dir(&dir).unwrap();
-        fs::create_dir(&spare_dir).unwrap();
+        let (tmp, dir, spare_dir) = dir_and_spare_dir();
         let outside = tmp.path().join("outside");
         fs::write(&outside, "keep").unwrap();
         fs::write(dir.join("info.json"), "old").unwrap();
