@@ -190,7 +190,6 @@ pub fn status_exit_code(s: Status) -> u8 {
     }
 }
 
-/// Every job record, with the live `status` file taking precedence.
 /// The rows of `skyspool queue`, newest first. Rows that cannot have changed since the
 /// daemon last wrote its `queue` file are taken from it: an ended job's (final), and a
 /// pending job's while it is still linked from `pending/` (nothing in a pending row changes
@@ -260,6 +259,7 @@ fn current_info(spool: &Spool, id: JobId) -> Option<JobInfo> {
     Some(info)
 }
 
+/// Every job record, with the live `status` file taking precedence.
 fn load_jobs(spool: &Spool) -> anyhow::Result<Vec<JobInfo>> {
     Ok(spool
         .job_ids()?

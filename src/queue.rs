@@ -163,7 +163,8 @@ pub fn parse_table(text: &str) -> Option<Vec<[String; 8]>> {
 }
 
 /// A `queue` file row (absolute times) as `skyspool queue` shows it (relative times). Only
-/// for rows of ended jobs, whose cells never change again.
+/// for rows whose cells cannot have changed since the file was written (ended jobs, and
+/// pending jobs still linked from `pending/`).
 pub fn relative_cells(mut cells: [String; 8], now: DateTime<Utc>) -> [String; 8] {
     for i in [3, 4] {
         if let Some(t) = parse_local(&cells[i]) {
