@@ -169,9 +169,8 @@ struct Daemon {
     launcher: Option<executor::Launcher>,
     /// Right after a hand-over, until the job's processes run (its supervisor writes
     /// `status`) or this time passes: no re-render, which would compete for the CPU with the
-    /// job's start (2 cores: the supervisor and bash's exec).
-    quiet_until: Option<std::time::Instant>,
-    quiet_for: Option<JobId>,
+    /// job's start (2 cores: the supervisor and bash's exec). The time, and the job.
+    quiet: Option<(std::time::Instant, JobId)>,
     /// Jobs ended in this batch whose records are still to be written.
     settling: Vec<JobId>,
     /// Jobs were published in this batch and `jobs/`, `pending/` are not synced yet.
@@ -247,7 +246,7 @@ fn is_out_of_space(e: &anyhow::Error) -> bool {
 /// Longest time `queue` and `nodes` lag behind the daemon's state while it is busy.
 const RENDER_INTERVAL: Duration = Duration::from_millis(50);
 /// The longest the daemon holds back housekeeping after handing a job over (see
-/// `Daemon::quiet_until`); normally the job's first `status` ends it within a millisecond.
+/// `Daemon::quiet`); normally the job's first `status` ends it within a millisecond.
 const QUIET_AFTER_START: Duration = Duration::from_millis(20);
 
 /// Runs the daemon until SIGTERM/SIGINT. Jobs keep running when it stops; the next start
@@ -318,8 +317,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         view: Arc::clone(&view),
         deferred: HashSet::new(),
         launcher: None,
-        quiet_until: None,
-        quiet_for: None,
+        quiet: None,
         settling: Vec::new(),
         unsynced_publish: false,
         users: std::cell::RefCell::new(UserCache {
@@ -366,9 +364,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     loop {
         let render_at = tokio::time::Instant::from_std(d.last_render + d.render_interval);
         tokio::select! {
-            _ = tokio::time::sleep_until(render_at), if d.dirty && d.quiet_until.is_none() => {}
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.quiet_until.unwrap_or_else(std::time::Instant::now))), if d.quiet_until.is_some() => {
-                d.quiet_until = None;
+            _ = tokio::time::sleep_until(render_at), if d.dirty && d.quiet.is_none() => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.quiet.map_or_else(std::time::Instant::now, |(t, _)| t))), if d.quiet.is_some() => {
+                d.quiet = None;
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.starve_check_at.unwrap_or_else(std::time::Instant::now))), if d.starve_check_at.is_some() => {
                 d.starve_check_at = None;
@@ -692,9 +690,9 @@ impl Daemon {
             match name.to_str() {
                 Some("cancel") => self.handle_cancel(id),
                 Some("status") => {
-                    if self.quiet_for == Some(id) {
+                    if self.quiet.is_some_and(|(_, quiet_id)| quiet_id == id) {
                         // Its supervisor wrote the first status: the job's processes run.
-                        self.quiet_until = None;
+                        self.quiet = None;
                     }
                     self.refresh_status(id)
                 }
@@ -778,13 +776,12 @@ impl Daemon {
         self.starve_check_at = self.next_starvation_deadline();
         self.sync_view();
         if self
-            .quiet_until
-            .is_some_and(|t| t > std::time::Instant::now())
+            .quiet
+            .is_some_and(|(t, _)| t > std::time::Instant::now())
         {
             return;
         }
-        self.quiet_until = None;
-        self.quiet_for = None;
+        self.quiet = None;
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
         // must not re-render a 10,000-line table 1,000 times).
@@ -1218,8 +1215,7 @@ impl Daemon {
             .hand_off(&plan, &lock, &lock_path)
             .context("handing the job to its supervisor")?;
         drop(lock);
-        self.quiet_until = Some(std::time::Instant::now() + QUIET_AFTER_START);
-        self.quiet_for = Some(id);
+        self.quiet = Some((std::time::Instant::now() + QUIET_AFTER_START, id));
         let status = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             Status::SettingUp
         } else {
