@@ -26,6 +26,16 @@ fn held_job(name: &str, ran: &Path, gate: &Gate) -> String {
     )
 }
 
+/// Waits until a [`held_job`] runs (it has printed `before` and waits at its gate).
+fn wait_held_running(d: &Daemon, id: u64, what: &str) {
+    wait_until(
+        DEADLINE,
+        what,
+        || d.log(id).contains("before"),
+        || d.diagnostics(),
+    );
+}
+
 fn count(ran: &Path, name: &str) -> usize {
     fs::read_to_string(ran)
         .unwrap_or_default()
@@ -45,12 +55,7 @@ fn running_job_survives_and_is_readopted() {
     let id2 = d.submit("two.yaml", &once_job("two", Some("H100:1"), &ran));
     let id3 = d.submit("three.yaml", &once_job("three", Some("H100:1"), &ran));
     d.wait_queue_status(id3, "PENDING");
-    wait_until(
-        DEADLINE,
-        "job 1 to run",
-        || d.log(id1).contains("before"),
-        || d.diagnostics(),
-    );
+    wait_held_running(&d, id1, "job 1 to run");
     let supervisor = d.supervisor_pid(id1).expect("the supervisor's record");
 
     d.kill9();
@@ -126,12 +131,7 @@ fn job_that_ends_while_daemon_is_down_is_settled() {
     let id1 = d.submit("held.yaml", &held);
     let id2 = d.submit("two.yaml", &once_job("two", Some("H100:1"), &ran));
     d.wait_queue_status(id2, "PENDING");
-    wait_until(
-        DEADLINE,
-        "job 1 to run",
-        || d.log(id1).contains("before"),
-        || d.diagnostics(),
-    );
+    wait_held_running(&d, id1, "job 1 to run");
     let secrets = d.path(&format!(".skyspool/secrets/{id1}.json"));
     assert!(
         secrets.exists(),
@@ -183,12 +183,7 @@ fn cancel_made_while_daemon_is_down_is_applied_at_start() {
     let id1 = d.submit("held.yaml", &held_job("held", &ran, &gate));
     let id2 = d.submit("two.yaml", &held_job("two", &ran, &gate));
     d.wait_queue_status(id2, "PENDING");
-    wait_until(
-        DEADLINE,
-        "job 1 to run",
-        || d.log(id1).contains("before"),
-        || d.diagnostics(),
-    );
+    wait_held_running(&d, id1, "job 1 to run");
     d.kill9();
     d.cancel(id1);
     d.cancel(id2);
@@ -298,12 +293,7 @@ fn killed_launcher_is_replaced() {
     assert_ne!(new, old);
     let gate = Gate::new(&s, "two");
     let id2 = d.submit_new("two.yaml", &held_job("two", &ran, &gate));
-    wait_until(
-        DEADLINE,
-        "job two to run",
-        || d.log(id2).contains("before"),
-        || d.diagnostics(),
-    );
+    wait_held_running(&d, id2, "job two to run");
     let sup2 = d.supervisor_pid(id2).expect("job two's supervisor record");
     assert_eq!(
         parent_of(sup2),
