@@ -14,6 +14,10 @@
 //!   process group, `SIGKILL` after the grace period, then every remaining descendant (it is a
 //!   child subreaper, so daemonized grandchildren cannot escape);
 //! - records `.sky/result.json`, then the final `status`, and exits.
+//!
+//! A supervisor of a single-node job is one thread: it waits for its children and for the
+//! daemon's cancel in one `sigtimedwait` ([`Signals`]). Only a multi-node job adds a thread
+//! per node to copy and prefix that node's output.
 
 use crate::remote::{self, SshTarget};
 use crate::scheduler::JobId;
@@ -24,10 +28,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -164,13 +167,13 @@ fn signal_group(pgid: u32, sig: nix::sys::signal::Signal) {
 }
 
 /// Kills every remaining descendant of this process and reaps the orphans it inherited.
-/// `tracked_running`: ranks still run and are awaited by their own threads, so nothing may
-/// be reaped here (it would steal their exit status).
+/// `tracked_running`: ranks still run and their exit status is still to be read, so nothing
+/// may be reaped here.
 fn kill_all_descendants(tracked_running: bool) {
     let me = std::process::id();
     for _ in 0..100 {
         if !tracked_running {
-            reap_orphans();
+            reap_exited();
             if has_no_children() {
                 // The common case: one syscall, no /proc walk.
                 return;
@@ -190,7 +193,7 @@ fn kill_all_descendants(tracked_running: bool) {
         std::thread::sleep(Duration::from_millis(5));
     }
     if !tracked_running {
-        reap_orphans();
+        reap_exited();
     }
 }
 
@@ -202,16 +205,6 @@ fn is_zombie(pid: u32) -> bool {
             rest.split_whitespace().next().map(|st| st == "Z")
         })
         .unwrap_or(true)
-}
-
-fn reap_orphans() {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(_) => break,
-            Ok(_) => continue,
-        }
-    }
 }
 
 /// The bash script for one phase. `cd_target` is a shell word (already quoted). Locally,
@@ -339,15 +332,86 @@ enum Sink {
     Pipe,
 }
 
-/// Exit of one rank's main process.
-struct Exited {
-    rank: usize,
-    code: Option<i32>,
+/// What the supervisor waits for, all in its one thread: SIGCHLD (a child ended), SIGTERM
+/// and SIGINT (stop the job), SIGHUP (ignored). They are blocked (the launcher blocks
+/// TERM/INT/HUP before it forks, so a cancel sent before the supervisor looks is kept
+/// pending) and taken with `sigtimedwait`: no thread per rank, no signal thread. Children
+/// get an empty mask and default dispositions before exec.
+struct Signals {
+    set: nix::sys::signal::SigSet,
 }
 
-enum Event {
-    Exited(Exited),
+/// One thing [`Signals::wait`] saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Wake {
+    /// SIGCHLD: reap with [`reap_exited`].
+    Child,
+    /// SIGTERM or SIGINT: the daemon's cancel (or someone's ^C).
     Terminate,
+    /// The deadline passed.
+    Timeout,
+}
+
+impl Signals {
+    fn block() -> Signals {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut set = SigSet::empty();
+        for sig in [
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+        ] {
+            set.add(sig);
+        }
+        let _ = set.thread_block();
+        Signals { set }
+    }
+
+    /// Waits for the next signal of the set, or until `deadline`.
+    fn wait(&self, deadline: Option<Instant>) -> Wake {
+        loop {
+            let mut timeout = deadline.map(|d| {
+                let left = d.saturating_duration_since(Instant::now());
+                libc::timespec {
+                    tv_sec: left.as_secs() as libc::time_t,
+                    tv_nsec: left.subsec_nanos() as libc::c_long,
+                }
+            });
+            let tp = timeout
+                .as_mut()
+                .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+            // SAFETY: the set is a valid sigset_t, `tp` null or a valid timespec, and no
+            // siginfo is asked for.
+            let sig = unsafe { libc::sigtimedwait(self.set.as_ref(), std::ptr::null_mut(), tp) };
+            match sig {
+                libc::SIGCHLD => return Wake::Child,
+                libc::SIGTERM | libc::SIGINT => return Wake::Terminate,
+                -1 if io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) => {
+                    return Wake::Timeout
+                }
+                // SIGHUP, or EINTR: wait on.
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// Reaps every child that has ended: `(pid, exit code)`, 128+N for a child killed by
+/// signal N. Orphans of the job (re-parented to this subreaper) are reaped here too.
+fn reap_exited() -> Vec<(u32, Option<i32>)> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut out = Vec::new();
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => out.push((pid.as_raw() as u32, Some(code))),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                out.push((pid.as_raw() as u32, Some(128 + sig as i32)))
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return out,
+            Ok(_) => continue,
+        }
+    }
 }
 
 /// Entry point of `skyspool supervise`: the daemon's *launcher*. One such process, started
@@ -421,8 +485,7 @@ fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
     // Orphans of the job are re-parented to us, so nothing escapes a cancel.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let (tx, rx) = mpsc::channel::<Event>();
-    start_signal_thread(tx.clone());
+    let signals = Signals::block();
     let me = std::process::id();
     let record = SupervisorRecord {
         pid: me,
@@ -450,7 +513,7 @@ fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
             Some("cancelled before it started"),
         ))
     } else {
-        run_job(&plan, &spool, &tx, &rx)
+        run_job(&plan, &spool, &signals)
     };
     clean_remote(&plan);
     let result = match result {
@@ -566,28 +629,6 @@ fn filesystem_full(dir: &Path) -> bool {
     nix::sys::statvfs::statvfs(dir).is_ok_and(|v| v.blocks_available() == 0)
 }
 
-fn start_signal_thread(tx: mpsc::Sender<Event>) {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGHUP);
-    // Block in this (main) thread before any other thread exists, so all threads inherit
-    // the mask and only sigwait sees these signals. Children get an empty mask (std resets it).
-    let _ = set.thread_block();
-    std::thread::spawn(move || loop {
-        match set.wait() {
-            Ok(Signal::SIGHUP) => continue,
-            Ok(_) => {
-                if tx.send(Event::Terminate).is_err() {
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
-    });
-}
-
 fn open_log(plan: &LaunchPlan, name: &str) -> Result<File, ExecError> {
     let dir = Spool::at(&plan.spool).job_dir(plan.job_id);
     let path = dir.join(name);
@@ -602,12 +643,7 @@ fn open_log(plan: &LaunchPlan, name: &str) -> Result<File, ExecError> {
 }
 
 /// Runs setup (if any) then run (if any) on every node; returns the outcome.
-fn run_job(
-    plan: &LaunchPlan,
-    spool: &Spool,
-    tx: &mpsc::Sender<Event>,
-    rx: &mpsc::Receiver<Event>,
-) -> Result<JobResult, ExecError> {
+fn run_job(plan: &LaunchPlan, spool: &Spool, signals: &Signals) -> Result<JobResult, ExecError> {
     let mut log = open_log(plan, "log")?;
     for note in &plan.notes {
         let _ = writeln!(log, "{note}");
@@ -618,7 +654,7 @@ fn run_job(
         return Ok(finish(Status::FailedSetup, vec![None; n], Some(&msg)));
     }
     if let Some(setup) = plan.setup.as_deref().filter(|s| !s.trim().is_empty()) {
-        let outcome = run_phase(plan, "setup", setup, &log, tx, rx)?;
+        let outcome = run_phase(plan, "setup", setup, &log, signals)?;
         match outcome {
             PhaseOutcome::Cancelled(codes) => {
                 return Ok(finish(
@@ -641,7 +677,7 @@ fn run_job(
         spool.write_status(plan.job_id, Status::Running)?;
         return Ok(finish(Status::Succeeded, vec![Some(0); n], None));
     };
-    match run_phase(plan, "run", run, &log, tx, rx)? {
+    match run_phase(plan, "run", run, &log, signals)? {
         PhaseOutcome::Cancelled(codes) => Ok(finish(Status::Cancelled, codes, Some("cancelled"))),
         PhaseOutcome::Done(codes, first) => {
             if codes.iter().all(|c| *c == Some(0)) {
@@ -734,8 +770,7 @@ fn run_phase(
     phase: &str,
     body: &str,
     log: &Arc<Mutex<File>>,
-    tx: &mpsc::Sender<Event>,
-    rx: &mpsc::Receiver<Event>,
+    signals: &Signals,
 ) -> Result<PhaseOutcome, ExecError> {
     let dir = private_dir(plan);
     let script = dir.join(format!("{phase}.sh"));
@@ -755,6 +790,7 @@ fn run_phase(
     let mut pumps = Vec::new();
     let mut codes: Vec<Option<i32>> = vec![None; plan.nodes.len()];
     let mut running = 0usize;
+    let mut by_pid: BTreeMap<u32, usize> = BTreeMap::new();
     for (i, node) in plan.nodes.iter().enumerate() {
         let sink = if multi {
             Sink::Pipe
@@ -782,8 +818,9 @@ fn run_phase(
                     }));
                 }
                 running += 1;
-                let tx = tx.clone();
-                std::thread::spawn(move || wait_child(child, i, tx));
+                // Awaited through SIGCHLD and waitpid below; the handle is not needed.
+                by_pid.insert(pid, i);
+                drop(child);
             }
             Err(e) => {
                 if let Ok(mut l) = log.lock() {
@@ -821,24 +858,13 @@ fn run_phase(
     let mut first_failed: Option<usize> = codes.iter().position(|c| c.is_some());
     let mut kill_deadline: Option<Instant> = None;
     while running > 0 {
-        let ev = match kill_deadline {
-            Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
-                Ok(ev) => ev,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    stop_ranks(&ranks, phase, true);
-                    kill_all_descendants(true);
-                    kill_deadline = Some(Instant::now() + Duration::from_secs(3600));
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
-            None => match rx.recv() {
-                Ok(ev) => ev,
-                Err(_) => break,
-            },
-        };
-        match ev {
-            Event::Terminate => {
+        match signals.wait(kill_deadline) {
+            Wake::Timeout => {
+                stop_ranks(&ranks, phase, true);
+                kill_all_descendants(true);
+                kill_deadline = Some(Instant::now() + Duration::from_secs(3600));
+            }
+            Wake::Terminate => {
                 if !cancelled {
                     cancelled = true;
                     stop_ranks(&ranks, phase, false);
@@ -846,19 +872,25 @@ fn run_phase(
                         Some(Instant::now() + Duration::from_millis(plan.kill_grace_ms));
                 }
             }
-            Event::Exited(Exited { rank, code }) => {
-                running -= 1;
-                if let Some(c) = codes.get_mut(rank) {
-                    *c = code;
-                }
-                if code != Some(0) && first_failed.is_none() && !cancelled {
-                    first_failed = Some(rank);
-                }
-                // A node that fails stops the others (SkyPilot's multi-node rule).
-                if multi && code != Some(0) && kill_deadline.is_none() {
-                    stop_ranks(&ranks, phase, false);
-                    kill_deadline =
-                        Some(Instant::now() + Duration::from_millis(plan.kill_grace_ms));
+            Wake::Child => {
+                for (pid, code) in reap_exited() {
+                    // Anything else is an orphan of the job, reaped and forgotten.
+                    let Some(rank) = by_pid.remove(&pid) else {
+                        continue;
+                    };
+                    running -= 1;
+                    if let Some(c) = codes.get_mut(rank) {
+                        *c = code;
+                    }
+                    if code != Some(0) && first_failed.is_none() && !cancelled {
+                        first_failed = Some(rank);
+                    }
+                    // A node that fails stops the others (SkyPilot's multi-node rule).
+                    if multi && code != Some(0) && kill_deadline.is_none() {
+                        stop_ranks(&ranks, phase, false);
+                        kill_deadline =
+                            Some(Instant::now() + Duration::from_millis(plan.kill_grace_ms));
+                    }
                 }
             }
         }
@@ -926,14 +958,6 @@ fn rank_prefix(node: &NodeLaunch, pid: u32) -> String {
             node.rank, node.rank, node.ip
         )
     }
-}
-
-fn wait_child(mut child: Child, rank: usize, tx: mpsc::Sender<Event>) {
-    let code = match child.wait() {
-        Ok(st) => st.code().or_else(|| st.signal().map(|s| 128 + s)),
-        Err(_) => None,
-    };
-    let _ = tx.send(Event::Exited(Exited { rank, code }));
 }
 
 /// Copies one rank's output, line by line, into the merged log (prefixed) and its own log.
