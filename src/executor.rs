@@ -13,7 +13,8 @@
 //! - on `SIGTERM` (the daemon's cancel) stops every process of the job: `SIGTERM` to each
 //!   process group, `SIGKILL` after the grace period, then every remaining descendant (it is a
 //!   child subreaper, so daemonized grandchildren cannot escape);
-//! - records `.sky/result.json`, then the final `status`, and exits.
+//! - records `.sky/result.json`, then the final `status` (the daemon gives the job's
+//!   resources away when it sees it), then fsyncs the result and exits.
 //!
 //! A supervisor of a single-node job is one thread: it waits for its children and for the
 //! daemon's cancel in one `sigtimedwait` ([`Signals`]). Only a multi-node job adds a thread
@@ -542,11 +543,21 @@ fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
         }
     }
     let bytes = serde_json::to_vec(&result).map_err(|e| ExecError::Plan(e.to_string()))?;
-    // Both are attempted whatever happens to the other: with the disk full, result.json
-    // (a new file) may fail while status (rewritten in place) still records the outcome.
-    let recorded = spool::write_atomic(&private_dir(&plan), "result.json", &bytes, true)
-        .and_then(|()| spool::sync_dir(&private_dir(&plan)));
-    spool.write_status(plan.job_id, result.status)?;
+    // result.json, then `status`, then the fsyncs: the daemon wakes on `status`, reads the
+    // result and gives the job's resources to the next job while the result is made durable
+    // (file and `.sky/`) here, before this process exits and frees the lock. (Nothing of the
+    // next job's start is durable before that either; a power cut in between finds no
+    // result and settles the job FAILED_DRIVER, or by the final `status` if that is on disk.)
+    // Each step is attempted whatever happens to the others: with the disk full,
+    // result.json (a new file) may fail while status (exchanged with its spare, or
+    // rewritten in place) still records the outcome.
+    let private = private_dir(&plan);
+    let written = spool::write_atomic(&private, "result.json", &bytes, false);
+    let status = spool.write_status(plan.job_id, result.status);
+    let recorded = written
+        .and_then(|()| spool::sync_file(&private.join("result.json")))
+        .and_then(|()| spool::sync_dir(&private));
+    status?;
     recorded?;
     drop(lock);
     Ok(())
