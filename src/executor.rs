@@ -22,12 +22,15 @@
 
 use crate::remote::{self, SshTarget};
 use crate::scheduler::JobId;
+use crate::spawn;
 use crate::spool::{self, JobResult, Spool, Status, SupervisorRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -814,8 +817,7 @@ fn run_phase(
             Sink::Direct(f)
         };
         match spawn_rank(plan, phase, &script, inline, body, node, sink) {
-            Ok((child, reader)) => {
-                let pid = child.id();
+            Ok((pid, reader)) => {
                 ranks.push(RankProc {
                     pgid: pid,
                     remote: node.ssh.clone().map(|t| (t, remote_dir(plan, node))),
@@ -829,9 +831,8 @@ fn run_phase(
                     }));
                 }
                 running += 1;
-                // Awaited through SIGCHLD and waitpid below; the handle is not needed.
+                // Awaited through SIGCHLD and waitpid below.
                 by_pid.insert(pid, i);
-                drop(child);
             }
             Err(e) => {
                 if let Ok(mut l) = log.lock() {
@@ -995,8 +996,9 @@ fn pump(reader: File, prefix: String, log: Arc<Mutex<File>>, mut per_node: File)
     }
 }
 
-/// Starts one rank of one phase: a local bash in its own process group, or, for a remote
-/// node, an ssh client (in its own process group) running [`remote::rank_wrapper`] there.
+/// Starts one rank of one phase: a local bash in its own process group (through
+/// [`spawn::spawn`], as the job's user), or, for a remote node, an ssh client (in its own
+/// process group) running [`remote::rank_wrapper`] there. Returns the pid to await.
 #[allow(clippy::too_many_arguments)]
 fn spawn_rank(
     plan: &LaunchPlan,
@@ -1006,45 +1008,63 @@ fn spawn_rank(
     body: &str,
     node: &NodeLaunch,
     sink: Sink,
-) -> io::Result<(Child, Option<File>)> {
+) -> io::Result<(u32, Option<File>)> {
     if let Some(target) = &node.ssh {
-        return spawn_remote_rank(plan, phase, body, node, target, sink);
+        return spawn_remote_rank(plan, phase, body, node, target, sink)
+            .map(|(child, reader)| (child.id(), reader));
     }
-    let mut cmd = Command::new("/bin/bash");
-    cmd.arg("--noprofile").arg("--norc");
+    fn cstring(s: impl Into<Vec<u8>>) -> io::Result<CString> {
+        CString::new(s).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a NUL byte in the script or its environment",
+            )
+        })
+    }
+    let mut args = vec![
+        cstring("/bin/bash")?,
+        cstring("--noprofile")?,
+        cstring("--norc")?,
+    ];
     if let Some(text) = inline {
-        cmd.arg("-c").arg(text);
+        args.push(cstring("-c")?);
+        args.push(cstring(text)?);
     }
-    cmd.arg(script);
-    cmd.env_clear();
-    cmd.envs(rank_env(plan, phase, node));
-    // The script's own `cd` (as the job's user) enters the working directory; changing
-    // into it here would happen as root, through whatever the owner put there.
-    cmd.current_dir("/");
-    cmd.stdin(Stdio::null());
-    let reader = attach_output(&mut cmd, sink)?;
-    own_group_with_default_signals(&mut cmd);
-    if plan.user.switch {
-        let (uid, gid) = (plan.user.uid, plan.user.gid);
-        let groups: Vec<libc::gid_t> = plan.user.groups.clone();
-        // SAFETY: setgroups/setgid/setuid are async-signal-safe; the group list was built
-        // before fork. Order matters: groups and gid while still root, uid last.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+    args.push(cstring(script.as_os_str().as_bytes())?);
+    let env = rank_env(plan, phase, node)
+        .into_iter()
+        .map(|(k, v)| cstring(format!("{k}={v}")))
+        .collect::<io::Result<Vec<_>>>()?;
+    // Output: the log itself (one node), or a pipe to the prefixing pump.
+    let (out, reader): (OwnedFd, Option<File>) = match sink {
+        Sink::Direct(f) => (OwnedFd::from(f), None),
+        Sink::Pipe => {
+            let (r, w) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+            (w, Some(File::from(r)))
         }
-    }
-    let child = cmd.spawn()?;
-    // Drop our copies of the pipe's write end (held by `cmd`) so the reader sees EOF.
-    drop(cmd);
-    Ok((child, reader))
+    };
+    let null = File::open("/dev/null")?;
+    let creds = plan.user.switch.then(|| spawn::Credentials {
+        uid: plan.user.uid,
+        gid: plan.user.gid,
+        groups: plan.user.groups.clone(),
+    });
+    // In a process group of its own, default signal dispositions, nothing blocked; the
+    // script's own `cd` (as the job's user) enters the working directory: changing into it
+    // here would happen as root, through whatever the owner put there.
+    let pid = spawn::spawn(&spawn::Spawn {
+        program: c"/bin/bash",
+        args: &args,
+        env: &env,
+        stdio: [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+        cwd: c"/",
+        new_group: true,
+        user: creds.as_ref(),
+    })?;
+    // Our copy of the pipe's write end goes, so the reader sees EOF when the rank is done.
+    drop(out);
+    Ok((pid, reader))
 }
 
 /// Puts a rank's process in a process group of its own, with default signal handling and

@@ -6,7 +6,8 @@
 //! - [`scheduler`]: pure placement logic (no I/O).
 //! - [`inventory`]: nodes and GPUs (NVML, flags or a cluster file).
 //! - [`spool`]: every on-disk file and atomic move (`spool-layout.md` is its contract).
-//! - [`supervisor`]: the per-job process that runs setup/run and records the outcome.
+//! - [`executor`]: the per-job supervisor that runs setup/run and records the outcome.
+//! - [`spawn`]: starts a job's process as its user without copying the supervisor.
 //! - [`watcher`]: inotify on the spool.
 //! - [`daemon`]: the event loop tying them together.
 //! - [`cli`]: the command-line front end.
@@ -20,6 +21,7 @@ pub mod queue;
 pub mod remote;
 pub mod resources;
 pub mod scheduler;
+pub mod spawn;
 pub mod spec;
 pub mod spool;
 pub mod view;
