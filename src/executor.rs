@@ -430,8 +430,11 @@ pub fn supervise_main() -> Result<(), ExecError> {
     // through a pidfd, which does not need a parent's wait).
     // SAFETY: setting a signal disposition.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    // One receive buffer for the launcher's lifetime: a fresh zeroed one per launch would
+    // write 16 pages, each a copy-on-write fault while the last supervisor shares them.
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let Some((text, lock)) = receive_launch()? else {
+        let Some((text, lock)) = receive_launch(&mut buf)? else {
             return Ok(());
         };
         // SAFETY: this process is single-threaded (no thread is ever started before a fork),
@@ -569,12 +572,11 @@ fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
 /// Waits on stdin (a Unix stream socket) for the next launch: the lock (as `SCM_RIGHTS`
 /// with the first bytes) and the plan, after its length (8 bytes, little-endian). `None`
 /// when the socket closes between launches.
-fn receive_launch() -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
+fn receive_launch(buf: &mut [u8]) -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::io::IoSliceMut;
     let mut data: Vec<u8> = Vec::new();
     let mut lock: Option<OwnedFd> = None;
-    let mut buf = vec![0u8; 64 * 1024];
     loop {
         if data.len() >= 8 {
             let mut len = [0u8; 8];
@@ -591,7 +593,7 @@ fn receive_launch() -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
         }
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
         let (n, fds) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut iov = [IoSliceMut::new(&mut *buf)];
             let msg = match recvmsg::<()>(0, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
             {
                 Ok(m) => m,
