@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Largest job YAML the daemon reads (bigger files are rejected unread).
@@ -697,8 +697,9 @@ impl Spool {
 
     /// Reads and parses a job file replaced by [`write_exchanged`], reading it afresh (up to
     /// [`REREADS`] times) when what it read does not parse: a read that raced two
-    /// replacements in a row can find the file emptied. A missing file means "no such job"
-    /// when `missing_is_no_job`, else only when the job's directory is missing too.
+    /// replacements in a row can find the file emptied or half rewritten. A missing file
+    /// means "no such job" when `missing_is_no_job`, else only when the job's directory is
+    /// missing too.
     fn read_exchanged<T>(
         &self,
         id: JobId,
@@ -1106,28 +1107,30 @@ pub fn write_exchanged(
 ) -> Result<()> {
     let spare = spare_dir.join(format!("{name}.spare"));
     let dst = dir.join(name);
+    // The spare's length when it is ours to rewrite: a regular file of ours, no other link.
     let reusable = |f: &File| {
-        f.metadata().is_ok_and(|m| {
-            m.is_file() && m.nlink() == 1 && m.uid() == nix::unistd::geteuid().as_raw()
-        })
+        f.metadata()
+            .ok()
+            .filter(|m| m.is_file() && m.nlink() == 1 && m.uid() == nix::unistd::geteuid().as_raw())
     };
     let result = (|| -> io::Result<()> {
-        let mut f = match open_existing_for_write(&spare) {
-            Ok(f) if reusable(&f) => {
-                f.set_len(0)?;
-                f
-            }
+        let (f, old_len) = match open_existing_for_write(&spare) {
+            Ok(f) => match reusable(&f) {
+                Some(m) => (f, m.len()),
+                None => (replace_spare(&spare)?, 0),
+            },
             Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
                 return Err(e)
             }
-            // Missing, or not ours to write (a link, a FIFO, a file with other links): a
-            // new one in its place.
-            _ => {
-                remove_if_present(&spare)?;
-                create_new_file(&spare, 0o644)?
-            }
+            // Missing, or a link: a new one in its place.
+            Err(_) => (replace_spare(&spare)?, 0),
         };
-        f.write_all(bytes)?;
+        // Overwritten from the start, then cut to length: the file keeps its block (emptying
+        // it first would free the block and allocate one again on every rewrite).
+        f.write_all_at(bytes, 0)?;
+        if old_len > bytes.len() as u64 {
+            f.set_len(bytes.len() as u64)?;
+        }
         if durable {
             f.sync_all()?;
         }
@@ -1158,6 +1161,13 @@ pub fn write_exchanged(
         }
         Err(e) => Err(e).at(&dst),
     }
+}
+
+/// A new, empty spare at `path`, in place of whatever is there (a link, a FIFO, a file
+/// with other links: never written through).
+fn replace_spare(path: &Path) -> io::Result<File> {
+    remove_if_present(path)?;
+    create_new_file(path, 0o644)
 }
 
 /// Removes `path` if something is there (never following a link).
