@@ -1532,7 +1532,7 @@ impl Daemon {
     /// Settles a job that was running: final status, record, `done/`, resources freed.
     fn finish(&mut self, id: JobId, result: Option<JobResult>) {
         let pid = self.supervisors.remove(&id).map(|s| s.pid);
-        // A supervisor that could not write result.json (disk full) still rewrote `status`
+        // A supervisor that could not record its result (disk full) still rewrote `status`
         // in place: trust a final word there.
         let result = result.or_else(|| {
             let status = self.spool.read_status(id).ok().filter(|s| s.is_terminal())?;

@@ -13,8 +13,9 @@
 //! - on `SIGTERM` (the daemon's cancel) stops every process of the job: `SIGTERM` to each
 //!   process group, `SIGKILL` after the grace period, then every remaining descendant (it is a
 //!   child subreaper, so daemonized grandchildren cannot escape);
-//! - records `.sky/result.json`, then the final `status` (the daemon gives the job's
-//!   resources away when it sees it), then fsyncs the result and exits.
+//! - records its result (a line of `.sky/supervisor.lock`), then the final `status` (the
+//!   daemon gives the job's resources away when it sees it), then fsyncs the result and
+//!   exits.
 //!
 //! A supervisor of a single-node job is one thread: it waits for its children and for the
 //! daemon's cancel in one `sigtimedwait` ([`Signals`]). Only a multi-node job adds a thread
@@ -548,21 +549,23 @@ fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
             let _ = writeln!(log, "skyspool: {}: {reason}", result.status);
         }
     }
-    let bytes = serde_json::to_vec(&result).map_err(|e| ExecError::Plan(e.to_string()))?;
-    // result.json, then `status`, then the fsyncs: the daemon wakes on `status`, reads the
-    // result and gives the job's resources to the next job while the result is made durable
-    // (file and `.sky/`) here, before this process exits and frees the lock. (Nothing of the
-    // next job's start is durable before that either; a power cut in between finds no
+    let mut line = serde_json::to_vec(&result).map_err(|e| ExecError::Plan(e.to_string()))?;
+    line.push(b'\n');
+    // The result, as a line appended to `supervisor.lock` (after the launch record and this
+    // supervisor's record: no new file, and no new block on a full disk); then `status`;
+    // then the fsyncs. The daemon wakes on `status`, reads the result and gives the job's
+    // resources to the next job while the result is made durable here (the lock file and
+    // `.sky/`, which holds its name), before this process exits and frees the lock. (Nothing
+    // of the next job's start is durable before that either; a power cut in between finds no
     // result and settles the job FAILED_DRIVER, or by the final `status` if that is on disk.)
-    // Each step is attempted whatever happens to the others: with the disk full,
-    // result.json (a new file) may fail while status (exchanged with its spare, or
-    // rewritten in place) still records the outcome.
+    // Each step is attempted whatever happens to the others.
     let private = private_dir(&plan);
-    let written = spool::write_atomic(&private, "result.json", &bytes, false);
+    let written = lock.write_all(&line);
     let status = spool.write_status(plan.job_id, result.status);
     let recorded = written
-        .and_then(|()| spool::sync_file(&private.join("result.json")))
-        .and_then(|()| spool::sync_dir(&private));
+        .and_then(|()| lock.sync_data())
+        .map_err(|e| ExecError::Io("supervisor.lock".into(), e))
+        .and_then(|()| spool::sync_dir(&private).map_err(ExecError::from));
     status?;
     recorded?;
     drop(lock);

@@ -186,7 +186,8 @@ pub struct JobInfo {
     pub reason: Option<String>,
 }
 
-/// What the per-job supervisor records when it finishes (`jobs/<id>/.sky/result.json`).
+/// What the per-job supervisor records when it finishes (a line of
+/// `jobs/<id>/.sky/supervisor.lock`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobResult {
     pub status: Status,
@@ -876,9 +877,15 @@ impl Spool {
             .at(&path)
     }
 
+    /// The supervisor's result: a line of `supervisor.lock` (or, from spools of earlier
+    /// versions, `result.json`).
     pub fn read_result(&self, id: JobId) -> Option<JobResult> {
-        let b = fs::read(self.job_private(id).join("result.json")).ok()?;
-        serde_json::from_slice(&b).ok()
+        self.lock_records(id)
+            .and_then(|b| first_line_as(&b))
+            .or_else(|| {
+                let b = fs::read(self.job_private(id).join("result.json")).ok()?;
+                serde_json::from_slice(&b).ok()
+            })
     }
 
     /// The supervisor's record: a line of `supervisor.lock` (or, from spools of earlier
@@ -1507,6 +1514,59 @@ mod tests {
             fs::read_to_string(spool.rejected().join("x.txt.1.reason")).unwrap(),
             "not a job\n"
         );
+    }
+
+    #[test]
+    fn lock_lines_are_told_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::create(tmp.path().join("s")).unwrap();
+        let id = 7;
+        fs::create_dir_all(spool.job_private(id)).unwrap();
+        let lock = spool.job_private(id).join("supervisor.lock");
+        let launch = LaunchRecord {
+            started: "2026-11-28T10:00:00.000Z".into(),
+            placement: vec![],
+        };
+        let sup = SupervisorRecord {
+            pid: 42,
+            start_ticks: 4242,
+        };
+        let result = JobResult {
+            status: Status::Failed,
+            exit_codes: vec![Some(3)],
+            ended: "2026-11-28T10:00:01.000Z".into(),
+            reason: Some("rank 0 (head) exited with 3".into()),
+        };
+        let mut text = Vec::new();
+        for line in [
+            serde_json::to_vec(&launch).unwrap(),
+            serde_json::to_vec(&sup).unwrap(),
+        ] {
+            text.extend(line);
+            text.push(b'\n');
+        }
+        fs::write(&lock, &text).unwrap();
+        assert_eq!(spool.read_supervisor(id), Some(sup.clone()));
+        assert_eq!(spool.read_result(id), None, "no result line yet");
+        // A torn result line (power cut in the middle of the append) is no result.
+        let full = serde_json::to_vec(&result).unwrap();
+        let mut torn = text.clone();
+        torn.extend(&full[..full.len() / 2]);
+        fs::write(&lock, &torn).unwrap();
+        assert_eq!(spool.read_result(id), None);
+        text.extend(&full);
+        text.push(b'\n');
+        fs::write(&lock, &text).unwrap();
+        assert_eq!(spool.read_result(id), Some(result.clone()));
+        assert_eq!(spool.read_supervisor(id), Some(sup));
+        // A spool of an earlier version: result.json.
+        fs::write(&lock, b"").unwrap();
+        fs::write(
+            spool.job_private(id).join("result.json"),
+            serde_json::to_vec(&result).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(spool.read_result(id), Some(result));
     }
 
     #[test]

@@ -987,9 +987,7 @@ fn torture_sigkill_cycles() {
             None => {
                 // Killed before it recorded its end (cancelled): its supervisor's end time
                 // bounds it (the GPUs are freed only after that).
-                let result = fs::read_to_string(d.job(id).join(".sky/result.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+                let result = d.result(id);
                 let ended = result
                     .as_ref()
                     .and_then(|r| r["ended"].as_str().and_then(rfc3339_ns))
@@ -1200,12 +1198,7 @@ fn restart_while_jobs_run() {
     wait_until(
         DEADLINE,
         "quick and bad to end while no daemon runs",
-        || {
-            sups.iter().all(|p| !alive(*p))
-                && [quick, bad]
-                    .iter()
-                    .all(|id| d.job(*id).join(".sky/result.json").exists())
-        },
+        || sups.iter().all(|p| !alive(*p)) && [quick, bad].iter().all(|id| d.result(*id).is_some()),
         || d.diagnostics(),
     );
     d.spawn();

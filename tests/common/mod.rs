@@ -194,6 +194,16 @@ impl Daemon {
         })
     }
 
+    /// The result the job's supervisor recorded when it finished: its line in
+    /// `jobs/<id>/.sky/supervisor.lock` (the one with a `status`).
+    pub fn result(&self, id: u64) -> Option<serde_json::Value> {
+        let text = fs::read_to_string(self.job(id).join(".sky/supervisor.lock")).ok()?;
+        text.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v.get("status").is_some().then_some(v)
+        })
+    }
+
     /// A scratch directory outside the spool (for gates, markers, workdirs).
     pub fn scratch(&self) -> PathBuf {
         let p = self.tmp.path().join("scratch");
