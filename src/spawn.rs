@@ -31,7 +31,9 @@ pub struct Spawn<'a> {
     pub args: &'a [CString],
     /// The whole environment, as `KEY=value`.
     pub env: &'a [CString],
-    /// Descriptors that become the child's 0, 1 and 2.
+    /// Descriptors that become the child's 0, 1 and 2, in that order (so none of them may
+    /// be a lower one of the three unless it is already in place: in a supervisor 0, 1 and
+    /// 2 are always open, and every descriptor it opens is above them).
     pub stdio: [RawFd; 3],
     /// Working directory.
     pub cwd: &'a CStr,
