@@ -165,6 +165,8 @@ struct Daemon {
     view: Arc<View>,
     /// Names in `incoming/` handed back for lack of space: left alone until the retry.
     deferred: HashSet<OsString>,
+    /// Names in `incoming/` a writer still had open when looked at: looked at again soon.
+    rechecks: crate::recheck::Rechecks,
     /// Forks each job's supervisor (see [`executor::Launcher`]).
     launcher: Option<executor::Launcher>,
     /// Right after a hand-over, until the job's processes run (its supervisor writes
@@ -316,6 +318,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         touched: BTreeSet::new(),
         view: Arc::clone(&view),
         deferred: HashSet::new(),
+        rechecks: crate::recheck::Rechecks::default(),
         launcher: None,
         quiet: None,
         settling: Vec::new(),
@@ -375,6 +378,10 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
                 d.retry_at = None;
                 d.deferred.clear();
                 d.rescan();
+            }
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.rechecks.next_at().unwrap_or_else(std::time::Instant::now))), if d.rechecks.next_at().is_some() => {
+                let due = d.rechecks.take_due(std::time::Instant::now());
+                d.look_again(due);
             }
             batch = d.watcher.next_batch() => {
                 match batch {
@@ -665,6 +672,7 @@ impl Daemon {
         for ev in events {
             match ev {
                 SpoolEvent::Incoming(name) => {
+                    self.rechecks.reset(&name);
                     if !incoming.contains(&name) && !self.deferred.contains(&name) {
                         incoming.push(name);
                     }
@@ -836,9 +844,24 @@ impl Daemon {
     /// Admits or rejects each named submission; admitted ones are made durable together
     /// (one round of fsyncs for the whole batch), then published in order.
     fn admit_batch(&mut self, names: Vec<OsString>) {
+        self.admit_names(names.into_iter().map(|n| (n, 0)).collect());
+    }
+
+    /// Submissions that were still open for writing when last looked at (see
+    /// [`crate::recheck`]): admitted now if their writer is gone.
+    fn look_again(&mut self, due: Vec<(OsString, usize)>) {
+        let due = due
+            .into_iter()
+            .filter(|(name, _)| !self.deferred.contains(name))
+            .collect();
+        self.admit_names(due);
+    }
+
+    /// [`Daemon::admit_batch`], each name with how often it was looked at again already.
+    fn admit_names(&mut self, names: Vec<(OsString, usize)>) {
         let mut ready: Vec<(Claimed, Admission)> = Vec::new();
-        for name in names {
-            match self.take_submission(&name) {
+        for (name, tries) in names {
+            match self.take_submission(&name, tries) {
                 Ok(Some(pair)) => ready.push(pair),
                 Ok(None) => {}
                 Err(e) => note!("incoming/{}: {e}", spool::display_name(&name)),
@@ -854,7 +877,11 @@ impl Daemon {
 
     /// Looks at one name in `incoming/`: `Ok(None)` when there is nothing to admit (gone,
     /// ignored, rejected, or still being written).
-    fn take_submission(&mut self, name: &OsStr) -> anyhow::Result<Option<(Claimed, Admission)>> {
+    fn take_submission(
+        &mut self,
+        name: &OsStr,
+        tries: usize,
+    ) -> anyhow::Result<Option<(Claimed, Admission)>> {
         let Some((kind, _meta)) = self.spool.inspect_incoming(name)? else {
             return Ok(None);
         };
@@ -870,7 +897,11 @@ impl Daemon {
             }
             Incoming::File => match self.spool.read_incoming_file(name) {
                 Ok(Some(bytes)) => bytes,
-                Ok(None) => return Ok(None), // a writer still has it open
+                Ok(None) => {
+                    // A writer still has it open, or the last one's close is not through yet.
+                    self.rechecks.busy(name, tries, std::time::Instant::now());
+                    return Ok(None);
+                }
                 Err(spool::SpoolError::Io { source: e, .. })
                     if e.kind() == std::io::ErrorKind::NotFound =>
                 {
@@ -886,7 +917,10 @@ impl Daemon {
                 let inner = self.spool.incoming().join(name).join("job.yaml");
                 match spool_read_dir_job(&inner) {
                     Ok(Some(bytes)) => bytes,
-                    Ok(None) => return Ok(None),
+                    Ok(None) => {
+                        self.rechecks.busy(name, tries, std::time::Instant::now());
+                        return Ok(None);
+                    }
                     Err(reason) => {
                         let to = self
                             .spool

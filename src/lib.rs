@@ -9,6 +9,7 @@
 //! - [`executor`]: the per-job supervisor that runs setup/run and records the outcome.
 //! - [`spawn`]: starts a job's process as its user without copying the supervisor.
 //! - [`watcher`]: inotify on the spool.
+//! - [`recheck`]: submissions to look at again when a writer still had them open.
 //! - [`daemon`]: the event loop tying them together.
 //! - [`cli`]: the command-line front end.
 
@@ -18,6 +19,7 @@ pub mod executor;
 pub mod fuse;
 pub mod inventory;
 pub mod queue;
+pub mod recheck;
 pub mod remote;
 pub mod resources;
 pub mod scheduler;

@@ -107,6 +107,57 @@ fn slow_writer_in_place_is_admitted_only_when_closed() {
     assert_eq!(d.log(2), "first-line\nlast-line\n", "{}", d.diagnostics());
 }
 
+/// A directory moved in while its `job.yaml` is still open for writing: the daemon finds it
+/// busy, and the close that follows is no event in `incoming/` (only `incoming/` itself is
+/// watched). The daemon looks again shortly (the same path covers a `CLOSE_WRITE` that
+/// arrives before the kernel has dropped the closing writer), so the job is admitted once
+/// the writer is gone, with everything it wrote.
+#[test]
+fn directory_whose_job_yaml_is_closed_after_the_daemons_look_is_admitted() {
+    use inotify::{Inotify, WatchMask};
+    let d = Daemon::start(&["--gpus", "H100:4", "--cpus", "8"]);
+    let dir = d.scratch().join("late");
+    fs::create_dir(&dir).unwrap();
+    let mut writer = fs::File::create(dir.join("job.yaml")).unwrap();
+    writer
+        .write_all(b"name: late\nrun: |\n  echo first-line\n")
+        .unwrap();
+    writer.flush().unwrap();
+    // Watch the file for the daemon's look: its open for reading, then its close.
+    let mut ino = Inotify::init().unwrap();
+    ino.watches()
+        .add(dir.join("job.yaml"), WatchMask::CLOSE_NOWRITE)
+        .unwrap();
+    let moved = d.path("incoming").join("late");
+    fs::rename(&dir, &moved).unwrap();
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match ino.read_events(&mut buf) {
+            Ok(mut events) => {
+                if events.next().is_some() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("inotify: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon never looked at incoming/late/job.yaml\n{}",
+            d.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(moved.exists(), "admitted while open\n{}", d.diagnostics());
+    assert!(d.job_ids().is_empty(), "{}", d.diagnostics());
+    writer.write_all(b"  echo last-line\n").unwrap();
+    drop(writer);
+    d.wait_admitted(1);
+    d.wait_done(1, "SUCCEEDED");
+    assert_eq!(d.log(1), "first-line\nlast-line\n", "{}", d.diagnostics());
+}
+
 /// The start-up scan finds a file whose writer still has it open: it waits for the close
 /// instead of admitting half a file.
 #[test]
