@@ -808,7 +808,7 @@ fn run_phase(
     let mut ranks: Vec<RankProc> = Vec::new();
     let mut pumps = Vec::new();
     let mut codes: Vec<Option<i32>> = vec![None; plan.nodes.len()];
-    let mut running = 0usize;
+    // The main process of each started rank, awaited through SIGCHLD and waitpid below.
     let mut by_pid: BTreeMap<u32, usize> = BTreeMap::new();
     for (i, node) in plan.nodes.iter().enumerate() {
         let sink = if multi {
@@ -835,8 +835,6 @@ fn run_phase(
                         pump(reader, prefix, log, per_node)
                     }));
                 }
-                running += 1;
-                // Awaited through SIGCHLD and waitpid below.
                 by_pid.insert(pid, i);
             }
             Err(e) => {
@@ -874,7 +872,7 @@ fn run_phase(
     let mut cancelled = false;
     let mut first_failed: Option<usize> = codes.iter().position(|c| c.is_some());
     let mut kill_deadline: Option<Instant> = None;
-    while running > 0 {
+    while !by_pid.is_empty() {
         match signals.wait(kill_deadline) {
             Wake::Timeout => {
                 stop_ranks(&ranks, phase, true);
@@ -895,7 +893,6 @@ fn run_phase(
                     let Some(rank) = by_pid.remove(&pid) else {
                         continue;
                     };
-                    running -= 1;
                     if let Some(c) = codes.get_mut(rank) {
                         *c = code;
                     }
