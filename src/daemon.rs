@@ -801,7 +801,13 @@ impl Daemon {
             if let Err(e) = self.spool.write_queue(&text) {
                 note!("cannot write queue: {e}");
             }
-            let nodes = self.inventory.render_nodes(&self.sched.usage());
+            // sync_view() just published this batch's snapshot: the file and the mount show
+            // the same one.
+            let nodes = self
+                .view
+                .read(|v| v.nodes.clone())
+                .map(|n| n.text())
+                .unwrap_or_default();
             if nodes != self.last_nodes {
                 if let Err(e) = self.spool.write_nodes(&nodes) {
                     note!("cannot write nodes: {e}");
@@ -896,12 +902,7 @@ impl Daemon {
                 return Ok(None);
             }
             Incoming::File => match self.spool.read_incoming_file(name) {
-                Ok(Some(bytes)) => bytes,
-                Ok(None) => {
-                    // A writer still has it open, or the last one's close is not through yet.
-                    self.rechecks.busy(name, tries, std::time::Instant::now());
-                    return Ok(None);
-                }
+                Ok(bytes) => bytes,
                 Err(spool::SpoolError::Io { source: e, .. })
                     if e.kind() == std::io::ErrorKind::NotFound =>
                 {
@@ -916,11 +917,7 @@ impl Daemon {
             Incoming::Dir => {
                 let inner = self.spool.incoming().join(name).join("job.yaml");
                 match spool_read_dir_job(&inner) {
-                    Ok(Some(bytes)) => bytes,
-                    Ok(None) => {
-                        self.rechecks.busy(name, tries, std::time::Instant::now());
-                        return Ok(None);
-                    }
+                    Ok(bytes) => bytes,
                     Err(reason) => {
                         let to = self
                             .spool
@@ -930,6 +927,11 @@ impl Daemon {
                     }
                 }
             }
+        };
+        let Some(yaml) = yaml else {
+            // A writer still has it open, or the last one's close is not through yet.
+            self.rechecks.busy(name, tries, std::time::Instant::now());
+            return Ok(None);
         };
         let shown = if kind == Incoming::Dir {
             format!("{source}/job.yaml")
