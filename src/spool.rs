@@ -1097,8 +1097,8 @@ const REREADS: usize = 3;
 /// one per rewrite. After the exchange the spare holds the previous content.
 ///
 /// The spare is rewritten in place on the next replacement, so a reader that keeps the file
-/// open across two replacements may read it empty or newer (readers open afresh: `cat`,
-/// [`Spool::read_status`]). `spare_dir` must be a directory nobody else can write; a spare
+/// open across two replacements may read it half rewritten, emptied or newer (readers open
+/// afresh: `cat`, [`Spool::read_status`]). `spare_dir` must be a directory nobody else can write; a spare
 /// that is not a regular file of ours with one link is replaced, never written. One writer
 /// at a time per file (the spare is shared): the daemon alone writes `info.json`, `queue`
 /// and `nodes`, and `status` passes from the daemon to the supervisor at the hand-over and
@@ -1132,12 +1132,8 @@ pub fn write_exchanged(
             // Missing, or a link: a new one in its place.
             Err(_) => (replace_spare(&spare)?, 0),
         };
-        // Overwritten from the start, then cut to length: the file keeps its block (emptying
-        // it first would free the block and allocate one again on every rewrite).
-        f.write_all_at(bytes, 0)?;
-        if old_len > bytes.len() as u64 {
-            f.set_len(bytes.len() as u64)?;
-        }
+        // Emptying it first would free its block and allocate one again on every rewrite.
+        rewrite_from_start(&f, bytes, old_len)?;
         if durable {
             f.sync_all()?;
         }
@@ -1211,16 +1207,25 @@ pub fn is_out_of_space(e: &io::Error) -> bool {
 
 /// Rewrites an existing regular file in place (no links followed, no new inode).
 fn overwrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
     let f = open_existing_for_write(path)?;
-    if !f.metadata()?.is_file() {
+    let meta = f.metadata()?;
+    if !meta.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "not a regular file",
         ));
     }
+    rewrite_from_start(&f, bytes, meta.len())
+}
+
+/// Writes `bytes` over a file of `old_len` bytes from its start, then cuts what is left of
+/// the old content: no block is freed and allocated again for content of the same size.
+fn rewrite_from_start(f: &File, bytes: &[u8], old_len: u64) -> io::Result<()> {
     f.write_all_at(bytes, 0)?;
-    f.set_len(bytes.len() as u64)
+    if old_len > bytes.len() as u64 {
+        f.set_len(bytes.len() as u64)?;
+    }
+    Ok(())
 }
 
 /// Lets `uid` (and only `uid`, besides the directory's owner) create entries such as
