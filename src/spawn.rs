@@ -239,8 +239,15 @@ mod tests {
         }
     }
 
-    /// Runs `script` with bash, output into a pipe; returns (exit code, output).
-    fn run(script: &str, env: &[&str], cwd: &str, new_group: bool) -> (i32, String) {
+    /// Runs `script` with bash (as `user` if given), output into a pipe; returns (exit code,
+    /// output).
+    fn run(
+        script: &str,
+        env: &[&str],
+        cwd: &str,
+        new_group: bool,
+        user: Option<&Credentials>,
+    ) -> (i32, String) {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
         let null = std::fs::File::open("/dev/null").expect("/dev/null");
         let args = [c("bash"), c("-c"), c(script)];
@@ -253,7 +260,7 @@ mod tests {
             stdio: [null.as_raw_fd(), w.as_raw_fd(), w.as_raw_fd()],
             cwd: &cwd,
             new_group,
-            user: None,
+            user,
         })
         .expect("spawn");
         drop(w);
@@ -271,6 +278,7 @@ mod tests {
             &["A=1", "B=two words"],
             "/tmp",
             false,
+            None,
         );
         assert_eq!(code, 3);
         let lines: Vec<&str> = out.lines().collect();
@@ -290,6 +298,7 @@ mod tests {
             &["PATH=/usr/bin:/bin"],
             "/",
             true,
+            None,
         );
         assert_eq!(code, 0, "{out}");
         let mut lines = out.lines();
@@ -338,30 +347,19 @@ mod tests {
             eprintln!("SKIPPED (not a pass): {why}");
             return;
         }
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
-        let null = std::fs::File::open("/dev/null").expect("/dev/null");
-        let args = [c("bash"), c("-c"), c("id -u; id -g; id -G")];
         let creds = Credentials {
             uid: 65534,
             gid: 65534,
             groups: vec![65534, 4242],
         };
-        let pid = spawn(&Spawn {
-            program: c"/bin/bash",
-            args: &args,
-            env: &[c("PATH=/usr/bin:/bin")],
-            stdio: [null.as_raw_fd(), w.as_raw_fd(), w.as_raw_fd()],
-            cwd: c"/",
-            new_group: false,
-            user: Some(&creds),
-        })
-        .expect("spawn");
-        drop(w);
-        let mut out = String::new();
-        std::fs::File::from(r)
-            .read_to_string(&mut out)
-            .expect("read");
-        assert_eq!(wait_code(pid), 0);
+        let (code, out) = run(
+            "id -u; id -g; id -G",
+            &["PATH=/usr/bin:/bin"],
+            "/",
+            false,
+            Some(&creds),
+        );
+        assert_eq!(code, 0, "{out}");
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "65534");
         assert_eq!(lines[1], "65534");
