@@ -133,6 +133,8 @@ fn probe_remote_nodes(inventory: &mut Inventory, ssh_dir: &Path) {
 
 struct Daemon {
     spool: Spool,
+    /// The spool's instance id (`.skyspool/id`), the first half of every job's tag.
+    spool_id: String,
     inventory: Inventory,
     sched: Scheduler,
     /// Every job's record (the queue's rows), by id.
@@ -204,8 +206,9 @@ impl UserCache {
     }
 }
 
-/// `SKYPILOT_TASK_ID` of a job: `sky-<submitted>_<cluster>_<id>`. Every process of the job
-/// inherits it, which is how the processes of a job that lost its supervisor are found.
+/// `SKYPILOT_TASK_ID` of a job: `sky-<submitted>_<cluster>_<id>`, as SkyPilot makes it.
+/// (Not unique across spools; the processes of a job are found by its
+/// [`executor::job_tag`].)
 fn task_id(info: &JobInfo, cluster: &str) -> String {
     let submitted = chrono::DateTime::parse_from_rfc3339(&info.submitted)
         .map(|t| t.with_timezone(&chrono::Utc))
@@ -265,6 +268,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     let spool = Spool::create(&cfg.spool)
         .with_context(|| format!("preparing the spool at {}", cfg.spool.display()))?;
     let _lock = spool.lock()?;
+    let spool_id = spool.instance_id()?;
     let inventory = inventory::detect(
         cfg.config.as_deref(),
         cfg.gpus.as_deref(),
@@ -297,6 +301,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     };
     let mut d = Daemon {
         spool,
+        spool_id,
         inventory,
         sched,
         jobs: BTreeMap::new(),
@@ -1439,6 +1444,7 @@ impl Daemon {
         Ok(LaunchPlan {
             job_id: info.id,
             spool: self.spool.root().to_path_buf(),
+            tag: executor::job_tag(&self.spool_id, info.id),
             user,
             setup: spec.setup.clone(),
             run: spec.run.clone(),
@@ -1595,8 +1601,8 @@ impl Daemon {
             // The supervisor is gone: stop whatever of the job still runs before its GPUs
             // are given to anyone else.
             if let Some(info) = self.jobs.get(&id) {
-                let tid = task_id(info, &self.inventory.cluster_name);
-                let killed = executor::kill_tagged_processes(&tid);
+                let tag = executor::job_tag(&self.spool_id, id);
+                let killed = executor::kill_tagged_processes(&tag);
                 if killed > 0 {
                     note!("job {id}: killed {killed} process(es) left by its lost supervisor");
                 }
@@ -1604,7 +1610,7 @@ impl Daemon {
                 for a in &info.placement {
                     if let Some(node) = self.inventory.nodes.iter().find(|n| n.name == a.node) {
                         if let Some(t) = SshTarget::of(node, &ssh_dir) {
-                            executor::kill_remote_rank(&t, &tid, a.rank);
+                            executor::kill_remote_rank(&t, &tag, a.rank);
                         }
                     }
                 }

@@ -71,6 +71,9 @@ pub struct NodeLaunch {
 pub struct LaunchPlan {
     pub job_id: JobId,
     pub spool: PathBuf,
+    /// The job's tag ([`job_tag`]): names its private directories on remote nodes and is
+    /// carried by its processes as [`TAG_VAR`].
+    pub tag: String,
     pub user: RunAs,
     pub setup: Option<String>,
     pub run: Option<String>,
@@ -225,19 +228,24 @@ fn script_text(body: &str, cd_target: &str, exports: &str) -> String {
     )
 }
 
-/// The private directory of one rank on a remote node.
-fn remote_dir(plan: &LaunchPlan, node: &NodeLaunch) -> String {
-    let task = plan
-        .env
-        .get("SKYPILOT_TASK_ID")
-        .cloned()
-        .unwrap_or_else(|| format!("job{}", plan.job_id));
-    remote_dir_for(&task, node.rank)
+/// The environment variable every process of a job carries its [`job_tag`] in.
+pub const TAG_VAR: &str = "SKYSPOOL_JOB_TAG";
+
+/// A job's tag: `<spool instance id>-<job id>`, unique across spools and machines (unlike
+/// `SKYPILOT_TASK_ID`, which two spools with one cluster name can share when they admit
+/// their job N in the same millisecond).
+pub fn job_tag(spool_id: &str, id: JobId) -> String {
+    format!("{spool_id}-{id}")
 }
 
-/// `/tmp/skyspool-<task id>-r<rank>` on the node.
-fn remote_dir_for(task_id: &str, rank: u32) -> String {
-    let task: String = task_id
+/// The private directory of one rank on a remote node.
+fn remote_dir(plan: &LaunchPlan, node: &NodeLaunch) -> String {
+    remote_dir_for(&plan.tag, node.rank)
+}
+
+/// `/tmp/skyspool-<job tag>-r<rank>` on the node.
+fn remote_dir_for(tag: &str, rank: u32) -> String {
+    let tag: String = tag
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -247,12 +255,12 @@ fn remote_dir_for(task_id: &str, rank: u32) -> String {
             }
         })
         .collect();
-    format!("/tmp/skyspool-{task}-r{rank}")
+    format!("/tmp/skyspool-{tag}-r{rank}")
 }
 
 /// Kills what runs of a remote rank of a job whose supervisor was lost (best effort).
-pub fn kill_remote_rank(target: &SshTarget, task_id: &str, rank: u32) {
-    let dir = remote_dir_for(task_id, rank);
+pub fn kill_remote_rank(target: &SshTarget, tag: &str, rank: u32) {
+    let dir = remote_dir_for(tag, rank);
     for phase in ["setup", "run"] {
         let _ = target.run(
             &remote::signal_command(&dir, phase, "KILL"),
@@ -265,11 +273,11 @@ pub fn kill_remote_rank(target: &SshTarget, task_id: &str, rank: u32) {
     );
 }
 
-/// SIGKILLs every process on this machine whose environment holds
-/// `SKYPILOT_TASK_ID=<task_id>` (every process of that job inherits it, daemonized ones
-/// included), until none is left. Returns how many were killed.
-pub fn kill_tagged_processes(task_id: &str) -> usize {
-    let tag = format!("SKYPILOT_TASK_ID={task_id}");
+/// SIGKILLs every process on this machine whose environment holds `SKYSPOOL_JOB_TAG=<tag>`
+/// (every process of that job inherits it, daemonized ones included), until none is left.
+/// Returns how many were killed.
+pub fn kill_tagged_processes(tag: &str) -> usize {
+    let tag = format!("{TAG_VAR}={tag}");
     let me = std::process::id();
     let mut killed = 0;
     for _ in 0..50 {
@@ -765,6 +773,7 @@ fn rank_env(plan: &LaunchPlan, phase: &str, node: &NodeLaunch) -> BTreeMap<Strin
     env.insert("PYTHONUNBUFFERED".into(), "1".into());
     env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
     env.extend(plan.env.clone());
+    env.insert(TAG_VAR.into(), plan.tag.clone());
     if phase == "setup" {
         env.extend(plan.setup_env.clone());
         env.insert("SKYPILOT_SETUP_NODE_RANK".into(), node.rank.to_string());
@@ -1154,7 +1163,8 @@ fn sync_workdirs(plan: &LaunchPlan, log: &Arc<Mutex<File>>) -> Result<(), String
         let dir = remote_dir(plan, node);
         let mut cmd = target.rsync_to(local, &format!("{dir}/workdir"));
         cmd.arg(format!(
-            "--rsync-path=mkdir -p {}/workdir && rsync",
+            "--rsync-path={} mkdir -p {}/workdir && rsync",
+            remote::private_dir(&dir),
             remote::shell_quote(&dir)
         ));
         cmd.stdin(Stdio::null());

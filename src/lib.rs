@@ -28,3 +28,18 @@ pub mod spec;
 pub mod spool;
 pub mod view;
 pub mod watcher;
+
+/// Whether this unit test runs as root; if not, says so loudly (`SKIPPED (not a pass)`) and,
+/// under `SKYSPOOL_TEST_STRICT=1` (CI), fails instead of skipping.
+#[cfg(test)]
+pub(crate) fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let why = format!("{test} needs root");
+    if std::env::var_os("SKYSPOOL_TEST_STRICT").is_some_and(|v| v == "1") {
+        panic!("SKYSPOOL_TEST_STRICT=1 forbids skipping: {why}");
+    }
+    eprintln!("SKIPPED (not a pass): {why}");
+    false
+}

@@ -191,9 +191,21 @@ pub fn shell_quote(s: &str) -> String {
 pub fn rank_wrapper(remote_dir: &str, phase: &str) -> String {
     let d = shell_quote(remote_dir);
     format!(
-        "umask 077; d={d}; mkdir -p \"$d\" || exit 255; cat > \"$d/{phase}.sh\" || exit 255; \
+        "{} d={d}; cat > \"$d/{phase}.sh\" || exit 255; \
          setsid bash --noprofile --norc \"$d/{phase}.sh\" </dev/null & p=$!; \
-         echo $p > \"$d/{phase}.pid\"; wait $p; rc=$?; kill -KILL -- -$p 2>/dev/null; exit $rc"
+         echo $p > \"$d/{phase}.pid\"; wait $p; rc=$?; kill -KILL -- -$p 2>/dev/null; exit $rc",
+        private_dir(remote_dir)
+    )
+}
+
+/// Shell commands that make `dir` (mode 0700, umask 077 from then on) and exit 255 unless it
+/// is a real directory owned by the ssh user: a name in a shared `/tmp` that someone else
+/// made first (a directory, or a link to one) is refused, never written into.
+pub fn private_dir(dir: &str) -> String {
+    let d = shell_quote(dir);
+    format!(
+        "umask 077; mkdir -p {d} && [ -d {d} ] && [ ! -h {d} ] && [ -O {d} ] || \
+         {{ echo skyspool: {d} is not a private directory of $(id -un) >&2; exit 255; }};"
     )
 }
 
@@ -227,6 +239,41 @@ mod tests {
         assert_eq!(shell_quote("abc/d.e"), "abc/d.e");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    /// Runs [`private_dir`] for `dir` in `sh`; its exit code and stderr.
+    fn make_private(dir: &std::path::Path) -> (i32, String) {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{} echo made", private_dir(&dir.to_string_lossy())))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code().unwrap_or(-1), err)
+    }
+
+    #[test]
+    fn private_dir_is_made_0700_and_refused_when_not_ours() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("skyspool-x-r1");
+        assert_eq!(make_private(&d), (0, String::new()));
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{mode:o}");
+        assert_eq!(make_private(&d).0, 0, "an existing one of ours is reused");
+        // A link someone planted at the name, even to a directory of ours, is refused.
+        let planted = tmp.path().join("skyspool-y-r1");
+        symlink(&d, &planted).unwrap();
+        let (code, err) = make_private(&planted);
+        assert_eq!(code, 255);
+        assert!(err.contains("is not a private directory"), "{err}");
+        // A directory made first by another user is refused.
+        if crate::root_or_skip("private_dir_is_made_0700_and_refused_when_not_ours") {
+            let theirs = tmp.path().join("skyspool-z-r1");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            assert_eq!(make_private(&theirs).0, 255);
+        }
     }
 
     #[test]

@@ -372,6 +372,51 @@ impl Spool {
 
     // ---------------------------------------------------------------- ids
 
+    /// This spool's instance id (`.skyspool/id`): 32 random hex digits, made once and kept.
+    /// It names what a job leaves outside the spool (its private directories on remote
+    /// nodes, the tag its processes carry), so two spools, even with the same cluster name
+    /// and job ids, never mistake each other's jobs. The file also records the inode of the
+    /// spool's root: a copy of the spool (`cp -a`, rsync) gets an id of its own at its first
+    /// start instead of the original's. Call with the daemon lock held.
+    pub fn instance_id(&self) -> Result<String> {
+        let dir = self.private();
+        let path = dir.join("id");
+        let root_ino = fs::metadata(&self.root).at(&self.root)?.ino();
+        match fs::read_to_string(&path) {
+            Ok(s) => {
+                let mut words = s.split_whitespace();
+                if let (Some(id), Some(ino)) = (words.next(), words.next()) {
+                    if is_instance_id(id) && ino.parse() == Ok(root_ino) {
+                        return Ok(id.to_string());
+                    }
+                }
+                // Torn, edited, or copied from another spool: make a new one.
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).at(&path),
+        }
+        let mut bytes = [0u8; 16];
+        let mut got = 0;
+        while got < bytes.len() {
+            // SAFETY: the pointer and length describe the unfilled rest of `bytes`.
+            let n =
+                unsafe { libc::getrandom(bytes[got..].as_mut_ptr().cast(), bytes.len() - got, 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).at(&path);
+            }
+            got += n as usize;
+        }
+        let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let text = format!("{id} {root_ino}\n");
+        write_atomic_mode(&dir, "id", text.as_bytes(), true, 0o600)?;
+        sync_dir(&dir)?;
+        Ok(id)
+    }
+
     /// The next ID to give: one above the highest ever given (counter file, job
     /// directories and staged admissions all count, so an ID is never reused).
     pub fn next_id(&self) -> Result<JobId> {
@@ -1044,6 +1089,13 @@ pub fn numeric_entries(dir: &Path) -> Result<Vec<JobId>> {
     Ok(ids)
 }
 
+/// Whether `s` is an id as [`Spool::instance_id`] makes them.
+fn is_instance_id(s: &str) -> bool {
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Writes `dir/name` atomically: a temporary `.name.tmp.PID` is written (and fsynced when
 /// `durable`), then renamed over the target. Readers see the old or the new content only.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> Result<()> {
@@ -1519,6 +1571,33 @@ mod tests {
             fs::read_to_string(spool.rejected().join("x.txt.1.reason")).unwrap(),
             "not a job\n"
         );
+    }
+
+    #[test]
+    fn instance_id_is_made_once_kept_and_distinct() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = Spool::create(tmp.path().join("a")).unwrap();
+        let b = Spool::create(tmp.path().join("b")).unwrap();
+        let id = a.instance_id().unwrap();
+        assert!(is_instance_id(&id), "{id}");
+        assert_eq!(
+            a.instance_id().unwrap(),
+            id,
+            "kept across calls (and restarts)"
+        );
+        assert_ne!(b.instance_id().unwrap(), id, "each spool has its own");
+        let path = a.private().join("id");
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        fs::write(&path, "").unwrap(); // torn by a crash before its fsync
+        let again = a.instance_id().unwrap();
+        assert!(is_instance_id(&again) && again != id, "{again}");
+        // A copy of the spool (its id file included) is a spool of its own.
+        fs::copy(&path, b.private().join("id")).unwrap();
+        let copy = b.instance_id().unwrap();
+        assert!(copy != again && is_instance_id(&copy), "{copy}");
+        assert_eq!(b.instance_id().unwrap(), copy);
+        assert_eq!(a.instance_id().unwrap(), again);
+        assert!(!is_instance_id("../../etc") && !is_instance_id(&"A".repeat(32)));
     }
 
     #[test]

@@ -1818,13 +1818,13 @@ fn secret_values_never_leak_into_the_spool() {
     fs::create_dir(&seen).unwrap();
     fs::set_permissions(&seen, fs::Permissions::from_mode(0o777)).unwrap();
     let check_token = format!(
-        "printf '%s %s' \"$HF_TOKEN\" \"$DB_PASS\" > {}/$SKYSPOOL_JOB_TAG && echo token-ok\n  {}",
+        "printf '%s %s' \"$HF_TOKEN\" \"$DB_PASS\" > {}/$SEEN_AS && echo token-ok\n  {}",
         sh_quote(&seen),
         gate.wait_cmd()
     );
     let yaml_for = |tag: &str| {
         format!(
-            "name: sec\nenvs:\n  PUBLIC: visible\n  SKYSPOOL_JOB_TAG: {tag}\nsecrets:\n  HF_TOKEN: {secret}\n  DB_PASS: \"{secret2}\"\nrun: |\n  {check_token}\n"
+            "name: sec\nenvs:\n  PUBLIC: visible\n  SEEN_AS: {tag}\nsecrets:\n  HF_TOKEN: {secret}\n  DB_PASS: \"{secret2}\"\nrun: |\n  {check_token}\n"
         )
     };
     let yaml = yaml_for("file");

@@ -184,14 +184,8 @@ fn failing_rank_stops_the_others_everywhere() {
     );
     // The workers are this machine reached over ssh: their processes are visible here.
     for rank in 0..3 {
-        for pid in pids_in(&s.join(format!("pids-{rank}"))) {
-            wait_until(
-                DEADLINE,
-                &format!("rank {rank}'s sleep {pid} to be gone"),
-                || !alive(pid),
-                || d.diagnostics(),
-            );
-        }
+        let pids = pids_in(&s.join(format!("pids-{rank}")));
+        wait_gone(&d, pids, &format!("rank {rank}'s sleep"));
     }
 }
 
@@ -216,14 +210,84 @@ fn cancel_stops_every_node() {
     d.cancel(id);
     d.wait_done(id, "CANCELLED");
     for rank in 0..3 {
-        for pid in pids_in(&s.join(format!("pids-{rank}"))) {
-            wait_until(
-                DEADLINE,
-                &format!("rank {rank}'s sleep {pid} to be gone"),
-                || !alive(pid),
-                || d.diagnostics(),
-            );
-        }
+        let pids = pids_in(&s.join(format!("pids-{rank}")));
+        wait_gone(&d, pids, &format!("rank {rank}'s sleep"));
+    }
+}
+
+/// Two spools with one cluster name, each running its job 1 on the same worker at once, keep
+/// their jobs apart there: a rank's private directory on the node and the tag its processes
+/// carry are named for the spool's own id, not for `SKYPILOT_TASK_ID` (which two spools
+/// admitting their job 1 in the same millisecond share), so one's cancel never reaches the
+/// other's processes.
+#[test]
+fn two_spools_with_one_cluster_name_keep_their_jobs_apart_on_a_shared_worker() {
+    let Some(mut a) = start() else { return };
+    let Some(mut b) = start() else { return };
+    let job = |s: &std::path::Path| {
+        format!(
+            "num_nodes: 2\nresources:\n  accelerators: H100:1\nrun: |\n  \
+             echo \"dir=$(dirname \"$0\") tag=$SKYSPOOL_JOB_TAG\"\n  \
+             sleep 1000 & echo $! >> {s}/pids-$SKYPILOT_NODE_RANK\n  wait\n",
+            s = s.display()
+        )
+    };
+    let (sa, sb) = (a.scratch(), b.scratch());
+    let ia = a.submit("a.yaml", &job(&sa));
+    let ib = b.submit("b.yaml", &job(&sb));
+    let pids = |s: &std::path::Path| -> Vec<u32> {
+        (0..2)
+            .flat_map(|r| pids_in(&s.join(format!("pids-{r}"))))
+            .collect()
+    };
+    for (d, s) in [(&a, &sa), (&b, &sb)] {
+        wait_until(
+            DEADLINE,
+            "both ranks started",
+            || (0..2).all(|r| !pids_in(&s.join(format!("pids-{r}"))).is_empty()),
+            || d.diagnostics(),
+        );
+    }
+    let spool_id = |d: &Daemon| {
+        let text = std::fs::read_to_string(d.path(".skyspool/id")).unwrap();
+        text.split_whitespace().next().unwrap().to_string()
+    };
+    let (ida, idb) = (spool_id(&a), spool_id(&b));
+    assert_ne!(ida, idb);
+    for (d, id, sid) in [(&a, ia, &ida), (&b, ib, &idb)] {
+        let want = format!("dir=/tmp/skyspool-{sid}-{id}-r1 tag={sid}-{id}");
+        wait_until(
+            DEADLINE,
+            &format!("rank 1 of job {id} to print {want}"),
+            || {
+                d.log(id)
+                    .lines()
+                    .any(|l| l.starts_with("(worker1") && l.ends_with(&want))
+            },
+            || d.diagnostics(),
+        );
+    }
+    a.cancel(ia);
+    a.wait_done(ia, "CANCELLED");
+    wait_gone(&a, pids(&sa), "a's sleep");
+    assert_eq!(b.status(ib), "RUNNING", "{}", b.diagnostics());
+    for pid in pids(&sb) {
+        assert!(alive(pid), "b's sleep {pid} was stopped by a's cancel");
+    }
+    b.cancel(ib);
+    b.wait_done(ib, "CANCELLED");
+    wait_gone(&b, pids(&sb), "b's sleep");
+}
+
+/// Waits until every process of `pids` has ended.
+fn wait_gone(d: &Daemon, pids: Vec<u32>, what: &str) {
+    for pid in pids {
+        wait_until(
+            DEADLINE,
+            &format!("{what} {pid} to be gone"),
+            || !alive(pid),
+            || d.diagnostics(),
+        );
     }
 }
 
