@@ -53,6 +53,17 @@ macro_rules! note {
 struct Supervisor {
     pid: u32,
     pidfd: Option<std::os::fd::OwnedFd>,
+    /// The task that reports the supervisor's exit. A supervisor outlives its job (the
+    /// launcher gives it the next one), so the watch ends with the job's record.
+    watch: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(w) = &self.watch {
+            w.abort();
+        }
+    }
 }
 
 impl Supervisor {
@@ -1553,22 +1564,31 @@ impl Daemon {
         let tx = self.tx.clone();
         let fd = executor::pidfd_open(pid);
         let kept = fd.as_ref().ok().and_then(|f| f.try_clone().ok());
-        self.supervisors.insert(id, Supervisor { pid, pidfd: kept });
-        match fd {
-            Ok(fd) => {
+        let watch = match fd {
+            Ok(fd) => Some(
                 tokio::spawn(async move {
                     // SAFETY: `fd` is an OwnedFd moved into the AsyncFd; it stays open until dropped.
                     if let Ok(afd) = unsafe { tokio::io::unix::AsyncFd::register(fd) } {
                         let _ = afd.readable().await;
                     }
                     let _ = tx.send(Msg::SupervisorExited(id, pid));
-                });
-            }
+                })
+                .abort_handle(),
+            ),
             Err(_) => {
                 // Already gone.
                 let _ = tx.send(Msg::SupervisorExited(id, pid));
+                None
             }
-        }
+        };
+        self.supervisors.insert(
+            id,
+            Supervisor {
+                pid,
+                pidfd: kept,
+                watch,
+            },
+        );
     }
 
     /// Settles a job that was running: final status, record, `done/`, resources freed.

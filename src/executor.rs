@@ -381,6 +381,16 @@ impl Signals {
         Signals { set }
     }
 
+    /// Discards every signal of the set that is pending now.
+    fn drain(&self) {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: the set is a valid sigset_t, `zero` a valid timespec, no siginfo asked for.
+        while unsafe { libc::sigtimedwait(self.set.as_ref(), std::ptr::null_mut(), &zero) } > 0 {}
+    }
+
     /// Waits for the next signal of the set, or until `deadline`.
     fn wait(&self, deadline: Option<Instant>) -> Wake {
         loop {
@@ -429,11 +439,15 @@ fn reap_exited() -> Vec<(u32, Option<i32>)> {
 
 /// Entry point of `skyspool supervise`: the daemon's *launcher*. One such process, started
 /// by the daemon and kept for its lifetime, waits on its stdin (a Unix socket) for jobs:
-/// each comes as the launch lock (`SCM_RIGHTS`) and a length-prefixed plan. For each, it
-/// forks; the child becomes that job's supervisor, and the launcher answers with its pid.
-/// A fork of this small single-threaded process replaces a fork and exec of this binary on
-/// the way to every job's first command. End-of-file means the daemon is gone or no longer
-/// needs it: exit. Running supervisors are not affected; they live in sessions of their own.
+/// each comes as the launch lock (`SCM_RIGHTS`) and a length-prefixed plan. It hands each
+/// to a free supervisor, or forks a new one, and answers with that supervisor's pid.
+///
+/// Supervisors are kept: one that has finished a job (its final `status` written) says so
+/// on its socket and takes the next job it is given, so a busy queue pays a fork, its
+/// copy-on-write faults and an exit per supervisor, not per job. At most
+/// [`MAX_FREE_SUPERVISORS`] wait; more are let go. End-of-file on stdin means the daemon is
+/// gone or no longer needs the launcher: it exits, the free supervisors see their socket
+/// close and exit too, and running ones finish their job (in sessions of their own) first.
 pub fn supervise_main() -> Result<(), ExecError> {
     // Children are never waited for here: the kernel reaps them (the daemon watches each
     // through a pidfd, which does not need a parent's wait).
@@ -442,33 +456,234 @@ pub fn supervise_main() -> Result<(), ExecError> {
     // One receive buffer for the launcher's lifetime: a fresh zeroed one per launch would
     // write 16 pages, each a copy-on-write fault while the last supervisor shares them.
     let mut buf = vec![0u8; 64 * 1024];
+    let mut sups: Vec<Forked> = Vec::new();
     loop {
-        let Some((text, lock)) = receive_launch(&mut buf)? else {
-            return Ok(());
-        };
-        // SAFETY: this process is single-threaded (no thread is ever started before a fork),
-        // so the child may run anything.
-        match unsafe { nix::unistd::fork() } {
-            Ok(nix::unistd::ForkResult::Child) => {
-                let code = match supervise_job(&text, lock) {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("skyspool supervise: {e}");
-                        1
-                    }
-                };
-                std::process::exit(code);
+        let mut fds: Vec<libc::pollfd> = std::iter::once(0)
+            .chain(sups.iter().map(|s| s.sock.as_raw_fd()))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
             }
-            Ok(nix::unistd::ForkResult::Parent { child }) => {
-                drop(lock);
-                reply_pid(child.as_raw() as u32)?;
-            }
-            Err(e) => {
-                drop(lock);
-                eprintln!("skyspool supervise: fork: {e}");
-                reply_pid(0)?;
+            return Err(ExecError::Io("waiting for launches".into(), e));
+        }
+        // Supervisors first: one that said it is free must count for the launch its final
+        // `status` made possible.
+        for i in (0..sups.len()).rev() {
+            if fds[i + 1].revents != 0 && !sups[i].heard() {
+                sups.swap_remove(i);
             }
         }
+        let mut free = 0;
+        sups.retain(|s| {
+            free += usize::from(s.free);
+            !s.free || free <= MAX_FREE_SUPERVISORS
+        });
+        if fds[0].revents == 0 {
+            continue;
+        }
+        let Some((text, lock)) = receive_launch(0, &mut buf)? else {
+            return Ok(());
+        };
+        let pid = launch(&mut sups, &text, lock, &mut buf);
+        reply_pid(pid)?;
+    }
+}
+
+/// How many supervisors with no job the launcher keeps for the next ones.
+const MAX_FREE_SUPERVISORS: usize = 8;
+
+/// A supervisor the launcher forked, and the launcher's end of their socket.
+struct Forked {
+    pid: u32,
+    sock: std::os::unix::net::UnixStream,
+    /// It said it has finished its job and waits for the next.
+    free: bool,
+}
+
+impl Forked {
+    /// Reads what the supervisor said (one byte per finished job); false when it is gone.
+    fn heard(&mut self) -> bool {
+        let mut b = [0u8; 16];
+        loop {
+            match nix::unistd::read(&self.sock, &mut b) {
+                Ok(0) => return false,
+                Ok(_) => {
+                    self.free = true;
+                    return true;
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Gives one launch to a free supervisor, or to a new one forked for it. Returns its pid
+/// (0: none could be made).
+fn launch(sups: &mut Vec<Forked>, text: &[u8], lock: OwnedFd, buf: &mut [u8]) -> u32 {
+    while let Some(i) = sups.iter().rposition(|s| s.free) {
+        if send_launch(&sups[i].sock, text, &lock).is_ok() {
+            sups[i].free = false;
+            return sups[i].pid;
+        }
+        // Gone since it said it was free: the next one, or a fork.
+        sups.swap_remove(i);
+    }
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("skyspool supervise: socketpair: {e}");
+            return 0;
+        }
+    };
+    // SAFETY: this process is single-threaded (no thread is ever started before a fork),
+    // so the child may run anything.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            // The other supervisors' sockets are not this one's business; holding them
+            // would hide their end from the launcher.
+            drop(std::mem::take(sups));
+            drop(ours);
+            let code = supervisor_main(text.to_vec(), lock, theirs, buf);
+            std::process::exit(code);
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            sups.push(Forked {
+                pid: child.as_raw() as u32,
+                sock: ours,
+                free: false,
+            });
+            child.as_raw() as u32
+        }
+        Err(e) => {
+            eprintln!("skyspool supervise: fork: {e}");
+            0
+        }
+    }
+}
+
+/// Sends one launch on `sock`: the lock as `SCM_RIGHTS` with the first bytes, the plan's
+/// length (8 bytes, little-endian), then the plan.
+fn send_launch(
+    sock: &std::os::unix::net::UnixStream,
+    plan: &[u8],
+    lock: &OwnedFd,
+) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let mut bytes = Vec::with_capacity(8 + plan.len());
+    bytes.extend_from_slice(&(plan.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(plan);
+    let fds = [lock.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let sent = loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[io::IoSlice::new(&bytes)],
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) => break n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let mut rest = &bytes[sent..];
+    while !rest.is_empty() {
+        match nix::sys::socket::send(sock.as_raw_fd(), rest, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => rest = &rest[n..],
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A supervisor's life: set up once, then one job after another, each given by the
+/// launcher on `sock`, until the launcher is gone or a job could not be finished cleanly.
+fn supervisor_main(
+    text: Vec<u8>,
+    lock: OwnedFd,
+    sock: std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+) -> i32 {
+    // SAFETY: restoring the default disposition; we wait for our own children.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    // The daemon's socket is not the jobs' business.
+    if let Ok(null) = File::open("/dev/null") {
+        // SAFETY: dup2 onto fd 0.
+        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+    }
+    // Own session: a terminal's ^C or hang-up aimed at the daemon never reaches the job.
+    let _ = nix::unistd::setsid();
+    // Orphans of the job are re-parented to us, so nothing escapes a cancel.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let signals = Signals::block();
+    let me = std::process::id();
+    let record = SupervisorRecord {
+        pid: me,
+        start_ticks: process_start_ticks(me).unwrap_or(0),
+    };
+    let finalizer = Finalizer::start();
+    let code = serve_jobs((text, lock), &sock, buf, &signals, &record, &finalizer);
+    // The last job's result is durable and its lock free before this process ends.
+    finalizer.finish();
+    code
+}
+
+/// The supervisor's loop: one job after another until the launcher is gone (0) or a job
+/// could not be finished cleanly (1).
+fn serve_jobs(
+    first: (Vec<u8>, OwnedFd),
+    sock: &std::os::unix::net::UnixStream,
+    buf: &mut [u8],
+    signals: &Signals,
+    record: &SupervisorRecord,
+    finalizer: &Finalizer,
+) -> i32 {
+    let mut job = first;
+    loop {
+        // A SIGTERM still pending was meant for the last job (a cancel racing with its
+        // end). One meant for this job comes with its `cancel` file, which is looked at
+        // before anything runs.
+        signals.drain();
+        let (text, lock) = job;
+        // Said once the final `status` is written: the launcher may hand over the next job
+        // while this one's result is made durable.
+        let free = || {
+            nix::sys::socket::send(
+                sock.as_raw_fd(),
+                &[1],
+                nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            )
+            .is_ok()
+        };
+        match supervise_job(&text, lock, signals, record, &free, finalizer) {
+            Ok(true) => {}
+            Ok(false) => return 0,
+            Err(e) => {
+                eprintln!("skyspool supervise: {e}");
+                return 1;
+            }
+        }
+        job = match receive_launch(sock.as_raw_fd(), buf) {
+            Ok(Some(next)) => next,
+            Ok(None) => return 0,
+            Err(e) => {
+                eprintln!("skyspool supervise: {e}");
+                return 1;
+            }
+        };
     }
 }
 
@@ -487,27 +702,17 @@ fn reply_pid(pid: u32) -> Result<(), ExecError> {
     Ok(())
 }
 
-/// One job's supervisor (a child of the launcher).
-fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
-    // SAFETY: restoring the default disposition; we wait for our own children.
-    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
-    // The daemon's socket is not the job's business.
-    if let Ok(null) = File::open("/dev/null") {
-        // SAFETY: dup2 onto fd 0.
-        unsafe { libc::dup2(null.as_raw_fd(), 0) };
-    }
-    // Own session: a terminal's ^C or hang-up aimed at the daemon never reaches the job.
-    let _ = nix::unistd::setsid();
-    // Orphans of the job are re-parented to us, so nothing escapes a cancel.
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let signals = Signals::block();
-    let me = std::process::id();
-    let record = SupervisorRecord {
-        pid: me,
-        start_ticks: process_start_ticks(me).unwrap_or(0),
-    };
-    let mut rec = serde_json::to_vec(&record).map_err(|e| ExecError::Plan(e.to_string()))?;
+/// Supervises one job. Returns whether this process may take another: its final `status`
+/// was written and the launcher was told (`free`).
+fn supervise_job(
+    text: &[u8],
+    lock: OwnedFd,
+    signals: &Signals,
+    record: &SupervisorRecord,
+    free: &dyn Fn() -> bool,
+    finalizer: &Finalizer,
+) -> Result<bool, ExecError> {
+    let mut rec = serde_json::to_vec(record).map_err(|e| ExecError::Plan(e.to_string()))?;
     rec.push(b'\n');
     let plan: LaunchPlan =
         serde_json::from_slice(text).map_err(|e| ExecError::Plan(e.to_string()))?;
@@ -529,7 +734,7 @@ fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
             Some("cancelled before it started"),
         ))
     } else {
-        run_job(&plan, &spool, &signals)
+        run_job(&plan, &spool, signals)
     };
     clean_remote(&plan);
     let result = match result {
@@ -567,23 +772,95 @@ fn supervise_job(text: &[u8], lock: OwnedFd) -> Result<(), ExecError> {
     // of the next job's start is durable before that either; a power cut in between finds no
     // result and settles the job FAILED_DRIVER, or by the final `status` if that is on disk.)
     // Each step is attempted whatever happens to the others.
-    let private = private_dir(&plan);
-    let written = lock.write_all(&line);
+    //
+    // Once `status` is written, the launcher is told this process is free, and the next
+    // job can start at once: the result is synced, and then the lock freed (closed), by the
+    // finalizer thread meanwhile.
+    if let Err(e) = lock.write_all(&line) {
+        eprintln!(
+            "skyspool supervise: job {}: supervisor.lock: {e}",
+            plan.job_id
+        );
+    }
     let status = spool.write_status(plan.job_id, result.status);
-    let recorded = written
-        .and_then(|()| lock.sync_data())
+    finalizer.submit((plan.job_id, lock, private_dir(&plan)));
+    status?;
+    Ok(free())
+}
+
+/// One finished job for the [`Finalizer`]: its id, its lock (holding the result) and `.sky/`.
+type Finished = (JobId, File, PathBuf);
+
+/// Fsyncs a finished job's lock file and `.sky/`, then closes the lock (which frees it).
+fn finalize((id, lock, private): Finished) {
+    let synced = lock
+        .sync_data()
         .map_err(|e| ExecError::Io("supervisor.lock".into(), e))
         .and_then(|()| spool::sync_dir(&private).map_err(ExecError::from));
-    status?;
-    recorded?;
     drop(lock);
-    Ok(())
+    if let Err(e) = synced {
+        eprintln!("skyspool supervise: job {id}: {e}");
+    }
+}
+
+/// The supervisor's second thread: for each finished job, in order, fsyncs the lock file
+/// (which holds the result) and `.sky/`, then closes the lock, which frees it. Keeping this
+/// off the supervisor's own thread lets the next job start without waiting for the disk.
+struct Finalizer {
+    tx: Option<std::sync::mpsc::Sender<Finished>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Finalizer {
+    fn start() -> Finalizer {
+        let (tx, rx) = std::sync::mpsc::channel::<Finished>();
+        let thread = std::thread::Builder::new()
+            .name("finalizer".into())
+            .spawn(move || rx.into_iter().for_each(finalize));
+        match thread {
+            Ok(t) => Finalizer {
+                tx: Some(tx),
+                thread: Some(t),
+            },
+            Err(e) => {
+                // Done in line instead (see `submit`).
+                eprintln!("skyspool supervise: no finalizer thread: {e}");
+                Finalizer {
+                    tx: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// Makes a finished job's result durable, then frees its lock: on the thread, or here.
+    fn submit(&self, job: Finished) {
+        match &self.tx {
+            Some(tx) => {
+                if let Err(std::sync::mpsc::SendError(job)) = tx.send(job) {
+                    finalize(job);
+                }
+            }
+            None => finalize(job),
+        }
+    }
+
+    /// Waits until every submitted job is durable and its lock free.
+    fn finish(mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Waits on stdin (a Unix stream socket) for the next launch: the lock (as `SCM_RIGHTS`
 /// with the first bytes) and the plan, after its length (8 bytes, little-endian). `None`
 /// when the socket closes between launches.
-fn receive_launch(buf: &mut [u8]) -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
+fn receive_launch(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+) -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::io::IoSliceMut;
     let mut data: Vec<u8> = Vec::new();
@@ -605,7 +882,7 @@ fn receive_launch(buf: &mut [u8]) -> Result<Option<(Vec<u8>, OwnedFd)>, ExecErro
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
         let (n, fds) = {
             let mut iov = [IoSliceMut::new(&mut *buf)];
-            let msg = match recvmsg::<()>(0, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+            let msg = match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
             {
                 Ok(m) => m,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -642,13 +919,14 @@ fn receive_launch(buf: &mut [u8]) -> Result<Option<(Vec<u8>, OwnedFd)>, ExecErro
     }
 }
 
-/// Whether `jobs/<id>/cancel` exists and was made by the job's owner or root (the daemon
-/// removes anyone else's).
+/// Whether `jobs/<id>/cancel` exists and was made by the job's owner, root or the daemon's
+/// user (the daemon removes anyone else's).
 fn cancel_pending(spool: &Spool, plan: &LaunchPlan) -> bool {
     use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
     spool
         .cancel_requested(plan.job_id)
-        .is_some_and(|m| m.uid() == plan.user.uid || m.uid() == 0)
+        .is_some_and(|m| m.uid() == plan.user.uid || m.uid() == 0 || m.uid() == me)
 }
 
 /// No block left for an unprivileged writer on the filesystem holding `dir`.
@@ -889,7 +1167,10 @@ fn run_phase(
                 kill_deadline = Some(Instant::now() + Duration::from_secs(3600));
             }
             Wake::Terminate => {
-                if !cancelled {
+                // A supervisor takes one job after another: a SIGTERM the daemon sent for an
+                // earlier job (a cancel that crossed that job's end) can land in this one.
+                // The daemon signals only for a `cancel` file, so that file decides.
+                if !cancelled && cancel_pending(&Spool::at(&plan.spool), plan) {
                     cancelled = true;
                     stop_ranks(&ranks, phase, false);
                     kill_deadline =
@@ -1079,8 +1360,8 @@ fn spawn_rank(
 }
 
 /// Puts a rank's process in a process group of its own, with default signal handling and
-/// nothing blocked: the supervisor blocks TERM/INT/HUP for its sigwait thread, and std does
-/// not reset the mask on every spawn path.
+/// nothing blocked: the supervisor blocks CHLD/TERM/INT/HUP for its `sigtimedwait`, and std
+/// does not reset the mask on every spawn path.
 fn own_group_with_default_signals(cmd: &mut Command) {
     cmd.process_group(0);
     // SAFETY: sigemptyset, pthread_sigmask and signal are async-signal-safe.
@@ -1261,8 +1542,8 @@ pub struct Launcher {
 
 /// Starts the launcher (`skyspool supervise`, stdin a Unix socket, stderr the daemon's
 /// log). TERM/INT/HUP are blocked before exec: every supervisor it forks inherits the mask,
-/// so a cancel sent while a supervisor is still starting stays pending until its sigwait
-/// thread runs.
+/// so a cancel sent while a supervisor is still starting stays pending until its
+/// `sigtimedwait` takes it.
 pub fn spawn_launcher(exe: &Path, spool: &Path) -> io::Result<Launcher> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let mut cmd = Command::new(exe);
@@ -1298,28 +1579,9 @@ impl Launcher {
     /// Hands a job over: the launch lock travels as `SCM_RIGHTS` with the plan's length,
     /// then the plan. Returns the pid of the job's supervisor.
     pub fn launch(&mut self, plan: &LaunchPlan, lock: &OwnedFd) -> io::Result<u32> {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         let json = serde_json::to_vec(plan).map_err(io::Error::other)?;
-        let mut bytes = Vec::with_capacity(8 + json.len());
-        bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&json);
-        let fds = [lock.as_raw_fd()];
-        let cmsg = [ControlMessage::ScmRights(&fds)];
-        let sent = loop {
-            match sendmsg::<()>(
-                self.sock.as_raw_fd(),
-                &[io::IoSlice::new(&bytes)],
-                &cmsg,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
-                Ok(n) => break n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
+        send_launch(&self.sock, &json, lock)?;
         let mut sock = &self.sock;
-        sock.write_all(&bytes[sent..])?;
         let mut pid = [0u8; 4];
         sock.read_exact(&mut pid)?;
         match u32::from_le_bytes(pid) {

@@ -307,6 +307,93 @@ fn killed_launcher_is_replaced() {
     assert_eq!(d.daemon_log().matches("failed (").count(), 1);
 }
 
+/// Whether a SIGTERM waits in process `pid` (`ShdPnd` of `/proc/PID/status`).
+fn term_pending(pid: u32) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+}
+
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &Path) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| fs::read_link(e.path()).is_ok_and(|t| t == path))
+        })
+        .unwrap_or(false)
+}
+
+/// A supervisor that has finished its job takes the next one (no fork per job). A SIGTERM
+/// meant for the last job (a cancel that crossed its end), pending when the next job comes
+/// or arriving while it runs, does not cancel the next: only a `cancel` file does. When the
+/// daemon stops, the free supervisors leave with the launcher.
+#[test]
+fn free_supervisor_takes_the_next_job_and_leaves_with_the_launcher() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let term = |pid: u32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM the supervisor")
+    };
+    let one = d.submit_new("one.yaml", &once_job("one", Some("H100:1"), &ran));
+    d.wait_done(one, "SUCCEEDED");
+    let sup = d.supervisor_pid(one).expect("job one's supervisor record");
+    // It frees job one's lock once the result is durable, after telling the launcher.
+    let lock = fs::canonicalize(d.job(one).join(".sky/supervisor.lock")).expect("the lock");
+    wait_until(
+        DEADLINE,
+        "job one's supervisor to let its lock go",
+        || !has_open(sup, &lock),
+        || d.diagnostics(),
+    );
+    assert!(
+        alive(sup),
+        "the free supervisor exited\n{}",
+        d.diagnostics()
+    );
+    // A cancel meant for job one that came too late: pending in the free supervisor.
+    term(sup);
+    let gate = Gate::new(&s, "two");
+    let two = d.submit_new("two.yaml", &held_job("two", &ran, &gate));
+    wait_held_running(&d, two, "job two to run");
+    assert_eq!(
+        d.supervisor_pid(two),
+        Some(sup),
+        "job two did not go to the free supervisor\n{}",
+        d.diagnostics()
+    );
+    // Another one while job two runs: no `cancel` file, so job two goes on.
+    term(sup);
+    wait_until(
+        DEADLINE,
+        "the supervisor to take the SIGTERM",
+        || !term_pending(sup),
+        || d.diagnostics(),
+    );
+    assert_eq!(d.status(two), "RUNNING", "{}", d.diagnostics());
+    gate.open();
+    d.wait_done(two, "SUCCEEDED");
+    assert_eq!(d.log(two), "before\nafter\n", "{}", d.diagnostics());
+    assert_eq!((count(&ran, "one"), count(&ran, "two")), (1, 1));
+    let l = launcher(&d).expect("the launcher");
+    assert_eq!(parent_of(sup), Some(l));
+    d.stop();
+    wait_until(
+        DEADLINE,
+        "the free supervisor to leave with the launcher",
+        || !alive(sup) && !alive(l),
+        || d.diagnostics(),
+    );
+}
+
 /// The daemon hands job A to its supervisor and dies before rewriting `info.json` and moving
 /// the link: `info.json` still says PENDING with no start or placement, and the link is in
 /// `pending/`. The next start takes both from the launch record, re-adopts A as RUNNING on
