@@ -987,15 +987,18 @@ impl Daemon {
         // Durability: one round of syncs for the batch (the first fsync commits the
         // journal for all of them; the rest find little left to do). Not `status`: a
         // PENDING lost to a power cut is what `info.json` says anyway.
-        let synced = (|| -> spool::Result<()> {
-            for (claimed, _) in &staged {
-                for f in ["job.yaml", "info.json"] {
-                    spool::sync_file(&claimed.dir.join(f))?;
-                }
-                spool::sync_dir(&claimed.dir)?;
-            }
-            spool::sync_dir(&self.spool.staging())
-        })();
+        let files: Vec<[PathBuf; 2]> = staged
+            .iter()
+            .map(|(c, _)| [c.dir.join("job.yaml"), c.dir.join("info.json")])
+            .collect();
+        let staging = self.spool.staging();
+        let mut durable: Vec<spool::Durable<'_>> = vec![spool::Durable::Dir(&staging)];
+        for ((claimed, _), [yaml, info]) in staged.iter().zip(&files) {
+            durable.push(spool::Durable::File(yaml));
+            durable.push(spool::Durable::File(info));
+            durable.push(spool::Durable::Dir(&claimed.dir));
+        }
+        let synced = spool::sync_all(&durable);
         if let Err(e) = synced {
             // Nothing of this batch is visible yet: hand every submission back to incoming/
             // and try again later rather than publish what may not be on disk.
@@ -1664,10 +1667,11 @@ impl Daemon {
         if !std::mem::take(&mut self.unsynced_publish) {
             return;
         }
-        for dir in [self.spool.jobs(), self.spool.state_dir(State::Pending)] {
-            if let Err(e) = spool::sync_dir(&dir) {
-                note!("cannot sync {}: {e}", dir.display());
-            }
+        let (jobs, pending) = (self.spool.jobs(), self.spool.state_dir(State::Pending));
+        if let Err(e) =
+            spool::sync_all(&[spool::Durable::Dir(&jobs), spool::Durable::Dir(&pending)])
+        {
+            note!("cannot sync jobs/ and pending/: {e}");
         }
     }
 
