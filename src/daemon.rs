@@ -66,6 +66,51 @@ impl Drop for Supervisor {
     }
 }
 
+/// A launch handed to the launcher whose answer (the supervisor's pid) has not come yet.
+/// The daemon goes on meanwhile; the plan and the lock are kept to hand the job to another
+/// launcher if this one is lost before a supervisor got it.
+struct Launching {
+    id: JobId,
+    plan: Vec<u8>,
+    lock: std::os::fd::OwnedFd,
+    lock_path: PathBuf,
+}
+
+/// Reads a launcher's answers (4-byte pids, in launch order) off the event loop's thread
+/// and turns them into [`Msg::Launched`]; [`Msg::LauncherGone`] when the pipe closes.
+fn read_answers(fd: std::os::fd::OwnedFd, gen: u64, tx: mpsc::UnboundedSender<Msg>) {
+    tokio::spawn(async move {
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd; it stays open until dropped.
+        if let Ok(afd) = unsafe { tokio::io::unix::AsyncFd::register(fd) } {
+            let mut pending: Vec<u8> = Vec::new();
+            let mut b = [0u8; 256];
+            'read: while let Ok(mut ready) = afd.readable().await {
+                match ready.try_io(|a| nix::unistd::read(a.get_ref(), &mut b).map_err(Into::into)) {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(n)) => {
+                        pending.extend_from_slice(&b[..n]);
+                        while pending.len() >= 4 {
+                            let mut pid = [0u8; 4];
+                            pid.copy_from_slice(&pending[..4]);
+                            pending.drain(..4);
+                            if tx
+                                .send(Msg::Launched(gen, u32::from_le_bytes(pid)))
+                                .is_err()
+                            {
+                                break 'read;
+                            }
+                        }
+                    }
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Ok(Err(_)) => break,
+                    Err(_would_block) => {}
+                }
+            }
+        }
+        let _ = tx.send(Msg::LauncherGone(gen));
+    });
+}
+
 impl Supervisor {
     /// SIGTERM through the pidfd (immune to pid reuse), by pid if there is none.
     fn terminate(&self) {
@@ -85,6 +130,11 @@ impl Supervisor {
 
 enum Msg {
     SupervisorExited(JobId, u32),
+    /// The launcher of that generation answered its oldest unanswered launch: the pid of
+    /// the job's supervisor (0: none could be made).
+    Launched(u64, u32),
+    /// The launcher of that generation closed its answers (it exited or was killed).
+    LauncherGone(u64),
     /// A remote node's health: `None` up, `Some(why)` down.
     NodeHealth(usize, Option<String>),
 }
@@ -182,6 +232,11 @@ struct Daemon {
     rechecks: crate::recheck::Rechecks,
     /// Forks each job's supervisor (see [`executor::Launcher`]).
     launcher: Option<executor::Launcher>,
+    /// Generation of `launcher` (each new launcher gets the next), to tell its answers
+    /// from a lost one's.
+    launcher_gen: u64,
+    /// Launches sent to the launcher and not answered yet, oldest first.
+    launching: std::collections::VecDeque<Launching>,
     /// Right after a hand-over, until the job's processes run (its supervisor writes
     /// `status`) or this time passes: no re-render, which would compete for the CPU with the
     /// job's start (2 cores: the supervisor and bash's exec). The time, and the job.
@@ -232,6 +287,17 @@ fn task_id(info: &JobInfo, cluster: &str) -> String {
     )
 }
 
+/// The outcome of a job whose supervisor is lost (or never got it): `FAILED_DRIVER`, ended
+/// now, with `reason`.
+fn driver_lost(reason: String) -> JobResult {
+    JobResult {
+        status: Status::FailedDriver,
+        exit_codes: vec![],
+        ended: spool::now_rfc3339(),
+        reason: Some(reason),
+    }
+}
+
 /// Milliseconds since the epoch, now.
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -276,6 +342,11 @@ pub fn serve(cfg: DaemonConfig) -> anyhow::Result<()> {
 }
 
 async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
+    // First of all: a SIGTERM/SIGINT that comes while the daemon starts (a test or a service
+    // manager stopping it as soon as `nodes` appears) ends it the orderly way, at the loop,
+    // not by the default action in the middle of starting the launcher.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let spool = Spool::create(&cfg.spool)
         .with_context(|| format!("preparing the spool at {}", cfg.spool.display()))?;
     let _lock = spool.lock()?;
@@ -336,6 +407,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         deferred: HashSet::new(),
         rechecks: crate::recheck::Rechecks::default(),
         launcher: None,
+        launcher_gen: 0,
+        launching: std::collections::VecDeque::new(),
         quiet: None,
         settling: Vec::new(),
         unsynced_publish: false,
@@ -378,8 +451,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             Some(m)
         }
     };
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
     loop {
         let render_at = tokio::time::Instant::from_std(d.last_render + d.render_interval);
         tokio::select! {
@@ -571,15 +643,10 @@ impl Daemon {
             self.fix_link(id, State::Running);
             self.finish(
                 id,
-                Some(JobResult {
-                    status: Status::FailedDriver,
-                    exit_codes: vec![],
-                    ended: spool::now_rfc3339(),
-                    reason: Some(
-                        "the job's supervisor died without recording a result while no daemon was watching"
-                            .into(),
-                    ),
-                }),
+                Some(driver_lost(
+                    "the job's supervisor died without recording a result while no daemon was watching"
+                        .into(),
+                )),
             );
             return;
         }
@@ -741,6 +808,21 @@ impl Daemon {
                     self.dirty = true;
                 }
             }
+            Msg::Launched(gen, pid) => {
+                if gen != self.launcher_gen {
+                    // A lost launcher's: its launches were settled when it was lost.
+                    return;
+                }
+                match self.launching.pop_front() {
+                    Some(l) => self.launched(l.id, pid),
+                    None => note!("the launcher answered a launch it was not given (pid {pid})"),
+                }
+            }
+            Msg::LauncherGone(gen) => {
+                if gen == self.launcher_gen && self.launcher.is_some() {
+                    self.launcher_lost("its answers closed");
+                }
+            }
             Msg::SupervisorExited(id, pid) => {
                 // Reap it if it is our child (after a restart it is not; ECHILD is fine).
                 let _ = nix::sys::wait::waitpid(
@@ -761,7 +843,9 @@ impl Daemon {
             return;
         };
         self.touched.insert(id);
-        if status.is_terminal() && self.supervisors.contains_key(&id) {
+        if status.is_terminal()
+            && (self.supervisors.contains_key(&id) || self.launching.iter().any(|l| l.id == id))
+        {
             // The supervisor writes the final status last, after every process of the job
             // is gone and its result is recorded: the job has ended, its resources are free
             // now (the supervisor's exit follows; it is then only reaped).
@@ -1213,21 +1297,7 @@ impl Daemon {
         let Err(e) = self.try_start(id, &placement) else {
             return true;
         };
-        {
-            note!("job {id}: could not start: {e:#}");
-            let _ = self
-                .spool
-                .append_log(id, &format!("skyspool: could not start the job: {e:#}"));
-            self.finish(
-                id,
-                Some(JobResult {
-                    status: Status::FailedDriver,
-                    exit_codes: vec![],
-                    ended: spool::now_rfc3339(),
-                    reason: Some(format!("could not start: {e:#}")),
-                }),
-            );
-        }
+        self.fail_start(id, &format!("{e:#}"));
         false
     }
 
@@ -1265,11 +1335,12 @@ impl Daemon {
             .context("taking the job's launch lock")?;
         // The job goes first; the records follow while it starts on another core. From here
         // only the supervisor writes `status`; a daemon that dies before `info.json` says
-        // RUNNING finds the placement in the launch record.
-        let pid = self
-            .hand_off(&plan, &lock, &lock_path)
+        // RUNNING finds the placement in the launch record. The launcher's answer (the
+        // supervisor's pid) is not awaited: it comes through the event loop (`launched`).
+        let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
+        let answered = self
+            .hand_off(id, json, lock, lock_path)
             .context("handing the job to its supervisor")?;
-        drop(lock);
         self.quiet = Some((std::time::Instant::now() + QUIET_AFTER_START, id));
         let status = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             Status::SettingUp
@@ -1280,7 +1351,6 @@ impl Daemon {
         info.status = status;
         info.started = Some(started);
         info.placement = assignments;
-        self.watch_supervisor(id, pid);
         // The job runs now whatever happens below: a failure here must not fail the start.
         if let Err(e) = self.spool.write_info(&info) {
             note!("job {id}: could not record its start in info.json: {e}");
@@ -1291,6 +1361,119 @@ impl Daemon {
         self.jobs.insert(id, info);
         self.touched.insert(id);
         self.dirty = true;
+        if let Some(pid) = answered {
+            self.launched(id, pid);
+        }
+        Ok(())
+    }
+
+    /// Sends a launch to the launcher (a new one when there is none, or when sending fails:
+    /// the old one is then lost, see [`Daemon::launcher_lost`]). `Some(pid)` when a
+    /// supervisor is known to have the job already; otherwise its pid comes later as
+    /// [`Msg::Launched`].
+    fn hand_off(
+        &mut self,
+        id: JobId,
+        plan: Vec<u8>,
+        lock: std::os::fd::OwnedFd,
+        lock_path: PathBuf,
+    ) -> std::io::Result<Option<u32>> {
+        let l = Launching {
+            id,
+            plan,
+            lock,
+            lock_path,
+        };
+        let mut last_error = None;
+        for _ in 0..2 {
+            if self.launcher.is_none() {
+                self.new_launcher()?;
+            }
+            let Some(launcher) = self.launcher.as_mut() else {
+                break;
+            };
+            match launcher.send(&l.plan, &l.lock) {
+                Ok(()) => {
+                    self.launching.push_back(l);
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.launcher_lost(&format!("{e}"));
+                    // A supervisor may have got the job before the failure: it then holds
+                    // the lock file open. Launching again would run the job twice.
+                    if let Some(pid) = executor::flock_holder(&l.lock_path) {
+                        return Ok(Some(pid));
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| std::io::Error::other("no launcher")))
+    }
+
+    /// Starts a launcher (the next generation) and the reader of its answers.
+    fn new_launcher(&mut self) -> std::io::Result<()> {
+        let mut launcher = executor::spawn_launcher(&self.exe, self.spool.root())?;
+        self.launcher_gen += 1;
+        match launcher.take_answers() {
+            Some(fd) => read_answers(fd, self.launcher_gen, self.tx.clone()),
+            None => return Err(std::io::Error::other("the launcher has no answer pipe")),
+        }
+        self.launcher = Some(launcher);
+        Ok(())
+    }
+
+    /// The launcher failed (killed by someone, or it stopped taking launches): it is made
+    /// sure to be gone, and each launch it had not answered is settled: a supervisor that
+    /// holds the job's lock has it; any other goes to a new launcher (or fails to start).
+    fn launcher_lost(&mut self, why: &str) {
+        if let Some(old) = self.launcher.take() {
+            let pid = nix::unistd::Pid::from_raw(old.pid as i32);
+            note!("launcher pid {} failed ({why}); starting another", old.pid);
+            // It may hold locks of launches it had read: it must be gone before the locks'
+            // holders are looked for. Its running supervisors live in sessions of their own.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while matches!(
+                nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+                Ok(nix::sys::wait::WaitStatus::StillAlive)
+            ) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        for l in std::mem::take(&mut self.launching) {
+            if let Some(pid) = executor::flock_holder(&l.lock_path) {
+                self.launched(l.id, pid);
+                continue;
+            }
+            let sent = match self.launcher.as_mut() {
+                Some(launcher) => launcher.send(&l.plan, &l.lock),
+                None => self
+                    .new_launcher()
+                    .and_then(|()| match self.launcher.as_mut() {
+                        Some(launcher) => launcher.send(&l.plan, &l.lock),
+                        None => Err(std::io::Error::other("no launcher")),
+                    }),
+            };
+            match sent {
+                Ok(()) => self.launching.push_back(l),
+                Err(e) => self.fail_start(l.id, &format!("handing the job to its supervisor: {e}")),
+            }
+        }
+    }
+
+    /// The launcher answered job `id`'s launch: `pid` supervises it (0: none could be made).
+    fn launched(&mut self, id: JobId, pid: u32) {
+        if pid == 0 {
+            self.fail_start(id, "the launcher could not fork a supervisor");
+            return;
+        }
+        if self.jobs.get(&id).is_none_or(|j| j.status.is_terminal()) {
+            // It ended (its final status came first) or was settled meanwhile.
+            return;
+        }
+        self.watch_supervisor(id, pid);
         note!(
             "job {id} started (supervisor pid {pid}) on {}",
             self.jobs
@@ -1303,43 +1486,18 @@ impl Daemon {
                     .join(", "))
                 .unwrap_or_default()
         );
-        Ok(())
+        // What happened before its pid was known: the final status, a cancel.
+        self.refresh_status(id);
+        self.handle_cancel(id);
     }
 
-    /// Gives a launch to the launcher; starts a new launcher when there is none or it
-    /// failed (killed by someone). Returns the pid of the job's supervisor.
-    fn hand_off(
-        &mut self,
-        plan: &executor::LaunchPlan,
-        lock: &std::os::fd::OwnedFd,
-        lock_path: &Path,
-    ) -> std::io::Result<u32> {
-        if let Some(mut launcher) = self.launcher.take() {
-            match launcher.launch(plan, lock) {
-                Ok(pid) => {
-                    self.launcher = Some(launcher);
-                    return Ok(pid);
-                }
-                Err(e) => {
-                    let lpid = launcher.pid;
-                    note!("launcher pid {lpid} failed ({e}); starting another");
-                    drop(launcher);
-                    let _ = nix::sys::wait::waitpid(
-                        nix::unistd::Pid::from_raw(lpid as i32),
-                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-                    );
-                    // A supervisor may have got the job before the failure: it then holds the
-                    // lock file open. Launching again would run the job twice.
-                    if let Some(pid) = executor::flock_holder(lock_path) {
-                        return Ok(pid);
-                    }
-                }
-            }
-        }
-        let mut launcher = executor::spawn_launcher(&self.exe, self.spool.root())?;
-        let pid = launcher.launch(plan, lock)?;
-        self.launcher = Some(launcher);
-        Ok(pid)
+    /// A job that was placed could not be started: FAILED_DRIVER, with the reason.
+    fn fail_start(&mut self, id: JobId, reason: &str) {
+        note!("job {id}: could not start: {reason}");
+        let _ = self
+            .spool
+            .append_log(id, &format!("skyspool: could not start the job: {reason}"));
+        self.finish(id, Some(driver_lost(format!("could not start: {reason}"))));
     }
 
     /// Keeps a launcher ready for the next job (see [`executor::Launcher`]).
@@ -1347,9 +1505,8 @@ impl Daemon {
         if self.launcher.is_some() {
             return;
         }
-        match executor::spawn_launcher(&self.exe, self.spool.root()) {
-            Ok(l) => self.launcher = Some(l),
-            Err(e) => note!("could not start the launcher: {e}"),
+        if let Err(e) = self.new_launcher() {
+            note!("could not start the launcher: {e}");
         }
     }
 
@@ -1611,14 +1768,11 @@ impl Daemon {
                 ),
             })
         });
-        let result = result.unwrap_or_else(|| JobResult {
-            status: Status::FailedDriver,
-            exit_codes: vec![],
-            ended: spool::now_rfc3339(),
-            reason: Some(format!(
+        let result = result.unwrap_or_else(|| {
+            driver_lost(format!(
                 "the job's supervisor{} exited without recording a result",
                 pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-            )),
+            ))
         });
         if result.status == Status::FailedDriver {
             // The supervisor is gone: stop whatever of the job still runs before its GPUs

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
@@ -453,9 +453,7 @@ pub fn supervise_main() -> Result<(), ExecError> {
     // through a pidfd, which does not need a parent's wait).
     // SAFETY: setting a signal disposition.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
-    // One receive buffer for the launcher's lifetime: a fresh zeroed one per launch would
-    // write 16 pages, each a copy-on-write fault while the last supervisor shares them.
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut launches = Receiver::new(0);
     let mut sups: Vec<Forked> = Vec::new();
     loop {
         let mut fds: Vec<libc::pollfd> = std::iter::once(0)
@@ -490,11 +488,20 @@ pub fn supervise_main() -> Result<(), ExecError> {
         if fds[0].revents == 0 {
             continue;
         }
-        let Some((text, lock)) = receive_launch(0, &mut buf)? else {
+        let Some((text, lock)) = launches.next()? else {
             return Ok(());
         };
-        let pid = launch(&mut sups, &text, lock, &mut buf);
+        let pid = launch(&mut sups, &text, lock, &mut launches);
         reply_pid(pid)?;
+        // Launches the same read brought along are served before waiting again (poll
+        // would not report bytes already taken off the socket).
+        while launches.has_whole_launch() {
+            let Some((text, lock)) = launches.next()? else {
+                return Ok(());
+            };
+            let pid = launch(&mut sups, &text, lock, &mut launches);
+            reply_pid(pid)?;
+        }
     }
 }
 
@@ -529,7 +536,7 @@ impl Forked {
 
 /// Gives one launch to a free supervisor, or to a new one forked for it. Returns its pid
 /// (0: none could be made).
-fn launch(sups: &mut Vec<Forked>, text: &[u8], lock: OwnedFd, buf: &mut [u8]) -> u32 {
+fn launch(sups: &mut Vec<Forked>, text: &[u8], lock: OwnedFd, launches: &mut Receiver) -> u32 {
     while let Some(i) = sups.iter().rposition(|s| s.free) {
         if send_launch(&sups[i].sock, text, &lock).is_ok() {
             sups[i].free = false;
@@ -550,10 +557,12 @@ fn launch(sups: &mut Vec<Forked>, text: &[u8], lock: OwnedFd, buf: &mut [u8]) ->
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             // The other supervisors' sockets are not this one's business; holding them
-            // would hide their end from the launcher.
+            // would hide their end from the launcher. Nor are the locks of launches that
+            // came in the same read: holding one would keep that job's lock held.
             drop(std::mem::take(sups));
+            drop(std::mem::take(&mut launches.locks));
             drop(ours);
-            let code = supervisor_main(text.to_vec(), lock, theirs, buf);
+            let code = supervisor_main(text.to_vec(), lock, theirs);
             std::process::exit(code);
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
@@ -610,18 +619,18 @@ fn send_launch(
 
 /// A supervisor's life: set up once, then one job after another, each given by the
 /// launcher on `sock`, until the launcher is gone or a job could not be finished cleanly.
-fn supervisor_main(
-    text: Vec<u8>,
-    lock: OwnedFd,
-    sock: std::os::unix::net::UnixStream,
-    buf: &mut [u8],
-) -> i32 {
+fn supervisor_main(text: Vec<u8>, lock: OwnedFd, sock: std::os::unix::net::UnixStream) -> i32 {
     // SAFETY: restoring the default disposition; we wait for our own children.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
-    // The daemon's socket is not the jobs' business.
+    // The daemon's socket (stdin) and the launcher's answers (stdout) are not the jobs'
+    // business, and a supervisor holding the answers' pipe would hide the launcher's exit
+    // from the daemon.
     if let Ok(null) = File::open("/dev/null") {
-        // SAFETY: dup2 onto fd 0.
-        unsafe { libc::dup2(null.as_raw_fd(), 0) };
+        // SAFETY: dup2 onto fds 0 and 1.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+        }
     }
     // Own session: a terminal's ^C or hang-up aimed at the daemon never reaches the job.
     let _ = nix::unistd::setsid();
@@ -635,7 +644,15 @@ fn supervisor_main(
         start_ticks: process_start_ticks(me).unwrap_or(0),
     };
     let finalizer = Finalizer::start();
-    let code = serve_jobs((text, lock), &sock, buf, &signals, &record, &finalizer);
+    let mut launches = Receiver::new(sock.as_raw_fd());
+    let code = serve_jobs(
+        (text, lock),
+        &sock,
+        &mut launches,
+        &signals,
+        &record,
+        &finalizer,
+    );
     // The last job's result is durable and its lock free before this process ends.
     finalizer.finish();
     code
@@ -646,7 +663,7 @@ fn supervisor_main(
 fn serve_jobs(
     first: (Vec<u8>, OwnedFd),
     sock: &std::os::unix::net::UnixStream,
-    buf: &mut [u8],
+    launches: &mut Receiver,
     signals: &Signals,
     record: &SupervisorRecord,
     finalizer: &Finalizer,
@@ -676,7 +693,7 @@ fn serve_jobs(
                 return 1;
             }
         }
-        job = match receive_launch(sock.as_raw_fd(), buf) {
+        job = match launches.next() {
             Ok(Some(next)) => next,
             Ok(None) => return 0,
             Err(e) => {
@@ -687,13 +704,14 @@ fn serve_jobs(
     }
 }
 
-/// Tells the daemon the pid of the supervisor just forked (0: none), on stdin (the socket).
+/// Tells the daemon the pid of the supervisor that got its launch (0: none), on stdout (a
+/// pipe the daemon reads as answers come, in the order of the launches).
 fn reply_pid(pid: u32) -> Result<(), ExecError> {
     let bytes = pid.to_le_bytes();
-    let stdin = io::stdin();
+    let stdout = io::stdout();
     let mut done = 0;
     while done < bytes.len() {
-        match nix::unistd::write(std::os::fd::AsFd::as_fd(&stdin), &bytes[done..]) {
+        match nix::unistd::write(std::os::fd::AsFd::as_fd(&stdout), &bytes[done..]) {
             Ok(n) => done += n,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(ExecError::Io("answering the daemon".into(), e.into())),
@@ -854,68 +872,106 @@ impl Finalizer {
     }
 }
 
-/// Waits on stdin (a Unix stream socket) for the next launch: the lock (as `SCM_RIGHTS`
-/// with the first bytes) and the plan, after its length (8 bytes, little-endian). `None`
-/// when the socket closes between launches.
-fn receive_launch(
+/// The receiving end of launches on a Unix stream socket. A launch is the plan's length
+/// (8 bytes, little-endian) and the plan, with the launch lock as `SCM_RIGHTS` on its first
+/// bytes. The daemon does not wait for one launch to be answered before it sends the next,
+/// so one `recvmsg` can return the end of one launch and the start of the next: bytes and
+/// descriptors are kept, in order, until a whole launch is there (launch N takes the N-th
+/// lock).
+struct Receiver {
     fd: std::os::fd::RawFd,
-    buf: &mut [u8],
-) -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::io::IoSliceMut;
-    let mut data: Vec<u8> = Vec::new();
-    let mut lock: Option<OwnedFd> = None;
-    loop {
-        if data.len() >= 8 {
-            let mut len = [0u8; 8];
-            len.copy_from_slice(&data[..8]);
-            let len = u64::from_le_bytes(len) as usize;
-            if data.len() >= 8 + len {
-                if data.len() > 8 + len {
-                    return Err(ExecError::Plan("more bytes than the plan's length".into()));
-                }
-                let lock = lock
-                    .ok_or_else(|| ExecError::Plan("no launch lock came with the plan".into()))?;
-                return Ok(Some((data.split_off(8), lock)));
-            }
+    data: Vec<u8>,
+    locks: std::collections::VecDeque<OwnedFd>,
+    /// One receive buffer for the receiver's lifetime (in the launcher, a fresh zeroed one
+    /// per launch would write 16 pages, each a copy-on-write fault while the last forked
+    /// supervisor shares them).
+    buf: Vec<u8>,
+}
+
+impl Receiver {
+    fn new(fd: std::os::fd::RawFd) -> Receiver {
+        Receiver {
+            fd,
+            data: Vec::new(),
+            locks: std::collections::VecDeque::new(),
+            buf: vec![0u8; 64 * 1024],
         }
-        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let (n, fds) = {
-            let mut iov = [IoSliceMut::new(&mut *buf)];
-            let msg = match recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            {
-                Ok(m) => m,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    return Err(ExecError::Io("receiving a launch".into(), e.into()));
-                }
-            };
-            let mut fds = Vec::new();
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(r) = c {
-                        fds.extend(r);
+    }
+
+    /// Where the first launch in `data` ends, once all of it is there.
+    fn whole(&self) -> Result<Option<usize>, ExecError> {
+        let Some(head) = self.data.get(..8) else {
+            return Ok(None);
+        };
+        let mut len = [0u8; 8];
+        len.copy_from_slice(head);
+        let end = usize::try_from(u64::from_le_bytes(len))
+            .ok()
+            .and_then(|l| l.checked_add(8))
+            .ok_or_else(|| ExecError::Plan("a launch of impossible length".into()))?;
+        Ok((self.data.len() >= end).then_some(end))
+    }
+
+    /// Whether a whole launch (bytes and lock) is already here, with no read needed.
+    fn has_whole_launch(&self) -> bool {
+        matches!(self.whole(), Ok(Some(_))) && !self.locks.is_empty()
+    }
+
+    /// The next whole launch: `(plan, lock)`; `None` when the socket closes between
+    /// launches.
+    fn next(&mut self) -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::io::IoSliceMut;
+        loop {
+            if let Some(end) = self.whole()? {
+                let lock = self
+                    .locks
+                    .pop_front()
+                    .ok_or_else(|| ExecError::Plan("no launch lock came with the plan".into()))?;
+                let rest = self.data.split_off(end);
+                let mut plan = std::mem::replace(&mut self.data, rest);
+                plan.drain(..8);
+                return Ok(Some((plan, lock)));
+            }
+            let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+            let (n, fds) = {
+                let mut iov = [IoSliceMut::new(&mut self.buf)];
+                let msg = match recvmsg::<()>(
+                    self.fd,
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::MSG_CMSG_CLOEXEC,
+                ) {
+                    Ok(m) => m,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => {
+                        return Err(ExecError::Io("receiving a launch".into(), e.into()));
+                    }
+                };
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(r) = c {
+                            fds.extend(r);
+                        }
                     }
                 }
+                (msg.bytes, fds)
+            };
+            for fd in fds {
+                // SAFETY: the kernel just installed this descriptor for us.
+                self.locks.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
             }
-            (msg.bytes, fds)
-        };
-        for fd in fds {
-            // SAFETY: the kernel just installed this descriptor for us.
-            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-            if lock.is_none() {
-                lock = Some(owned);
+            if n == 0 {
+                if self.data.is_empty() && self.locks.is_empty() {
+                    return Ok(None);
+                }
+                return Err(ExecError::Plan(
+                    "the daemon hung up in the middle of a launch".into(),
+                ));
             }
+            self.data.extend_from_slice(&self.buf[..n]);
         }
-        if n == 0 {
-            if data.is_empty() && lock.is_none() {
-                return Ok(None);
-            }
-            return Err(ExecError::Plan(
-                "the daemon hung up in the middle of a launch".into(),
-            ));
-        }
-        data.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -1538,6 +1594,9 @@ pub fn take_launch_lock(path: &Path, record: &spool::LaunchRecord) -> io::Result
 pub struct Launcher {
     pub pid: u32,
     sock: std::os::unix::net::UnixStream,
+    /// The read end of the launcher's answers (its stdout, non-blocking): one supervisor
+    /// pid (4 bytes, little-endian; 0 when none could be made) per launch, in order.
+    answers: Option<OwnedFd>,
 }
 
 /// Starts the launcher (`skyspool supervise`, stdin a Unix socket, stderr the daemon's
@@ -1546,10 +1605,17 @@ pub struct Launcher {
 /// `sigtimedwait` takes it.
 pub fn spawn_launcher(exe: &Path, spool: &Path) -> io::Result<Launcher> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let (answers, answers_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // Only the read end is non-blocking (the flag is per end of a pipe).
+    nix::fcntl::fcntl(
+        &answers_w,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )?;
     let mut cmd = Command::new(exe);
     cmd.arg("supervise");
     cmd.stdin(Stdio::from(OwnedFd::from(theirs)));
-    cmd.stdout(Stdio::null());
+    cmd.stdout(Stdio::from(answers_w));
     match open_daemon_log(spool) {
         Some(f) => cmd.stderr(Stdio::from(f)),
         None => cmd.stderr(Stdio::null()),
@@ -1571,23 +1637,25 @@ pub fn spawn_launcher(exe: &Path, spool: &Path) -> io::Result<Launcher> {
     // Reaped by the daemon when it replaces a launcher; forget the handle.
     std::mem::forget(child);
     ours.set_write_timeout(Some(Duration::from_secs(10)))?;
-    ours.set_read_timeout(Some(Duration::from_secs(10)))?;
-    Ok(Launcher { pid, sock: ours })
+    Ok(Launcher {
+        pid,
+        sock: ours,
+        answers: Some(answers),
+    })
 }
 
 impl Launcher {
     /// Hands a job over: the launch lock travels as `SCM_RIGHTS` with the plan's length,
-    /// then the plan. Returns the pid of the job's supervisor.
-    pub fn launch(&mut self, plan: &LaunchPlan, lock: &OwnedFd) -> io::Result<u32> {
-        let json = serde_json::to_vec(plan).map_err(io::Error::other)?;
-        send_launch(&self.sock, &json, lock)?;
-        let mut sock = &self.sock;
-        let mut pid = [0u8; 4];
-        sock.read_exact(&mut pid)?;
-        match u32::from_le_bytes(pid) {
-            0 => Err(io::Error::other("the launcher could not fork")),
-            pid => Ok(pid),
-        }
+    /// then the plan (`serde_json` of a [`LaunchPlan`]). The launcher answers on
+    /// [`Launcher::take_answers`] with the pid of the job's supervisor; the daemon does not
+    /// wait for it here.
+    pub fn send(&mut self, plan: &[u8], lock: &OwnedFd) -> io::Result<()> {
+        send_launch(&self.sock, plan, lock)
+    }
+
+    /// The launcher's answers, for the daemon's event loop (once).
+    pub fn take_answers(&mut self) -> Option<OwnedFd> {
+        self.answers.take()
     }
 }
 
@@ -1634,6 +1702,78 @@ pub fn pidfd_send_signal(fd: &OwnedFd, sig: i32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Launches sent back to back (the daemon does not wait for answers) come out whole, in
+    /// order, each with its own lock, however the reads split or glue them: a plan larger
+    /// than one read, then small ones behind it.
+    #[test]
+    fn launches_sent_back_to_back_are_received_whole_with_their_own_locks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let plans: Vec<Vec<u8>> = vec![
+            vec![b'a'; 300 * 1024],
+            b"{\"b\":1}".to_vec(),
+            vec![b'c'; 70 * 1024],
+            b"{}".to_vec(),
+        ];
+        let locks: Vec<PathBuf> = (0..plans.len())
+            .map(|i| tmp.path().join(format!("lock{i}")))
+            .collect();
+        let sender = {
+            let plans = plans.clone();
+            let locks = locks.clone();
+            std::thread::spawn(move || {
+                for (plan, path) in plans.iter().zip(&locks) {
+                    let f = OwnedFd::from(File::create(path).unwrap());
+                    send_launch(&tx, plan, &f).unwrap();
+                }
+            })
+        };
+        let mut r = Receiver::new(rx.as_raw_fd());
+        for (plan, path) in plans.iter().zip(&locks) {
+            let (got, lock) = r.next().unwrap().expect("a launch");
+            assert_eq!(got.len(), plan.len());
+            assert!(&got == plan);
+            let target = fs::read_link(format!("/proc/self/fd/{}", lock.as_raw_fd())).unwrap();
+            assert_eq!(&target, path, "the lock of another launch");
+        }
+        sender.join().unwrap();
+        assert!(!r.has_whole_launch());
+        assert!(r.next().unwrap().is_none(), "end of file between launches");
+
+        // Glued for certain: two launches' bytes in one message carrying both locks, then
+        // one launch cut across two messages.
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let enc = |p: &[u8]| [&(p.len() as u64).to_le_bytes()[..], p].concat();
+        let files: Vec<File> = locks.iter().map(|p| File::open(p).unwrap()).collect();
+        let send = |bytes: &[u8], fds: &[i32]| {
+            let cmsg = [ControlMessage::ScmRights(fds)];
+            let n = sendmsg::<()>(
+                tx.as_raw_fd(),
+                &[io::IoSlice::new(bytes)],
+                &cmsg,
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+            assert_eq!(n, bytes.len());
+        };
+        let two = [enc(b"one"), enc(b"two")].concat();
+        send(&two, &[files[0].as_raw_fd(), files[1].as_raw_fd()]);
+        let three = enc(b"three");
+        send(&three[..5], &[files[2].as_raw_fd()]);
+        send(&three[5..], &[]);
+        drop(tx);
+        let mut r = Receiver::new(rx.as_raw_fd());
+        for (i, want) in [&b"one"[..], b"two", b"three"].into_iter().enumerate() {
+            let (got, lock) = r.next().unwrap().expect("a launch");
+            assert_eq!(got, want);
+            let target = fs::read_link(format!("/proc/self/fd/{}", lock.as_raw_fd())).unwrap();
+            assert_eq!(target, locks[i]);
+        }
+        assert!(r.next().unwrap().is_none());
+    }
 
     #[test]
     fn start_ticks_of_self() {

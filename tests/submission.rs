@@ -422,8 +422,8 @@ fn symlink_fifo_and_hard_link_found_at_start_up_are_rejected() {
     .unwrap();
     fs::write(s.join("hard.yaml"), &target_text).unwrap();
     fs::hard_link(s.join("hard.yaml"), incoming.join("hard.yaml")).unwrap();
-    // A start-up scan that blocks makes spawn() time out (the daemon installs its SIGTERM
-    // handler only after that scan, so the harness can still stop it).
+    // A start-up scan that blocks makes spawn() time out (and the harness's stop() SIGKILLs
+    // a daemon that does not act on SIGTERM).
     d.spawn();
     let dog = Watchdog::arm(&d, Duration::from_secs(60));
     assert!(d.wait_rejected("link.yaml").contains("symbolic link"));

@@ -165,13 +165,27 @@ impl Daemon {
         }
     }
 
-    /// SIGTERM and wait for exit.
+    /// SIGTERM and wait for exit; SIGKILL if it has not exited within [`DEADLINE`] (a
+    /// daemon hung in its start-up never reaches the loop that acts on SIGTERM: it must
+    /// fail the test, not hang it).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
+            let deadline = Instant::now() + DEADLINE;
+            while matches!(c.try_wait(), Ok(None)) {
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "daemon {} ignored SIGTERM for {DEADLINE:?}; SIGKILL",
+                        c.id()
+                    );
+                    let _ = c.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = c.wait();
         }
     }
