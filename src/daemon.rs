@@ -74,7 +74,12 @@ struct Launching {
     plan: Vec<u8>,
     lock: std::os::fd::OwnedFd,
     lock_path: PathBuf,
+    sent: std::time::Instant,
 }
+
+/// A launcher that has not answered a launch for this long is taken as lost (looked at
+/// after each batch of events: a cancel of the job is such an event).
+const LAUNCH_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads a launcher's answers (4-byte pids, in launch order) off the event loop's thread
 /// and turns them into [`Msg::Launched`]; [`Msg::LauncherGone`] when the pipe closes.
@@ -918,6 +923,13 @@ impl Daemon {
             // less often while events keep coming (and at once when they stop).
             self.render_interval = RENDER_INTERVAL.max(began.elapsed() * 20);
         }
+        if self
+            .launching
+            .front()
+            .is_some_and(|l| l.sent.elapsed() > LAUNCH_ANSWER_TIMEOUT)
+        {
+            self.launcher_lost("no answer for 10 s");
+        }
         self.ensure_launcher();
     }
 
@@ -1383,6 +1395,7 @@ impl Daemon {
             plan,
             lock,
             lock_path,
+            sent: std::time::Instant::now(),
         };
         let mut last_error = None;
         for _ in 0..2 {
@@ -1457,7 +1470,10 @@ impl Daemon {
                     }),
             };
             match sent {
-                Ok(()) => self.launching.push_back(l),
+                Ok(()) => self.launching.push_back(Launching {
+                    sent: std::time::Instant::now(),
+                    ..l
+                }),
                 Err(e) => self.fail_start(l.id, &format!("handing the job to its supervisor: {e}")),
             }
         }

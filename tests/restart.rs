@@ -231,6 +231,27 @@ fn launcher(d: &Daemon) -> Option<u32> {
     (all.len() == 1).then(|| all.remove(0))
 }
 
+/// Waits for the daemon's launcher to start; its pid.
+fn launcher_once_started(d: &Daemon) -> u32 {
+    let mut first = None;
+    wait_until(
+        DEADLINE,
+        "the launcher to start",
+        || {
+            first = launcher(d);
+            first.is_some()
+        },
+        || {
+            format!(
+                "supervise children {:?}\n{}",
+                supervise_children(d),
+                d.diagnostics()
+            )
+        },
+    );
+    first.expect("launcher")
+}
+
 /// Someone SIGKILLs the daemon's launcher: the next job still starts (through a fresh
 /// launcher), runs once and succeeds; the new launcher forks the supervisors after that.
 #[test]
@@ -238,23 +259,7 @@ fn killed_launcher_is_replaced() {
     let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
     let s = d.scratch();
     let ran = s.join("ran");
-    let mut first = None;
-    wait_until(
-        DEADLINE,
-        "the launcher to start",
-        || {
-            first = launcher(&d);
-            first.is_some()
-        },
-        || {
-            format!(
-                "supervise children {:?}\n{}",
-                supervise_children(&d),
-                d.diagnostics()
-            )
-        },
-    );
-    let old = first.expect("launcher");
+    let old = launcher_once_started(&d);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -305,6 +310,41 @@ fn killed_launcher_is_replaced() {
     d.wait_done(id2, "SUCCEEDED");
     assert_eq!(count(&ran, "two"), 1);
     assert_eq!(d.daemon_log().matches("failed (").count(), 1);
+}
+
+/// A launcher that stops answering (here: SIGSTOPped) is taken as lost after 10 s at the
+/// next event: it is killed, the launch it never read goes to a new launcher, and the job
+/// runs once.
+#[test]
+fn launcher_that_stops_answering_is_replaced() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
+    let ran = d.scratch().join("ran");
+    let old = launcher_once_started(&d);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP the launcher");
+    let id = d.submit_new("late.yaml", &once_job("late", Some("H100:1"), &ran));
+    // Events make the daemon look at its unanswered launches (a name it ignores will do).
+    let nudge = d.path("incoming").join(".nudge");
+    wait_until(
+        DEADLINE,
+        "the job to run through a new launcher",
+        || {
+            let _ = fs::write(&nudge, b"");
+            d.status(id) == "SUCCEEDED"
+        },
+        || d.diagnostics(),
+    );
+    assert_eq!(count(&ran, "late"), 1, "{}", d.diagnostics());
+    assert!(!alive(old), "the stopped launcher was not killed");
+    assert!(
+        d.daemon_log()
+            .contains(&format!("launcher pid {old} failed (no answer for 10 s)")),
+        "{}",
+        d.diagnostics()
+    );
 }
 
 /// Whether a SIGTERM waits in process `pid` (`ShdPnd` of `/proc/PID/status`).
