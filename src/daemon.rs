@@ -1080,9 +1080,9 @@ impl Daemon {
                 }
             }
         }
-        // Durability: one round of syncs for the batch (the first fsync commits the
-        // journal for all of them; the rest find little left to do). Not `status`: a
-        // PENDING lost to a power cut is what `info.json` says anyway.
+        // Durability: one round of syncs for the batch, run concurrently (they share the
+        // device's cache flushes). Not `status`: a PENDING lost to a power cut is what
+        // `info.json` says anyway.
         let files: Vec<[PathBuf; 2]> = staged
             .iter()
             .map(|(c, _)| [c.dir.join("job.yaml"), c.dir.join("info.json")])
@@ -1399,17 +1399,13 @@ impl Daemon {
         };
         let mut last_error = None;
         for _ in 0..2 {
-            if self.launcher.is_none() {
-                self.new_launcher()?;
-            }
-            let Some(launcher) = self.launcher.as_mut() else {
-                break;
-            };
-            match launcher.send(&l.plan, &l.lock) {
+            match self.send_to_launcher(&l) {
                 Ok(()) => {
                     self.launching.push_back(l);
                     return Ok(None);
                 }
+                // Not even a launcher could be started.
+                Err(e) if self.launcher.is_none() => return Err(e),
                 Err(e) => {
                     self.launcher_lost(&format!("{e}"));
                     // A supervisor may have got the job before the failure: it then holds
@@ -1422,6 +1418,17 @@ impl Daemon {
             }
         }
         Err(last_error.unwrap_or_else(|| std::io::Error::other("no launcher")))
+    }
+
+    /// Sends `l` to the launcher, starting one first when there is none.
+    fn send_to_launcher(&mut self, l: &Launching) -> std::io::Result<()> {
+        if self.launcher.is_none() {
+            self.new_launcher()?;
+        }
+        match self.launcher.as_mut() {
+            Some(launcher) => launcher.send(&l.plan, &l.lock),
+            None => Err(std::io::Error::other("no launcher")),
+        }
     }
 
     /// Starts a launcher (the next generation) and the reader of its answers.
@@ -1460,16 +1467,7 @@ impl Daemon {
                 self.launched(l.id, pid);
                 continue;
             }
-            let sent = match self.launcher.as_mut() {
-                Some(launcher) => launcher.send(&l.plan, &l.lock),
-                None => self
-                    .new_launcher()
-                    .and_then(|()| match self.launcher.as_mut() {
-                        Some(launcher) => launcher.send(&l.plan, &l.lock),
-                        None => Err(std::io::Error::other("no launcher")),
-                    }),
-            };
-            match sent {
+            match self.send_to_launcher(&l) {
                 Ok(()) => self.launching.push_back(Launching {
                     sent: std::time::Instant::now(),
                     ..l

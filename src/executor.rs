@@ -2,8 +2,9 @@
 //!
 //! The daemon keeps one launcher process ([`Launcher`], `skyspool supervise`) and hands it
 //! each job: the launch lock and a [`LaunchPlan`] through a Unix socket (so secrets never
-//! touch a file). The launcher forks the job's supervisor, which lives in its own session,
-//! outlives the daemon if the daemon dies, and:
+//! touch a file). The launcher hands it to a supervisor that has finished its last job, or
+//! forks a new one; a supervisor lives in its own session, outlives the daemon if the
+//! daemon dies, runs one job at a time, and for each:
 //! - runs `setup` (status `SETTING_UP`, `CUDA_VISIBLE_DEVICES` unset) then `run` (`RUNNING`)
 //!   with bash, once per node, each node's processes in a process group of their own, as the
 //!   submitting user;
@@ -14,12 +15,12 @@
 //!   process group, `SIGKILL` after the grace period, then every remaining descendant (it is a
 //!   child subreaper, so daemonized grandchildren cannot escape);
 //! - records its result (a line of `.sky/supervisor.lock`), then the final `status` (the
-//!   daemon gives the job's resources away when it sees it), then fsyncs the result and
-//!   exits.
+//!   daemon gives the job's resources away when it sees it); its [`Finalizer`] thread then
+//!   fsyncs the result and frees the lock while the supervisor may take its next job.
 //!
-//! A supervisor of a single-node job is one thread: it waits for its children and for the
-//! daemon's cancel in one `sigtimedwait` ([`Signals`]). Only a multi-node job adds a thread
-//! per node to copy and prefix that node's output.
+//! A supervisor runs a job on one thread: it waits for its children and for the daemon's
+//! cancel in one `sigtimedwait` ([`Signals`]). Besides the finalizer, only a multi-node job
+//! adds a thread per node to copy and prefix that node's output.
 
 use crate::remote::{self, SshTarget};
 use crate::scheduler::JobId;
@@ -488,19 +489,17 @@ pub fn supervise_main() -> Result<(), ExecError> {
         if fds[0].revents == 0 {
             continue;
         }
-        let Some((text, lock)) = launches.next()? else {
-            return Ok(());
-        };
-        let pid = launch(&mut sups, &text, lock, &mut launches);
-        reply_pid(pid)?;
-        // Launches the same read brought along are served before waiting again (poll
+        // One launch, then those the same read brought along, before waiting again (poll
         // would not report bytes already taken off the socket).
-        while launches.has_whole_launch() {
+        loop {
             let Some((text, lock)) = launches.next()? else {
                 return Ok(());
             };
             let pid = launch(&mut sups, &text, lock, &mut launches);
             reply_pid(pid)?;
+            if !launches.has_whole_launch() {
+                break;
+            }
         }
     }
 }
@@ -643,6 +642,17 @@ fn supervisor_main(text: Vec<u8>, lock: OwnedFd, sock: std::os::unix::net::UnixS
         pid: me,
         start_ticks: process_start_ticks(me).unwrap_or(0),
     };
+    // The same line in the lock of every job this supervisor takes.
+    let record = match serde_json::to_vec(&record) {
+        Ok(mut line) => {
+            line.push(b'\n');
+            line
+        }
+        Err(e) => {
+            eprintln!("skyspool supervise: {e}");
+            return 1;
+        }
+    };
     let finalizer = Finalizer::start();
     let mut launches = Receiver::new(sock.as_raw_fd());
     let code = serve_jobs(
@@ -665,7 +675,7 @@ fn serve_jobs(
     sock: &std::os::unix::net::UnixStream,
     launches: &mut Receiver,
     signals: &Signals,
-    record: &SupervisorRecord,
+    record: &[u8],
     finalizer: &Finalizer,
 ) -> i32 {
     let mut job = first;
@@ -726,12 +736,10 @@ fn supervise_job(
     text: &[u8],
     lock: OwnedFd,
     signals: &Signals,
-    record: &SupervisorRecord,
+    record: &[u8],
     free: &dyn Fn() -> bool,
     finalizer: &Finalizer,
 ) -> Result<bool, ExecError> {
-    let mut rec = serde_json::to_vec(record).map_err(|e| ExecError::Plan(e.to_string()))?;
-    rec.push(b'\n');
     let plan: LaunchPlan =
         serde_json::from_slice(text).map_err(|e| ExecError::Plan(e.to_string()))?;
     let spool = Spool::at(&plan.spool);
@@ -741,7 +749,7 @@ fn supervise_job(
     // and a daemon that finds the lock held before the record is written finds this process
     // as the lock's holder instead.
     let mut lock = File::from(lock);
-    lock.write_all(&rec)
+    lock.write_all(record)
         .map_err(|e| ExecError::Io("supervisor.lock".into(), e))?;
     // A cancel whose file exists already (the daemon signals only a supervisor it knows)
     // is honoured before anything runs.
@@ -785,15 +793,13 @@ fn supervise_job(
     // The result, as a line appended to `supervisor.lock` (after the launch record and this
     // supervisor's record: no new file, and no new block on a full disk); then `status`;
     // then the fsyncs. The daemon wakes on `status`, reads the result and gives the job's
-    // resources to the next job while the result is made durable here (the lock file and
-    // `.sky/`, which holds its name), before this process exits and frees the lock. (Nothing
-    // of the next job's start is durable before that either; a power cut in between finds no
-    // result and settles the job FAILED_DRIVER, or by the final `status` if that is on disk.)
-    // Each step is attempted whatever happens to the others.
-    //
-    // Once `status` is written, the launcher is told this process is free, and the next
-    // job can start at once: the result is synced, and then the lock freed (closed), by the
-    // finalizer thread meanwhile.
+    // resources to the next job while the finalizer thread makes the result durable (the
+    // lock file and `.sky/`, which holds its name) and only then frees the lock (closes
+    // it); the launcher is told this process is free once `status` is written, so its next
+    // job can start meanwhile. (Nothing of the next job's start is durable before that
+    // either; a power cut in between finds no result and settles the job FAILED_DRIVER, or
+    // by the final `status` if that is on disk.) Each step is attempted whatever happens to
+    // the others.
     if let Err(e) = lock.write_all(&line) {
         eprintln!(
             "skyspool supervise: job {}: supervisor.lock: {e}",
