@@ -179,10 +179,7 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 }
 
 fn sigkill(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    let _ = send_signal(pid, nix::sys::signal::Signal::SIGKILL);
 }
 
 /// Processes a test saw a job start. Whatever is still the same process when the test ends

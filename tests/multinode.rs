@@ -407,11 +407,7 @@ fn lost_node_fails_the_job_instead_of_hanging() {
             ppid == Some(sup_pid) && String::from_utf8_lossy(&cmd).starts_with("ssh")
         })
         .expect("rank 1's ssh client");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(ssh_client as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    send_signal(ssh_client, nix::sys::signal::Signal::SIGKILL).unwrap();
     d.wait_done(id, "FAILED");
     let info = d.info(id);
     assert!(

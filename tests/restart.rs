@@ -260,11 +260,7 @@ fn killed_launcher_is_replaced() {
     let s = d.scratch();
     let ran = s.join("ran");
     let old = launcher_once_started(&d);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL the launcher");
+    send_signal(old, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL the launcher");
     wait_until(
         DEADLINE,
         "the launcher to die",
@@ -320,11 +316,7 @@ fn launcher_that_stops_answering_is_replaced() {
     let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
     let ran = d.scratch().join("ran");
     let old = launcher_once_started(&d);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(old as i32),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .expect("SIGSTOP the launcher");
+    send_signal(old, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the launcher");
     let id = d.submit_new("late.yaml", &once_job("late", Some("H100:1"), &ran));
     // Events make the daemon look at its unanswered launches (a name it ignores will do).
     let nudge = d.path("incoming").join(".nudge");
@@ -377,11 +369,7 @@ fn free_supervisor_takes_the_next_job_and_leaves_with_the_launcher() {
     let s = d.scratch();
     let ran = s.join("ran");
     let term = |pid: u32| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM the supervisor")
+        send_signal(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the supervisor")
     };
     let one = d.submit_new("one.yaml", &once_job("one", Some("H100:1"), &ran));
     d.wait_done(one, "SUCCEEDED");

@@ -432,6 +432,11 @@ pub fn parent_of(pid: u32) -> Option<u32> {
 }
 
 /// Whether a process with this pid is alive (not a zombie).
+/// Sends `sig` to process `pid`.
+pub fn send_signal(pid: u32, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+}
+
 pub fn alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|f| f.first().is_some_and(|st| st != "Z"))
 }
