@@ -870,12 +870,31 @@ fn sshfs_from_another_machine() {
     fs::write(&good, "run: echo via-sshfs\n").unwrap();
     let out = run(Command::new("cp").arg(&good).arg(r.join("incoming/")));
     assert!(out.status.success(), "{}", text(&out));
-    let receipt = fs::read_to_string(r.join("incoming/good.yaml")).unwrap();
-    let id: u64 = receipt
-        .trim()
-        .strip_prefix("job ")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("receipt: {receipt:?}"));
+    // sshfs sends the close to the server after cp's close() has returned, so the file
+    // may still read as what was written until the server's close has submitted it.
+    let receipt_path = r.join("incoming/good.yaml");
+    let receipt_id = || -> Option<u64> {
+        let text = fs::read_to_string(&receipt_path).ok()?;
+        text.trim().strip_prefix("job ")?.parse().ok()
+    };
+    wait_until(
+        DEADLINE,
+        "the receipt to show through sshfs",
+        || receipt_id().is_some(),
+        || {
+            format!(
+                "incoming/good.yaml: {:?}\n{}",
+                fs::read_to_string(&receipt_path),
+                m.d.diagnostics()
+            )
+        },
+    );
+    let Some(id) = receipt_id() else {
+        panic!(
+            "the receipt went away: {:?}",
+            fs::read_to_string(&receipt_path)
+        );
+    };
     m.d.wait_done(id, "SUCCEEDED");
     assert_eq!(
         fs::read_to_string(r.join(format!("jobs/{id}/status"))).unwrap(),
