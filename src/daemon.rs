@@ -43,10 +43,18 @@ pub struct DaemonConfig {
     pub mount: Option<PathBuf>,
 }
 
+/// One line on stderr, time-stamped, written with one `write` (stderr is unbuffered: the
+/// pieces of an `eprintln!` are a write each).
 macro_rules! note {
-    ($($arg:tt)*) => {
-        eprintln!("{} skyspool: {}", chrono::Local::now().format("%Y-%m-%d %H:%M:%S%.3f"), format!($($arg)*))
-    };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!(
+            "{} skyspool: {}\n",
+            chrono::Local::now().format("%Y-%m-%d %H:%M:%S%.3f"),
+            format!($($arg)*)
+        );
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
 }
 
 /// A job's live supervisor.

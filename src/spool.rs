@@ -955,7 +955,8 @@ impl Spool {
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(self.job_private(id).join("supervisor.lock"))
             .ok()?;
-        let mut b = Vec::new();
+        // Three short JSON lines: one read, not a doubling series from 32 bytes.
+        let mut b = Vec::with_capacity(2048);
         f.take(64 * 1024).read_to_end(&mut b).ok()?;
         Some(b)
     }
@@ -1218,11 +1219,16 @@ pub fn write_exchanged(
     }
 }
 
-/// A new, empty spare at `path`, in place of whatever is there (a link, a FIFO, a file
-/// with other links: never written through).
+/// A new, empty file (mode 0644) at `path`, in place of whatever is there (a link, a FIFO,
+/// a file with other links: never written through). Removes only when something is there.
 fn replace_spare(path: &Path) -> io::Result<File> {
-    remove_if_present(path)?;
-    create_new_file(path, 0o644)
+    match create_new_file(path, 0o644) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            remove_if_present(path)?;
+            create_new_file(path, 0o644)
+        }
+        r => r,
+    }
 }
 
 /// Removes `path` if something is there (never following a link).
@@ -1330,8 +1336,7 @@ pub fn grant_create(dir: &Path, uid: u32) -> Result<()> {
 /// later, so no temporary name and rename per file are needed.
 pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(name);
-    remove_if_present(&path).at(&path)?;
-    let mut f = create_new_file(&path, 0o644).at(&path)?;
+    let mut f = replace_spare(&path).at(&path)?;
     f.write_all(bytes).at(&path)
 }
 
@@ -1360,35 +1365,125 @@ pub enum Durable<'a> {
     File(&'a Path),
 }
 
-/// fsyncs every path of `paths`, several at once (up to 8 threads): each fsync waits for the
-/// device, and concurrent ones share its cache flushes, so a batch costs about one fsync's
-/// wait instead of the sum. Returns the first error; every path is attempted.
+/// fsyncs every path of `paths`, several at once (this thread and up to 7 of [`SyncPool`]'s):
+/// each fsync waits for the device, and concurrent ones share its cache flushes, so a batch
+/// costs about one fsync's wait instead of the sum. Returns the first error; every path is
+/// attempted.
 pub fn sync_all(paths: &[Durable<'_>]) -> Result<()> {
-    let one = |d: &Durable<'_>| match *d {
-        Durable::Dir(p) => sync_dir(p),
-        Durable::File(p) => sync_file(p),
-    };
-    if paths.len() <= 1 {
-        return paths.iter().try_for_each(one);
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let first_error: std::sync::Mutex<Option<SpoolError>> = std::sync::Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..paths.len().min(8) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(d) = paths.get(i) else { break };
-                if let Err(e) = one(d) {
-                    if let Ok(mut slot) = first_error.lock() {
-                        slot.get_or_insert(e);
-                    }
-                }
-            });
+    let mut first_error = None;
+    let mut note = |r: Result<()>| {
+        if let Err(e) = r {
+            first_error.get_or_insert(e);
         }
-    });
-    match first_error.into_inner() {
-        Ok(Some(e)) => Err(e),
-        _ => Ok(()),
+    };
+    let pool = (paths.len() > 1).then(SyncPool::get).flatten();
+    match (pool, paths.split_first()) {
+        (Some(pool), Some((mine, rest))) => {
+            let (done, results) = std::sync::mpsc::channel();
+            let mut sent = 0;
+            for d in rest {
+                match pool.send(d.detached(), done.clone()) {
+                    Ok(()) => sent += 1,
+                    Err(d) => note(d.sync()),
+                }
+            }
+            drop(done);
+            note(mine.detached().sync());
+            for _ in 0..sent {
+                match results.recv() {
+                    Ok(r) => note(r),
+                    // A worker died with the path (it cannot: sync() does not panic).
+                    Err(_) => note(Err(SpoolError::Io {
+                        path: PathBuf::from("(fsync worker)"),
+                        source: io::Error::other("an fsync worker exited"),
+                    })),
+                }
+            }
+        }
+        _ => paths.iter().for_each(|d| note(d.detached().sync())),
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A [`Durable`] that can go to another thread.
+enum DurablePath {
+    Dir(PathBuf),
+    File(PathBuf),
+}
+
+impl Durable<'_> {
+    fn detached(&self) -> DurablePath {
+        match *self {
+            Durable::Dir(p) => DurablePath::Dir(p.to_path_buf()),
+            Durable::File(p) => DurablePath::File(p.to_path_buf()),
+        }
+    }
+}
+
+impl DurablePath {
+    fn sync(&self) -> Result<()> {
+        match self {
+            DurablePath::Dir(p) => sync_dir(p),
+            DurablePath::File(p) => sync_file(p),
+        }
+    }
+}
+
+type SyncTask = (DurablePath, std::sync::mpsc::Sender<Result<()>>);
+
+/// The threads [`sync_all`] hands fsyncs to: started once, on first use, and kept (a thread
+/// made per batch cost the daemon two clones and two exits per admission).
+struct SyncPool {
+    tasks: std::sync::Mutex<std::sync::mpsc::Sender<SyncTask>>,
+}
+
+impl SyncPool {
+    const THREADS: usize = 7;
+
+    /// The pool, or `None` where no thread could be started (then fsyncs run in line).
+    fn get() -> Option<&'static SyncPool> {
+        static POOL: std::sync::OnceLock<Option<SyncPool>> = std::sync::OnceLock::new();
+        POOL.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<SyncTask>();
+            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+            let mut started = 0;
+            for i in 0..Self::THREADS {
+                let rx = rx.clone();
+                let worker = std::thread::Builder::new()
+                    .name(format!("fsync-{i}"))
+                    .stack_size(64 * 1024)
+                    .spawn(move || loop {
+                        let task = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok((what, done)) = task else { return };
+                        let _ = done.send(what.sync());
+                    });
+                if worker.is_ok() {
+                    started += 1;
+                }
+            }
+            (started > 0).then(|| SyncPool {
+                tasks: std::sync::Mutex::new(tx),
+            })
+        })
+        .as_ref()
+    }
+
+    /// Queues one fsync; gives the path back when the pool cannot take it.
+    fn send(
+        &self,
+        what: DurablePath,
+        done: std::sync::mpsc::Sender<Result<()>>,
+    ) -> std::result::Result<(), DurablePath> {
+        match self.tasks.lock() {
+            Ok(tx) => tx.send((what, done)).map_err(|e| e.0 .0),
+            Err(_) => Err(what),
+        }
     }
 }
 
