@@ -260,7 +260,14 @@ struct Daemon {
     unsynced_publish: bool,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
+    /// Jobs put back in the queue because their supervisor died before taking them, and how
+    /// often (bounded: a supervisor that always dies at the start must not loop forever).
+    untaken: HashMap<JobId, u32>,
 }
+
+/// How often a job goes back to the queue after a supervisor died before taking it; the
+/// next time it ends FAILED_DRIVER.
+const MAX_UNTAKEN: u32 = 3;
 
 /// Caches [`run_as`] results; dropped whenever `/etc/passwd` or `/etc/group` changes.
 struct UserCache {
@@ -430,6 +437,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             stamp: None,
             by_uid: HashMap::new(),
         }),
+        untaken: HashMap::new(),
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -664,7 +672,13 @@ impl Daemon {
             return;
         }
         // Launch recorded but no supervisor ever ran: nothing of the job ran. Re-queue it.
-        let _ = std::fs::remove_file(private.join("supervisor.lock"));
+        self.back_to_pending(id);
+    }
+
+    /// A launched job that nothing of ran goes back to the queue, in its place (its
+    /// submission time): launch lock removed, `status` PENDING, no start or placement.
+    fn back_to_pending(&mut self, id: JobId) {
+        let _ = std::fs::remove_file(self.spool.job_private(id).join("supervisor.lock"));
         let _ = self.spool.write_status(id, Status::Pending);
         self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
@@ -675,6 +689,34 @@ impl Daemon {
         }
         self.fix_link(id, State::Pending);
         self.enqueue(id);
+    }
+
+    /// Whether a job whose supervisor exited never had anything of it run: the supervisor
+    /// writes its record into the job's lock before anything else (a `cancel` check, a
+    /// process), so no record and no final `status` mean it died before it took the job
+    /// (for instance while it waited, free, with the launch unread in its socket). Not once
+    /// the job has been put back [`MAX_UNTAKEN`] times.
+    fn never_taken(&self, id: JobId) -> bool {
+        self.untaken.get(&id).copied().unwrap_or(0) < MAX_UNTAKEN
+            && self.spool.read_supervisor(id).is_none()
+            && !self.spool.read_status(id).is_ok_and(|s| s.is_terminal())
+            && self.spool.read_launch(id).is_some()
+    }
+
+    /// Puts a job whose supervisor died before taking it back in the queue (it starts again
+    /// at the next scheduling pass, on a new supervisor).
+    fn requeue_untaken(&mut self, id: JobId, pid: u32) {
+        self.supervisors.remove(&id);
+        self.sched.release(id);
+        *self.untaken.entry(id).or_default() += 1;
+        note!(
+            "job {id}: its supervisor (pid {pid}) exited before it took the job; nothing of \
+             it ran, so it is back in the queue"
+        );
+        self.back_to_pending(id);
+        self.dirty = true;
+        // A cancel that came while it was launched applies to it as a queued job now.
+        self.handle_cancel(id);
     }
 
     /// A daemon that died between handing a job over and recording its start left
@@ -844,7 +886,11 @@ impl Daemon {
                 );
                 if self.supervisors.get(&id).is_some_and(|s| s.pid == pid) {
                     let result = self.spool.read_result(id);
-                    self.finish(id, result);
+                    if result.is_none() && self.never_taken(id) {
+                        self.requeue_untaken(id, pid);
+                    } else {
+                        self.finish(id, result);
+                    }
                 }
             }
         }
@@ -1776,6 +1822,7 @@ impl Daemon {
     /// Settles a job that was running: final status, record, `done/`, resources freed.
     fn finish(&mut self, id: JobId, result: Option<JobResult>) {
         let pid = self.supervisors.remove(&id).map(|s| s.pid);
+        self.untaken.remove(&id);
         // A supervisor that could not record its result (disk full) still rewrote `status`
         // in place: trust a final word there.
         let result = result.or_else(|| {

@@ -422,6 +422,52 @@ fn free_supervisor_takes_the_next_job_and_leaves_with_the_launcher() {
     );
 }
 
+/// Whether the main thread of `pid` is blocked in `recvmsg` (a free supervisor waiting for
+/// its next launch, after it told the launcher it is free).
+fn in_recvmsg(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<i64>().ok())
+        == Some(libc::SYS_recvmsg)
+}
+
+/// The launcher gives a job to a free supervisor that dies before reading it (stopped, then
+/// killed): nothing of the job ran, so it goes back to the queue and runs once, on a new
+/// supervisor, instead of ending FAILED_DRIVER.
+#[test]
+fn job_given_to_a_supervisor_that_dies_before_reading_it_runs_on_another() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let one = d.submit_new("one.yaml", &once_job("one", Some("H100:1"), &ran));
+    d.wait_done(one, "SUCCEEDED");
+    let sup = d.supervisor_pid(one).expect("job one's supervisor record");
+    wait_until(
+        DEADLINE,
+        "job one's supervisor to wait, free, for its next job",
+        || in_recvmsg(sup),
+        || d.diagnostics(),
+    );
+    // Stopped, it cannot read the launch the launcher puts in its socket.
+    send_signal(sup, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the supervisor");
+    let two = d.submit_new("two.yaml", &once_job("two", Some("H100:1"), &ran));
+    let handed = format!("job {two} started (supervisor pid {sup})");
+    wait_until(
+        DEADLINE,
+        "job two to be handed to the stopped supervisor",
+        || d.daemon_log().contains(&handed),
+        || d.diagnostics(),
+    );
+    send_signal(sup, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL the supervisor");
+    d.wait_done(two, "SUCCEEDED");
+    assert_eq!(d.log(two), "two-ran\n", "{}", d.diagnostics());
+    assert_eq!((count(&ran, "one"), count(&ran, "two")), (1, 1));
+    let requeued = format!("job {two}: its supervisor (pid {sup}) exited before it took the job");
+    assert!(d.daemon_log().contains(&requeued), "{}", d.diagnostics());
+    let again = d.supervisor_pid(two).expect("job two's supervisor record");
+    assert_ne!(again, sup);
+}
+
 /// The daemon hands job A to its supervisor and dies before rewriting `info.json` and moving
 /// the link: `info.json` still says PENDING with no start or placement, and the link is in
 /// `pending/`. The next start takes both from the launch record, re-adopts A as RUNNING on
