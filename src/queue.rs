@@ -104,24 +104,32 @@ fn layout<'a>(rows: impl Iterator<Item = &'a [String; 8]> + Clone) -> String {
         }
     }
     let mut out = String::new();
-    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let start = out.len();
-        for (i, cell) in cells.enumerate() {
-            out.push_str(cell);
-            if i + 1 < widths.len() {
-                let pad = widths[i].saturating_sub(cell.chars().count()) + 2;
-                out.extend(std::iter::repeat_n(' ', pad));
-            }
-        }
-        let trimmed = out[start..].trim_end().len();
-        out.truncate(start + trimmed);
-        out.push('\n');
-    };
-    line(&mut HEADER.iter().copied());
+    push_line(&mut out, HEADER.iter().copied(), &widths);
     for row in rows {
-        line(&mut row.iter().map(String::as_str));
+        push_line(&mut out, row.iter().map(String::as_str), &widths);
     }
     out
+}
+
+/// Appends one line of the table: each cell padded to its column's width plus two spaces,
+/// trailing blanks trimmed, a newline.
+fn push_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>, widths: &[usize; 8]) {
+    const SPACES: &str = "                                                                ";
+    let start = out.len();
+    for (i, cell) in cells.enumerate() {
+        out.push_str(cell);
+        if i + 1 < widths.len() {
+            let mut pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+            while pad > 0 {
+                let n = pad.min(SPACES.len());
+                out.push_str(&SPACES[..n]);
+                pad -= n;
+            }
+        }
+    }
+    let trimmed = out[start..].trim_end().len();
+    out.truncate(start + trimmed);
+    out.push('\n');
 }
 
 /// The rows of a table [`layout`] made (the `queue` file), each cut into its 8 cells at the
@@ -211,20 +219,94 @@ pub fn render(jobs: &[&JobInfo], now: DateTime<Utc>, style: TimeStyle) -> String
 
 /// The `queue` file's rows, kept per job so that a re-render after a change formats only
 /// the jobs that changed (absolute times do not depend on when the table is rendered).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct QueueCache {
-    rows: std::collections::BTreeMap<crate::scheduler::JobId, [String; 8]>,
+    rows: std::collections::BTreeMap<crate::scheduler::JobId, CachedRow>,
+    /// Per column, how many rows have a cell of each width: a column's width is the largest
+    /// (or its header's), kept as rows change without looking at every row.
+    counts: [std::collections::BTreeMap<usize, usize>; 8],
+    /// The widths the cached lines are laid out with.
+    widths: [usize; 8],
+    /// The bytes of all cached lines.
+    len: usize,
+}
+
+impl Default for QueueCache {
+    fn default() -> Self {
+        QueueCache {
+            rows: Default::default(),
+            counts: Default::default(),
+            widths: HEADER.map(|h| h.chars().count()),
+            len: 0,
+        }
+    }
+}
+
+/// A job's cells, their widths, and its line as laid out with [`QueueCache::widths`].
+#[derive(Debug)]
+struct CachedRow {
+    cells: [String; 8],
+    widths: [usize; 8],
+    line: String,
 }
 
 impl QueueCache {
     pub fn update(&mut self, job: &JobInfo) {
-        self.rows
-            .insert(job.id, row_cells(job, Utc::now(), TimeStyle::Absolute));
+        let cells = row_cells(job, Utc::now(), TimeStyle::Absolute);
+        let widths = cells.each_ref().map(|c| c.chars().count());
+        if let Some(old) = self.rows.remove(&job.id) {
+            self.len -= old.line.len();
+            for (count, w) in self.counts.iter_mut().zip(old.widths) {
+                if let Some(n) = count.get_mut(&w) {
+                    *n -= 1;
+                    if *n == 0 {
+                        count.remove(&w);
+                    }
+                }
+            }
+        }
+        for (count, w) in self.counts.iter_mut().zip(widths) {
+            *count.entry(w).or_default() += 1;
+        }
+        let mut row = CachedRow {
+            cells,
+            widths,
+            line: String::new(),
+        };
+        let table: [usize; 8] = std::array::from_fn(|i| {
+            let header = HEADER[i].chars().count();
+            self.counts[i]
+                .last_key_value()
+                .map_or(header, |(w, _)| (*w).max(header))
+        });
+        if table != self.widths {
+            // A column got wider or narrower: every line is laid out again (rare: the
+            // widths of ids, names and statuses settle quickly).
+            self.widths = table;
+            self.len = 0;
+            for r in self.rows.values_mut() {
+                r.line.clear();
+                push_line(&mut r.line, r.cells.iter().map(String::as_str), &table);
+                self.len += r.line.len();
+            }
+        }
+        push_line(
+            &mut row.line,
+            row.cells.iter().map(String::as_str),
+            &self.widths,
+        );
+        self.len += row.line.len();
+        self.rows.insert(job.id, row);
     }
 
-    /// The whole table, newest job first.
+    /// The whole table, newest job first: the header and the cached lines, copied.
     pub fn text(&self) -> String {
-        layout(self.rows.values().rev())
+        let mut out = String::with_capacity(self.len + 128);
+        push_line(&mut out, HEADER.iter().copied(), &self.widths);
+        for row in self.rows.values().rev() {
+            out.push_str(&row.line);
+        }
+        out
     }
 }
 
@@ -283,6 +365,31 @@ mod tests {
         assert!(lines[1].starts_with('2') && lines[1].contains("PENDING"));
         assert!(lines[2].starts_with('1') && lines[2].contains("9 mins ago"));
         assert!(lines[2].contains("10 mins ago"));
+    }
+
+    proptest::proptest! {
+        /// The cached table is exactly what laying out every row afresh gives, whatever the
+        /// order of updates and however column widths grow and shrink.
+        #[test]
+        fn cached_table_is_the_fresh_layout(
+            updates in proptest::collection::vec((1u64..12, 0usize..30, 0usize..4), 1..40)
+        ) {
+            let mut cache = QueueCache::default();
+            let mut jobs = std::collections::BTreeMap::new();
+            for (id, name_len, status) in updates {
+                let status = [Status::Pending, Status::Running, Status::Succeeded, Status::FailedDriver][status];
+                let mut j = job(id, status, Some("2026-11-28T10:01:00Z"));
+                j.name = "n".repeat(name_len) + "é";
+                cache.update(&j);
+                jobs.insert(id, j);
+                let rows: Vec<[String; 8]> = jobs
+                    .values()
+                    .rev()
+                    .map(|j| row_cells(j, Utc::now(), TimeStyle::Absolute))
+                    .collect();
+                proptest::prop_assert_eq!(cache.text(), render_rows(&rows));
+            }
+        }
     }
 
     #[test]
