@@ -809,9 +809,16 @@ impl Daemon {
         let mut touched: BTreeSet<(JobId, OsString)> = BTreeSet::new();
         for ev in events {
             match ev {
-                SpoolEvent::Incoming(name) => {
+                SpoolEvent::Incoming(name, moved) => {
                     self.rechecks.reset(&name);
-                    if !incoming.contains(&name) && !self.deferred.contains(&name) {
+                    if self.deferred.contains(&name) {
+                        continue;
+                    }
+                    if moved {
+                        // Looked at a moment later (see `recheck::SETTLE`).
+                        incoming.retain(|n| n != &name);
+                        self.rechecks.settle(&name, std::time::Instant::now());
+                    } else if !incoming.contains(&name) {
                         incoming.push(name);
                     }
                 }

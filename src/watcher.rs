@@ -15,8 +15,9 @@ use tokio::io::unix::AsyncFd;
 /// What a batch of inotify events means for the daemon.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SpoolEvent {
-    /// A name in `incoming/` was completed (closed after writing, or moved in).
-    Incoming(OsString),
+    /// A name in `incoming/` was completed: closed after writing (`false`), or moved in
+    /// (`true`).
+    Incoming(OsString, bool),
     /// A name inside job `id`'s directory appeared or was replaced (`cancel`, `status`).
     JobFile(JobId, OsString),
     /// Events were lost (queue overflow): rescan everything.
@@ -116,7 +117,10 @@ impl Watcher {
                                     .mask
                                     .intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO) =>
                             {
-                                out.push(SpoolEvent::Incoming(name.to_os_string()));
+                                out.push(SpoolEvent::Incoming(
+                                    name.to_os_string(),
+                                    ev.mask.contains(EventMask::MOVED_TO),
+                                ));
                             }
                             Some(Target::Job(id)) => {
                                 out.push(SpoolEvent::JobFile(*id, name.to_os_string()));

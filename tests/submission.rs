@@ -81,6 +81,62 @@ fn submit_by_cp_rsync_and_mv() {
     assert!(rejected_names(&d).is_empty(), "{:?}", rejected_names(&d));
 }
 
+/// `mv a.yaml b.yaml c.yaml incoming/` succeeds. GNU mv stats each destination but the
+/// last right after renaming it there; a daemon that claimed a moved-in file at once (woken
+/// by the rename, often on mv's own CPU) made mv fail with "cannot stat" for a job it had in
+/// fact submitted, in about half the runs on an idle daemon. Here mv also runs under strace
+/// with each stat delayed by 3 ms (mv preempted between its rename and its stat), which the
+/// old daemon lost every time.
+#[test]
+fn mv_of_several_files_into_incoming_succeeds() {
+    let d = Daemon::start(&["--gpus", "H100:4", "--cpus", "8"]);
+    let s = d.scratch();
+    let incoming = d.path("incoming");
+    let strace = have_program("strace");
+    if !strace {
+        skip("strace is not installed: mv with a delayed stat is not tested");
+    }
+    let mut next = 1;
+    for round in 0..8 {
+        let names: Vec<_> = (0..3)
+            .map(|k| {
+                let p = s.join(format!("r{round}k{k}.yaml"));
+                fs::write(&p, echo_job(&format!("r{round}k{k}"), "moved")).unwrap();
+                p
+            })
+            .collect();
+        // Each round starts on an idle daemon (everything before it has ended).
+        let mut mv = if strace && round % 2 == 1 {
+            let mut c = Command::new("strace");
+            c.args([
+                "-o",
+                "/dev/null",
+                "-e",
+                "inject=%stat:delay_enter=3000",
+                "mv",
+            ]);
+            c
+        } else {
+            Command::new("mv")
+        };
+        let out = mv.args(&names).arg(&incoming).output().unwrap();
+        assert!(
+            out.status.success(),
+            "round {round}: mv failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            d.diagnostics()
+        );
+        for _ in 0..3 {
+            d.wait_admitted(next);
+            d.wait_done(next, "SUCCEEDED");
+            assert_eq!(d.log(next), "moved\n", "{}", d.diagnostics());
+            next += 1;
+        }
+    }
+    assert_eq!(d.job_ids().len(), 24, "{}", d.diagnostics());
+    assert!(d.incoming_names().is_empty(), "{:?}", d.incoming_names());
+}
+
 /// A file written slowly in place is not read while its writer holds it open, even when
 /// the daemon handles other submissions meanwhile; once closed, it is admitted whole.
 #[test]
