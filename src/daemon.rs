@@ -814,10 +814,14 @@ impl Daemon {
                     if self.deferred.contains(&name) {
                         continue;
                     }
+                    let now = std::time::Instant::now();
                     if moved {
                         // Looked at a moment later (see `recheck::SETTLE`).
                         incoming.retain(|n| n != &name);
-                        self.rechecks.settle(&name, std::time::Instant::now());
+                        self.rechecks.settle(&name, now);
+                    } else if !self.rechecks.completed(&name, now) {
+                        // Behind a name moved in before it, which settles.
+                        incoming.retain(|n| n != &name);
                     } else if !incoming.contains(&name) {
                         incoming.push(name);
                     }

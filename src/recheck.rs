@@ -34,53 +34,92 @@ pub const DELAYS: [Duration; 5] = [
 pub const SETTLE: Duration = Duration::from_millis(10);
 
 /// Names to look at later, with how often each was looked at again and when it is due next
-/// (and the same entries ordered by when they are due).
+/// (and the same entries ordered by when they are due, then by when they were scheduled).
 #[derive(Debug, Default)]
 pub struct Rechecks {
-    due: BTreeMap<OsString, (usize, Instant)>,
-    order: BTreeSet<(Instant, OsString)>,
+    /// Name -> (looks so far, due, sequence, whether it waits in arrival order).
+    due: BTreeMap<OsString, (usize, Instant, u64, bool)>,
+    order: BTreeSet<(Instant, u64, OsString)>,
+    /// Scheduling sequence, to keep the order of arrival among names due at once.
+    seq: u64,
+    /// How many names wait in arrival order (moved in and settling, or completed behind
+    /// one): while any does, a newly completed name waits behind them, so submissions are
+    /// admitted in the order they arrived.
+    in_line: usize,
+    /// The latest time such a name is due.
+    tail: Option<Instant>,
 }
 
 impl Rechecks {
     /// A new event for `name`: whatever was pending for it starts over.
     pub fn reset(&mut self, name: &OsStr) {
-        if let Some((_, at)) = self.due.remove(name) {
-            self.order.remove(&(at, name.to_owned()));
+        if let Some(entry) = self.due.remove(name) {
+            self.forget(name, entry);
         }
     }
 
-    fn schedule(&mut self, name: &OsStr, tries: usize, at: Instant) {
+    fn forget(&mut self, name: &OsStr, (_, at, seq, in_line): (usize, Instant, u64, bool)) {
+        self.order.remove(&(at, seq, name.to_owned()));
+        if in_line {
+            self.in_line -= 1;
+        }
+    }
+
+    fn schedule(&mut self, name: &OsStr, tries: usize, at: Instant, in_line: bool) {
         self.reset(name);
-        self.due.insert(name.to_owned(), (tries, at));
-        self.order.insert((at, name.to_owned()));
+        self.seq += 1;
+        self.due
+            .insert(name.to_owned(), (tries, at, self.seq, in_line));
+        self.order.insert((at, self.seq, name.to_owned()));
+        if in_line {
+            self.in_line += 1;
+            self.tail = Some(self.tail.map_or(at, |t| t.max(at)));
+        }
     }
 
     /// `name` was moved in at `now`: it is looked at after [`SETTLE`] (as from an event: a
     /// busy file then backs off from the first delay).
     pub fn settle(&mut self, name: &OsStr, now: Instant) {
-        self.schedule(name, 0, now + SETTLE);
+        self.schedule(name, 0, now + SETTLE, true);
+    }
+
+    /// `name` was completed at `now` by its writer's close. `true`: it may be looked at now;
+    /// `false`: a name that came before it still waits (settling), so it waits behind it
+    /// (even past that one's due time: the timer and new events can be handled in either
+    /// order).
+    pub fn completed(&mut self, name: &OsStr, now: Instant) -> bool {
+        self.reset(name);
+        if self.in_line == 0 {
+            return true;
+        }
+        let at = self.tail.map_or(now, |t| t.max(now));
+        self.schedule(name, 0, at, true);
+        false
     }
 
     /// `name` was busy at `now` after `tries` looks again (0 when it came from an event):
     /// schedules the next look, if any is left.
     pub fn busy(&mut self, name: &OsStr, tries: usize, now: Instant) {
         match DELAYS.get(tries) {
-            Some(delay) => self.schedule(name, tries + 1, now + *delay),
+            Some(delay) => self.schedule(name, tries + 1, now + *delay, false),
             None => self.reset(name),
         }
     }
 
-    /// Takes the names due at `now`, each with how often it was looked at again.
+    /// Takes the names due at `now`, in order, each with how often it was looked at again.
     pub fn take_due(&mut self, now: Instant) -> Vec<(OsString, usize)> {
         let mut out = Vec::new();
-        while let Some((at, _)) = self.order.first() {
+        while let Some((at, _, _)) = self.order.first() {
             if *at > now {
                 break;
             }
-            let Some((_, name)) = self.order.pop_first() else {
+            let Some((_, _, name)) = self.order.pop_first() else {
                 break;
             };
-            if let Some((tries, _)) = self.due.remove(&name) {
+            if let Some((tries, _, _, in_line)) = self.due.remove(&name) {
+                if in_line {
+                    self.in_line -= 1;
+                }
                 out.push((name, tries));
             }
         }
@@ -89,7 +128,7 @@ impl Rechecks {
 
     /// When the next name is due.
     pub fn next_at(&self) -> Option<Instant> {
-        self.order.first().map(|(at, _)| *at)
+        self.order.first().map(|(at, _, _)| *at)
     }
 }
 
@@ -154,5 +193,44 @@ mod tests {
         // Busy when looked at after settling: backs off from the first delay.
         r.busy(OsStr::new("a.yaml"), 0, t0);
         assert_eq!(r.next_at(), Some(t0 + DELAYS[0]));
+    }
+
+    #[test]
+    fn a_name_completed_while_an_earlier_one_settles_waits_behind_it() {
+        let mut r = Rechecks::default();
+        let t0 = Instant::now();
+        assert!(
+            r.completed(OsStr::new("first.yaml"), t0),
+            "nothing settles yet"
+        );
+        r.settle(OsStr::new("moved.yaml"), t0);
+        let t1 = t0 + Duration::from_millis(1);
+        assert!(!r.completed(OsStr::new("zz-closed.yaml"), t1));
+        assert!(!r.completed(OsStr::new("aa-closed.yaml"), t1));
+        assert!(r.take_due(t1).is_empty());
+        assert_eq!(
+            r.take_due(t0 + SETTLE),
+            vec![
+                (OsString::from("moved.yaml"), 0),
+                (OsString::from("zz-closed.yaml"), 0),
+                (OsString::from("aa-closed.yaml"), 0)
+            ],
+            "in the order they came"
+        );
+        assert!(r.completed(OsStr::new("later.yaml"), t0 + SETTLE));
+        // Past its due time but not taken yet: a later name still waits behind it.
+        r.settle(OsStr::new("m2.yaml"), t0);
+        let late = t0 + SETTLE * 3;
+        assert!(!r.completed(OsStr::new("c2.yaml"), late));
+        assert_eq!(
+            r.take_due(late),
+            vec![
+                (OsString::from("m2.yaml"), 0),
+                (OsString::from("c2.yaml"), 0)
+            ]
+        );
+        // A busy file's looks again do not hold later names back.
+        r.busy(OsStr::new("busy.yaml"), 0, late);
+        assert!(r.completed(OsStr::new("c3.yaml"), late));
     }
 }
