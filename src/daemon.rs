@@ -814,13 +814,16 @@ impl Daemon {
                     if self.deferred.contains(&name) {
                         continue;
                     }
+                    // A name moved in is looked at a moment later (`recheck::SETTLE`); a
+                    // completed one waits behind any that came before it and still waits.
                     let now = std::time::Instant::now();
-                    if moved {
-                        // Looked at a moment later (see `recheck::SETTLE`).
-                        incoming.retain(|n| n != &name);
+                    let later = if moved {
                         self.rechecks.settle(&name, now);
-                    } else if !self.rechecks.completed(&name, now) {
-                        // Behind a name moved in before it, which settles.
+                        true
+                    } else {
+                        !self.rechecks.completed(&name, now)
+                    };
+                    if later {
                         incoming.retain(|n| n != &name);
                     } else if !incoming.contains(&name) {
                         incoming.push(name);

@@ -1177,13 +1177,13 @@ pub fn write_exchanged(
         let (f, old_len) = match open_existing_for_write(&spare) {
             Ok(f) => match reusable(&f) {
                 Some(m) => (f, m.len()),
-                None => (replace_spare(&spare)?, 0),
+                None => (create_replacing(&spare)?, 0),
             },
             Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
                 return Err(e)
             }
             // Missing, or a link: a new one in its place.
-            Err(_) => (replace_spare(&spare)?, 0),
+            Err(_) => (create_replacing(&spare)?, 0),
         };
         // Emptying it first would free its block and allocate one again on every rewrite.
         rewrite_from_start(&f, bytes, old_len)?;
@@ -1221,7 +1221,7 @@ pub fn write_exchanged(
 
 /// A new, empty file (mode 0644) at `path`, in place of whatever is there (a link, a FIFO,
 /// a file with other links: never written through). Removes only when something is there.
-fn replace_spare(path: &Path) -> io::Result<File> {
+fn create_replacing(path: &Path) -> io::Result<File> {
     match create_new_file(path, 0o644) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             remove_if_present(path)?;
@@ -1336,7 +1336,7 @@ pub fn grant_create(dir: &Path, uid: u32) -> Result<()> {
 /// later, so no temporary name and rename per file are needed.
 pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(name);
-    let mut f = replace_spare(&path).at(&path)?;
+    let mut f = create_replacing(&path).at(&path)?;
     f.write_all(bytes).at(&path)
 }
 
