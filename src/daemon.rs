@@ -1156,13 +1156,25 @@ impl Daemon {
             .map(|(c, _)| [c.dir.join("job.yaml"), c.dir.join("info.json")])
             .collect();
         let staging = self.spool.staging();
+        // The highest ID given goes to disk in the same round (not after it: one more fsync
+        // on the way to every start).
+        let last_id = match staged.iter().map(|(c, _)| c.id).max() {
+            Some(max) => Some(self.spool.write_last_id(max)),
+            None => None,
+        };
         let mut durable: Vec<spool::Durable<'_>> = vec![spool::Durable::Dir(&staging)];
+        if let Some(Ok(path)) = &last_id {
+            durable.push(spool::Durable::File(path));
+        }
         for ((claimed, _), [yaml, info]) in staged.iter().zip(&files) {
             durable.push(spool::Durable::File(yaml));
             durable.push(spool::Durable::File(info));
             durable.push(spool::Durable::Dir(&claimed.dir));
         }
-        let synced = spool::sync_all(&durable);
+        let synced = match last_id {
+            Some(Err(e)) => Err(e),
+            _ => spool::sync_all(&durable),
+        };
         if let Err(e) = synced {
             // Nothing of this batch is visible yet: hand every submission back to incoming/
             // and try again later rather than publish what may not be on disk.
@@ -1180,9 +1192,6 @@ impl Daemon {
                 }
             }
             return Ok(());
-        }
-        if let Some(max) = staged.iter().map(|(c, _)| c.id).max() {
-            self.spool.record_last_id(max)?;
         }
         for (claimed, info) in staged {
             let id = claimed.id;

@@ -438,12 +438,19 @@ impl Spool {
     /// fixed width (one sector, so a crash leaves the old or the new number), which costs no
     /// new inode per admission batch.
     pub fn record_last_id(&self, id: JobId) -> Result<()> {
+        let path = self.write_last_id(id)?;
+        sync_file(&path)
+    }
+
+    /// Writes `id` as the highest ID given, not yet durably: for an admission batch, whose
+    /// fsyncs run together ([`sync_all`]) instead of one after another. Returns the file.
+    pub fn write_last_id(&self, id: JobId) -> Result<PathBuf> {
         use std::os::unix::fs::FileExt;
         let path = self.private().join("last-id");
         let f = open_private_file(&path)?;
         f.write_all_at(format!("{id:020}\n").as_bytes(), 0)
             .at(&path)?;
-        f.sync_data().at(&path)
+        Ok(path)
     }
 
     // ----------------------------------------------------------- incoming
