@@ -81,8 +81,37 @@ struct Launching {
     id: JobId,
     plan: Vec<u8>,
     lock: std::os::fd::OwnedFd,
+    /// The job's start gate (see [`executor::Launch::gate`]), when its admission was not
+    /// durable yet at the hand-over.
+    gate: Option<std::os::fd::OwnedFd>,
     lock_path: PathBuf,
     sent: std::time::Instant,
+}
+
+/// The fsyncs that make one batch of admissions durable, running while the batch's jobs are
+/// already published, placed and handed to their supervisors: each of those jobs waits at a
+/// start gate, and nothing of it runs before the round is through (see
+/// [`Daemon::finish_round`]).
+struct AdmissionRound {
+    sync: spool::SyncRound,
+    /// The jobs the round makes durable.
+    ids: BTreeSet<JobId>,
+    /// The start gate of those handed over meanwhile: the pipe's read end (a copy travels
+    /// with each launch) and its write end, made when the first of them starts.
+    gate: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    /// Synced once the gate is open (true: a directory).
+    after: Vec<(PathBuf, bool)>,
+}
+
+/// [`spool::Durable`]s of `(path, is a directory)` pairs.
+fn durables(paths: &[(PathBuf, bool)]) -> Vec<spool::Durable<'_>> {
+    paths
+        .iter()
+        .map(|(p, dir)| match dir {
+            true => spool::Durable::Dir(p),
+            false => spool::Durable::File(p),
+        })
+        .collect()
 }
 
 /// A launcher that has not answered a launch for this long is taken as lost (looked at
@@ -256,8 +285,12 @@ struct Daemon {
     quiet: Option<(std::time::Instant, JobId)>,
     /// Jobs ended in this batch whose records are still to be written.
     settling: Vec<JobId>,
-    /// Jobs were published in this batch and `jobs/`, `pending/` are not synced yet.
-    unsynced_publish: bool,
+    /// The admission round in flight, if any (at most one: it is finished before the event
+    /// loop waits again and before another batch is admitted).
+    round: Option<AdmissionRound>,
+    /// Jobs whose admission could not be made durable (a failed fsync), and why: they fail
+    /// instead of starting.
+    undurable: HashMap<JobId, String>,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
     /// Jobs put back in the queue because their supervisor died before taking them, and how
@@ -431,7 +464,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         launching: std::collections::VecDeque::new(),
         quiet: None,
         settling: Vec::new(),
-        unsynced_publish: false,
+        round: None,
+        undurable: HashMap::new(),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
             stamp: None,
@@ -577,14 +611,17 @@ impl Daemon {
                 self.enqueue(id);
             }
         }
+        // Jobs fully staged before the crash: only publishing was left (and the round that
+        // makes them durable, which may not have run).
+        let mut published = BTreeSet::new();
         for claimed in self.spool.list_staged()? {
             let id = claimed.id;
             if claimed.staged {
-                // Fully written before the crash: only publishing was left.
                 if let Err(e) = self.spool.publish(&claimed) {
                     note!("staged job {id}: {e}");
                     continue;
                 }
+                published.insert(id);
                 if let Ok(info) = self.spool.read_info(id) {
                     note!(
                         "job {id} ({}) admitted from {} (staged before a restart)",
@@ -592,7 +629,6 @@ impl Daemon {
                         info.source
                     );
                     self.jobs.insert(id, info);
-                    self.touched.insert(id);
                     self.touched.insert(id);
                     self.enqueue(id);
                     self.dirty = true;
@@ -615,6 +651,8 @@ impl Daemon {
                 }
             }
         }
+        self.finish_round();
+        self.start_round(published, None);
         self.settle_records();
         self.next_id = self.next_id.max(self.spool.next_id()?);
         let ids: Vec<JobId> = self.jobs.keys().copied().collect();
@@ -952,7 +990,9 @@ impl Daemon {
                 break;
             }
         }
-        self.sync_published();
+        // The batch's admissions are durable (and the jobs handed over meanwhile start)
+        // before anything else is written or waited for.
+        self.finish_round();
         self.settle_records();
         self.starve_check_at = self.next_starvation_deadline();
         self.sync_view();
@@ -1133,8 +1173,12 @@ impl Daemon {
         }
     }
 
-    /// Writes each claimed job's files, syncs them all, then publishes each job.
+    /// Writes each claimed job's files, publishes each job, and starts the round of fsyncs
+    /// that makes them durable (see [`AdmissionRound`]); the batch's starts happen while it
+    /// runs, and [`Daemon::finish_round`] opens their gates once it is through.
     fn stage_and_publish(&mut self, ready: Vec<(Claimed, Admission)>) -> anyhow::Result<()> {
+        // One round at a time: the last one's jobs are durable before new IDs are given.
+        self.finish_round();
         let mut staged: Vec<(Claimed, JobInfo)> = Vec::new();
         let first_id = ready.iter().map(|(c, _)| c.id).min();
         for (claimed, adm) in ready {
@@ -1148,42 +1192,24 @@ impl Daemon {
                 }
             }
         }
-        // Durability: one round of syncs for the batch, run concurrently (they share the
-        // device's cache flushes). Not `status`: a PENDING lost to a power cut is what
-        // `info.json` says anyway.
-        let files: Vec<[PathBuf; 2]> = staged
-            .iter()
-            .map(|(c, _)| [c.dir.join("job.yaml"), c.dir.join("info.json")])
-            .collect();
-        let staging = self.spool.staging();
         // The highest ID given goes to disk in the same round (not after it: one more fsync
         // on the way to every start).
         let last_id = match staged.iter().map(|(c, _)| c.id).max() {
-            Some(max) => Some(self.spool.write_last_id(max)),
+            Some(max) => match self.spool.write_last_id(max) {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    // Nothing of this batch is visible yet: hand every submission back to
+                    // incoming/ and try again later.
+                    let err = anyhow::Error::from(e);
+                    for (claimed, _) in &staged {
+                        self.defer(claimed, &err);
+                    }
+                    staged.clear();
+                    None
+                }
+            },
             None => None,
         };
-        let mut durable: Vec<spool::Durable<'_>> = vec![spool::Durable::Dir(&staging)];
-        if let Some(Ok(path)) = &last_id {
-            durable.push(spool::Durable::File(path));
-        }
-        for ((claimed, _), [yaml, info]) in staged.iter().zip(&files) {
-            durable.push(spool::Durable::File(yaml));
-            durable.push(spool::Durable::File(info));
-            durable.push(spool::Durable::Dir(&claimed.dir));
-        }
-        let synced = match last_id {
-            Some(Err(e)) => Err(e),
-            _ => spool::sync_all(&durable),
-        };
-        if let Err(e) = synced {
-            // Nothing of this batch is visible yet: hand every submission back to incoming/
-            // and try again later rather than publish what may not be on disk.
-            let err = anyhow::Error::from(e);
-            for (claimed, _) in &staged {
-                self.defer(claimed, &err);
-            }
-            staged.clear();
-        }
         if staged.is_empty() {
             // Nothing of this batch was published: its IDs were never seen, give them again.
             if let Some(first) = first_id {
@@ -1193,6 +1219,7 @@ impl Daemon {
             }
             return Ok(());
         }
+        let mut ids = BTreeSet::new();
         for (claimed, info) in staged {
             let id = claimed.id;
             if claimed.has_workdir && self.spool.secrets_file(id).exists() {
@@ -1200,6 +1227,7 @@ impl Daemon {
                 let _ = std::fs::remove_file(claimed.content.join("job.yaml"));
             }
             self.spool.publish(&claimed)?;
+            ids.insert(id);
             note!(
                 "job {id} ({}) admitted from {} for {}, needs {}",
                 info.name,
@@ -1215,11 +1243,98 @@ impl Daemon {
             // A cancel may already be waiting (made between publish and watch).
             self.handle_cancel(id);
         }
-        // `jobs/` and `pending/` are synced after this batch's starts (`sync_published`): the
-        // job's content is durable already, and a power cut before that sync finds the job in
-        // `staging/` (synced) and publishes it again.
-        self.unsynced_publish = true;
+        self.start_round(ids, last_id);
         Ok(())
+    }
+
+    /// Starts the round of fsyncs that makes the just published jobs `ids` durable: each
+    /// one's `job.yaml`, `info.json` and directory, and `jobs/`, run concurrently while the
+    /// batch's jobs are placed and handed over (see [`AdmissionRound`]). Not `status` nor
+    /// `log` (a PENDING lost to a power cut is what `info.json` says anyway), nor the
+    /// `pending/` link (start-up makes it again from `info.json`); those, `staging/` (the
+    /// name the job had) and `last_id` (the highest ID given; start-up also counts the IDs in
+    /// `jobs/`) are synced right after the gate opens ([`Daemon::finish_round`]). A power
+    /// cut before the round is through finds the jobs in `jobs/` or `staging/`, whole or not
+    /// at all, and nothing of them ran (their gates were closed).
+    fn start_round(&mut self, ids: BTreeSet<JobId>, last_id: Option<PathBuf>) {
+        if ids.is_empty() {
+            return;
+        }
+        let jobs = self.spool.jobs();
+        let mut paths = vec![(jobs, true)];
+        for id in &ids {
+            let dir = self.spool.job_dir(*id);
+            paths.push((dir.join("job.yaml"), false));
+            paths.push((dir.join("info.json"), false));
+            paths.push((dir, true));
+        }
+        let durable = durables(&paths);
+        let mut after = vec![
+            (self.spool.state_dir(State::Pending), true),
+            (self.spool.staging(), true),
+        ];
+        after.extend(last_id.map(|p| (p, false)));
+        self.round = Some(AdmissionRound {
+            sync: spool::SyncRound::start(&durable),
+            ids,
+            gate: None,
+            after,
+        });
+    }
+
+    /// The start gate for job `id`'s launch: a copy of the round's gate when the job's
+    /// admission round is still running (the gate is made with the first such launch).
+    fn gate_for(&mut self, id: JobId) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+        let Some(round) = self.round.as_mut().filter(|r| r.ids.contains(&id)) else {
+            return Ok(None);
+        };
+        if round.gate.is_none() {
+            // Close-on-exec: the write end stays the daemon's alone (a launcher or any other
+            // child holding it would keep a dead daemon's gates from closing).
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            round.gate = Some((r, w));
+        }
+        match &round.gate {
+            Some((r, _)) => r.try_clone().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits for the admission round in flight, if any, then opens its gate: the jobs
+    /// handed over meanwhile start. When the round failed, the gate closes unopened (their
+    /// supervisors leave them untaken, and they come back to the queue) and each of its
+    /// jobs fails instead of starting, with the reason: a job must not run when the spool
+    /// cannot say it was ever submitted.
+    fn finish_round(&mut self) {
+        let Some(round) = self.round.take() else {
+            return;
+        };
+        match round.sync.wait() {
+            Ok(()) => {
+                if let Some((_, w)) = &round.gate {
+                    // Nobody reading (every supervisor gone already) is fine: nothing to open.
+                    let _ = nix::unistd::write(w, &[1]);
+                }
+                drop(round.gate);
+                if let Err(e) = spool::sync_all(&durables(&round.after)) {
+                    note!("cannot sync pending/, staging/ or last-id: {e}");
+                }
+            }
+            Err(e) => {
+                let why = format!(
+                    "the spool's disk could not make its submission durable ({e}); nothing of \
+                     it ran; its job.yaml is kept here, submit it again once the disk is sound"
+                );
+                note!("admission round failed: {e}; jobs {:?} fail", round.ids);
+                for id in round.ids {
+                    self.undurable.insert(id, why.clone());
+                    if self.sched.dequeue(id) {
+                        let _ = self.spool.append_log(id, &format!("skyspool: {why}"));
+                        self.finish(id, Some(driver_lost(why.clone())));
+                    }
+                }
+            }
+        }
     }
 
     /// A submission written through the FUSE mount: validated and admitted (or rejected)
@@ -1391,6 +1506,9 @@ impl Daemon {
     }
 
     fn try_start(&mut self, id: JobId, placement: &Placement) -> anyhow::Result<()> {
+        if let Some(why) = self.undurable.get(&id) {
+            anyhow::bail!("{why}");
+        }
         let dir = self.spool.job_dir(id);
         let yaml = std::fs::read_to_string(dir.join("job.yaml")).context("reading job.yaml")?;
         let secrets = self.spool.read_secrets(id);
@@ -1427,8 +1545,9 @@ impl Daemon {
         // RUNNING finds the placement in the launch record. The launcher's answer (the
         // supervisor's pid) is not awaited: it comes through the event loop (`launched`).
         let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
+        let gate = self.gate_for(id).context("making the job's start gate")?;
         let answered = self
-            .hand_off(id, json, lock, lock_path)
+            .hand_off(id, json, lock, gate, lock_path)
             .context("handing the job to its supervisor")?;
         self.quiet = Some((std::time::Instant::now() + QUIET_AFTER_START, id));
         let status = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
@@ -1465,12 +1584,14 @@ impl Daemon {
         id: JobId,
         plan: Vec<u8>,
         lock: std::os::fd::OwnedFd,
+        gate: Option<std::os::fd::OwnedFd>,
         lock_path: PathBuf,
     ) -> std::io::Result<Option<u32>> {
         let l = Launching {
             id,
             plan,
             lock,
+            gate,
             lock_path,
             sent: std::time::Instant::now(),
         };
@@ -1503,7 +1624,7 @@ impl Daemon {
             self.new_launcher()?;
         }
         match self.launcher.as_mut() {
-            Some(launcher) => launcher.send(&l.plan, &l.lock),
+            Some(launcher) => launcher.send(&l.plan, &l.lock, l.gate.as_ref()),
             None => Err(std::io::Error::other("no launcher")),
         }
     }
@@ -1906,19 +2027,6 @@ impl Daemon {
         // next job first. (A daemon killed in between finds the supervisor's result and
         // settles the job again at start-up.)
         self.settling.push(id);
-    }
-
-    /// Makes this batch's publications durable (see `stage_and_publish`).
-    fn sync_published(&mut self) {
-        if !std::mem::take(&mut self.unsynced_publish) {
-            return;
-        }
-        let (jobs, pending) = (self.spool.jobs(), self.spool.state_dir(State::Pending));
-        if let Err(e) =
-            spool::sync_all(&[spool::Durable::Dir(&jobs), spool::Durable::Dir(&pending)])
-        {
-            note!("cannot sync jobs/ and pending/: {e}");
-        }
     }
 
     /// Writes the records of the jobs that ended ([`Daemon::finish`], or cancelled while

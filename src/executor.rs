@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -106,6 +106,9 @@ pub enum ExecError {
     Spool(#[from] spool::SpoolError),
     #[error("{0}: {1}")]
     Io(String, #[source] io::Error),
+    /// A gated job's gate closed unopened: nothing of it ran.
+    #[error("the job's admission was not confirmed durable")]
+    Untaken,
 }
 
 /// The longest script passed to bash as an argument (Linux caps one argument at 128 KiB).
@@ -492,10 +495,10 @@ pub fn supervise_main() -> Result<(), ExecError> {
         // One launch, then those the same read brought along, before waiting again (poll
         // would not report bytes already taken off the socket).
         loop {
-            let Some((text, lock)) = launches.next()? else {
+            let Some(job) = launches.next()? else {
                 return Ok(());
             };
-            let pid = launch(&mut sups, &text, lock, &mut launches);
+            let pid = launch(&mut sups, job, &mut launches);
             reply_pid(pid)?;
             if !launches.has_whole_launch() {
                 break;
@@ -535,9 +538,9 @@ impl Forked {
 
 /// Gives one launch to a free supervisor, or to a new one forked for it. Returns its pid
 /// (0: none could be made).
-fn launch(sups: &mut Vec<Forked>, text: &[u8], lock: OwnedFd, launches: &mut Receiver) -> u32 {
+fn launch(sups: &mut Vec<Forked>, job: Launch, launches: &mut Receiver) -> u32 {
     while let Some(i) = sups.iter().rposition(|s| s.free) {
-        if send_launch(&sups[i].sock, text, &lock).is_ok() {
+        if send_launch(&sups[i].sock, &job.plan, &job.lock, job.gate.as_ref()).is_ok() {
             sups[i].free = false;
             return sups[i].pid;
         }
@@ -561,7 +564,7 @@ fn launch(sups: &mut Vec<Forked>, text: &[u8], lock: OwnedFd, launches: &mut Rec
             drop(std::mem::take(sups));
             drop(std::mem::take(&mut launches.locks));
             drop(ours);
-            let code = supervisor_main(text.to_vec(), lock, theirs);
+            let code = supervisor_main(job, theirs);
             std::process::exit(code);
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
@@ -579,18 +582,37 @@ fn launch(sups: &mut Vec<Forked>, text: &[u8], lock: OwnedFd, launches: &mut Rec
     }
 }
 
-/// Sends one launch on `sock`: the lock as `SCM_RIGHTS` with the first bytes, the plan's
-/// length (8 bytes, little-endian), then the plan.
+/// One launch as the launcher and a supervisor receive it: the plan (`serde_json` of a
+/// [`LaunchPlan`]), the launch lock, and the job's start gate when it has one.
+pub struct Launch {
+    pub plan: Vec<u8>,
+    pub lock: OwnedFd,
+    /// The read end of a pipe the daemon writes one byte into once the job's admission is
+    /// durable, or closes without writing when it cannot be (or when the daemon dies first).
+    /// A supervisor given a gate starts nothing of the job and records nothing before the
+    /// byte is there: without it, it lets the job go untaken (see [`wait_for_gate`]).
+    pub gate: Option<OwnedFd>,
+}
+
+/// The bit of a launch's length word that says a gate travels with its lock.
+const GATED: u64 = 1 << 63;
+
+/// Sends one launch on `sock`: the lock (and the gate, if any) as `SCM_RIGHTS` with the first
+/// bytes, the plan's length (8 bytes, little-endian; [`GATED`] set when a gate comes), then
+/// the plan.
 fn send_launch(
     sock: &std::os::unix::net::UnixStream,
     plan: &[u8],
     lock: &OwnedFd,
+    gate: Option<&OwnedFd>,
 ) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let mut bytes = Vec::with_capacity(8 + plan.len());
-    bytes.extend_from_slice(&(plan.len() as u64).to_le_bytes());
+    let flag = if gate.is_some() { GATED } else { 0 };
+    bytes.extend_from_slice(&(plan.len() as u64 | flag).to_le_bytes());
     bytes.extend_from_slice(plan);
-    let fds = [lock.as_raw_fd()];
+    let mut fds = vec![lock.as_raw_fd()];
+    fds.extend(gate.map(|g| g.as_raw_fd()));
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let sent = loop {
         match sendmsg::<()>(
@@ -618,7 +640,7 @@ fn send_launch(
 
 /// A supervisor's life: set up once, then one job after another, each given by the
 /// launcher on `sock`, until the launcher is gone or a job could not be finished cleanly.
-fn supervisor_main(text: Vec<u8>, lock: OwnedFd, sock: std::os::unix::net::UnixStream) -> i32 {
+fn supervisor_main(job: Launch, sock: std::os::unix::net::UnixStream) -> i32 {
     // SAFETY: restoring the default disposition; we wait for our own children.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     // The daemon's socket (stdin) and the launcher's answers (stdout) are not the jobs'
@@ -655,14 +677,7 @@ fn supervisor_main(text: Vec<u8>, lock: OwnedFd, sock: std::os::unix::net::UnixS
     };
     let finalizer = Finalizer::start();
     let mut launches = Receiver::new(sock.as_raw_fd());
-    let code = serve_jobs(
-        (text, lock),
-        &sock,
-        &mut launches,
-        &signals,
-        &record,
-        &finalizer,
-    );
+    let code = serve_jobs(job, &sock, &mut launches, &signals, &record, &finalizer);
     // The last job's result is durable and its lock free before this process ends.
     finalizer.finish();
     code
@@ -671,7 +686,7 @@ fn supervisor_main(text: Vec<u8>, lock: OwnedFd, sock: std::os::unix::net::UnixS
 /// The supervisor's loop: one job after another until the launcher is gone (0) or a job
 /// could not be finished cleanly (1).
 fn serve_jobs(
-    first: (Vec<u8>, OwnedFd),
+    first: Launch,
     sock: &std::os::unix::net::UnixStream,
     launches: &mut Receiver,
     signals: &Signals,
@@ -684,7 +699,7 @@ fn serve_jobs(
         // end). One meant for this job comes with its `cancel` file, which is looked at
         // before anything runs.
         signals.drain();
-        let (text, lock) = job;
+        let Launch { plan, lock, gate } = job;
         // Said once the final `status` is written: the launcher may hand over the next job
         // while this one's result is made durable.
         let free = || {
@@ -695,7 +710,7 @@ fn serve_jobs(
             )
             .is_ok()
         };
-        match supervise_job(&text, lock, signals, record, &free, finalizer) {
+        match supervise_job(&plan, lock, gate, signals, record, &free, finalizer) {
             Ok(true) => {}
             Ok(false) => return 0,
             Err(e) => {
@@ -732,9 +747,11 @@ fn reply_pid(pid: u32) -> Result<(), ExecError> {
 
 /// Supervises one job. Returns whether this process may take another: its final `status`
 /// was written and the launcher was told (`free`).
+#[allow(clippy::too_many_arguments)]
 fn supervise_job(
     text: &[u8],
     lock: OwnedFd,
+    gate: Option<OwnedFd>,
     signals: &Signals,
     record: &[u8],
     free: &dyn Fn() -> bool,
@@ -743,24 +760,49 @@ fn supervise_job(
     let plan: LaunchPlan =
         serde_json::from_slice(text).map_err(|e| ExecError::Plan(e.to_string()))?;
     let spool = Spool::at(&plan.spool);
-    // Appended to the lock file (opened O_APPEND by the daemon), after the daemon's launch
-    // record: no new file on the way to the job's first command. Not fsynced: the record only
-    // matters while this process lives (after a power loss nothing of the job runs any more),
-    // and a daemon that finds the lock held before the record is written finds this process
-    // as the lock's holder instead.
     let mut lock = File::from(lock);
-    lock.write_all(record)
-        .map_err(|e| ExecError::Io("supervisor.lock".into(), e))?;
+    // This process's record, appended to the lock file (opened O_APPEND by the daemon) after
+    // the daemon's launch record, says it took the job: no new file on the way to the job's
+    // first command. Not fsynced: the record only matters while this process lives (after a
+    // power loss nothing of the job runs any more), and a daemon that finds the lock held
+    // before the record is written finds this process as the lock's holder instead. A gated
+    // job's is written once its gate opens (see [`Gate`]).
+    let mut gate = gate.map(|daemon| Gate { daemon });
+    // Only a job of one local node starts its bash behind the gate; any other waits here.
+    let local = plan.nodes.len() <= 1 && plan.nodes.iter().all(|n| n.ssh.is_none());
+    let cancel = cancel_pending(&spool, &plan);
+    if !local || cancel {
+        if let Some(g) = gate.take() {
+            if !g.open() {
+                return Ok(untaken(&plan));
+            }
+        }
+    }
+    if gate.is_none() {
+        lock.write_all(record)
+            .map_err(|e| ExecError::Io("supervisor.lock".into(), e))?;
+    }
     // A cancel whose file exists already (the daemon signals only a supervisor it knows)
     // is honoured before anything runs.
-    let result = if cancel_pending(&spool, &plan) {
+    let result = if cancel {
         Ok(finish(
             Status::Cancelled,
             vec![None; plan.nodes.len().max(1)],
             Some("cancelled before it started"),
         ))
     } else {
-        run_job(&plan, &spool, signals)
+        let mut taken = Taken {
+            gate,
+            lock: &mut lock,
+            record,
+        };
+        match run_job(&plan, &spool, signals, &mut taken) {
+            Err(ExecError::Untaken) => {
+                kill_all_descendants(false);
+                return Ok(untaken(&plan));
+            }
+            other => other,
+        }
     };
     clean_remote(&plan);
     let result = match result {
@@ -810,6 +852,87 @@ fn supervise_job(
     finalizer.submit((plan.job_id, lock, private_dir(&plan)));
     status?;
     Ok(free())
+}
+
+/// A gated job's launch that its gate closed on unopened: nothing of it ran and nothing says
+/// this process took it, so the daemon (this one, or the next at its start-up) finds it
+/// untaken and queues it again. This process ends rather than waits for another job (false:
+/// not free): its exit is what tells.
+fn untaken(plan: &LaunchPlan) -> bool {
+    eprintln!(
+        "skyspool supervise: job {}: its admission was not confirmed durable; leaving it untaken",
+        plan.job_id
+    );
+    false
+}
+
+/// The supervisor's side of a job's start gate ([`Launch::gate`]).
+struct Gate {
+    daemon: OwnedFd,
+}
+
+impl Gate {
+    /// Waits for the daemon's word: true once the job may start.
+    fn open(&self) -> bool {
+        wait_for_gate(&self.daemon)
+    }
+}
+
+/// What says this supervisor took its job: its record, written to the job's lock at once,
+/// or (a gated job) once the gate opens, right before the job's first command may run.
+struct Taken<'a> {
+    gate: Option<Gate>,
+    lock: &'a mut File,
+    record: &'a [u8],
+}
+
+impl Taken<'_> {
+    /// The gate, if the job is still behind one (its record is then not written yet).
+    fn gate(&mut self) -> Option<Gate> {
+        self.gate.take()
+    }
+
+    /// Waits at the gate, if the job is still behind one, and records the job as taken
+    /// once it opens; [`ExecError::Untaken`] when it closes unopened.
+    fn open_now(&mut self) -> Result<(), ExecError> {
+        match self.gate() {
+            None => Ok(()),
+            Some(g) if g.open() => self.record(),
+            Some(_) => Err(ExecError::Untaken),
+        }
+    }
+
+    /// Writes the record of a job whose gate just opened.
+    fn record(&mut self) -> Result<(), ExecError> {
+        self.lock
+            .write_all(self.record)
+            .map_err(|e| ExecError::Io("supervisor.lock".into(), e))
+    }
+}
+
+/// The first line of a gated job's script: bash waits there, started, until the supervisor
+/// says the job may run (a line on stdin, then end-of-file), and gives up when stdin closes
+/// without one; then its stdin is `/dev/null` like any job's.
+const GATE_LINE: &str = "read -r _ || exit 1; exec </dev/null\n";
+
+/// Waits until the daemon opens a job's start gate (see [`Launch::gate`]): true once its byte
+/// is there, false when the pipe closed without one (or cannot be waited on).
+fn wait_for_gate(gate: &OwnedFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: gate.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    loop {
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+        if n >= 0 {
+            return fds[0].revents & libc::POLLIN != 0;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
 }
 
 /// One finished job for the [`Finalizer`]: its id, its lock (holding the result) and `.sky/`.
@@ -879,11 +1002,11 @@ impl Finalizer {
 }
 
 /// The receiving end of launches on a Unix stream socket. A launch is the plan's length
-/// (8 bytes, little-endian) and the plan, with the launch lock as `SCM_RIGHTS` on its first
-/// bytes. The daemon does not wait for one launch to be answered before it sends the next,
-/// so one `recvmsg` can return the end of one launch and the start of the next: bytes and
-/// descriptors are kept, in order, until a whole launch is there (launch N takes the N-th
-/// lock).
+/// (8 bytes, little-endian, [`GATED`] set when a gate comes) and the plan, with the launch
+/// lock (and the gate) as `SCM_RIGHTS` on its first bytes. The daemon does not wait for one
+/// launch to be answered before it sends the next, so one `recvmsg` can return the end of
+/// one launch and the start of the next: bytes and descriptors are kept, in order, until a
+/// whole launch is there (each launch takes the next one or two descriptors).
 struct Receiver {
     fd: std::os::fd::RawFd,
     data: Vec<u8>,
@@ -904,40 +1027,50 @@ impl Receiver {
         }
     }
 
-    /// Where the first launch in `data` ends, once all of it is there.
-    fn whole(&self) -> Result<Option<usize>, ExecError> {
+    /// Where the first launch in `data` ends, once all of it is there, and whether it is
+    /// gated.
+    fn whole(&self) -> Result<Option<(usize, bool)>, ExecError> {
         let Some(head) = self.data.get(..8) else {
             return Ok(None);
         };
         let mut len = [0u8; 8];
         len.copy_from_slice(head);
-        let end = usize::try_from(u64::from_le_bytes(len))
+        let word = u64::from_le_bytes(len);
+        let end = usize::try_from(word & !GATED)
             .ok()
             .and_then(|l| l.checked_add(8))
             .ok_or_else(|| ExecError::Plan("a launch of impossible length".into()))?;
-        Ok((self.data.len() >= end).then_some(end))
+        Ok((self.data.len() >= end).then_some((end, word & GATED != 0)))
     }
 
-    /// Whether a whole launch (bytes and lock) is already here, with no read needed.
+    /// Whether a whole launch (bytes and descriptors) is already here, with no read needed.
     fn has_whole_launch(&self) -> bool {
-        matches!(self.whole(), Ok(Some(_))) && !self.locks.is_empty()
+        match self.whole() {
+            Ok(Some((_, gated))) => self.locks.len() > usize::from(gated),
+            _ => false,
+        }
     }
 
-    /// The next whole launch: `(plan, lock)`; `None` when the socket closes between
-    /// launches.
-    fn next(&mut self) -> Result<Option<(Vec<u8>, OwnedFd)>, ExecError> {
+    /// The next whole launch; `None` when the socket closes between launches.
+    fn next(&mut self) -> Result<Option<Launch>, ExecError> {
         use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
         use std::io::IoSliceMut;
         loop {
-            if let Some(end) = self.whole()? {
+            if let Some((end, gated)) = self.whole()? {
                 let lock = self
                     .locks
                     .pop_front()
                     .ok_or_else(|| ExecError::Plan("no launch lock came with the plan".into()))?;
+                let gate = match gated {
+                    false => None,
+                    true => Some(self.locks.pop_front().ok_or_else(|| {
+                        ExecError::Plan("no start gate came with a gated plan".into())
+                    })?),
+                };
                 let rest = self.data.split_off(end);
                 let mut plan = std::mem::replace(&mut self.data, rest);
                 plan.drain(..8);
-                return Ok(Some((plan, lock)));
+                return Ok(Some(Launch { plan, lock, gate }));
             }
             let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 8]);
             let (n, fds) = {
@@ -1010,7 +1143,12 @@ fn open_log(plan: &LaunchPlan, name: &str) -> Result<File, ExecError> {
 }
 
 /// Runs setup (if any) then run (if any) on every node; returns the outcome.
-fn run_job(plan: &LaunchPlan, spool: &Spool, signals: &Signals) -> Result<JobResult, ExecError> {
+fn run_job(
+    plan: &LaunchPlan,
+    spool: &Spool,
+    signals: &Signals,
+    taken: &mut Taken<'_>,
+) -> Result<JobResult, ExecError> {
     let mut log = open_log(plan, "log")?;
     for note in &plan.notes {
         let _ = writeln!(log, "{note}");
@@ -1021,7 +1159,7 @@ fn run_job(plan: &LaunchPlan, spool: &Spool, signals: &Signals) -> Result<JobRes
         return Ok(finish(Status::FailedSetup, vec![None; n], Some(&msg)));
     }
     if let Some(setup) = plan.setup.as_deref().filter(|s| !s.trim().is_empty()) {
-        let outcome = run_phase(plan, "setup", setup, &log, signals)?;
+        let outcome = run_phase(plan, "setup", setup, &log, signals, taken)?;
         match outcome {
             PhaseOutcome::Cancelled(codes) => {
                 return Ok(finish(
@@ -1041,10 +1179,11 @@ fn run_job(plan: &LaunchPlan, spool: &Spool, signals: &Signals) -> Result<JobRes
         }
     }
     let Some(run) = plan.run.as_deref().filter(|s| !s.trim().is_empty()) else {
+        taken.open_now()?;
         spool.write_status(plan.job_id, Status::Running)?;
         return Ok(finish(Status::Succeeded, vec![Some(0); n], None));
     };
-    match run_phase(plan, "run", run, &log, signals)? {
+    match run_phase(plan, "run", run, &log, signals, taken)? {
         PhaseOutcome::Cancelled(codes) => Ok(finish(Status::Cancelled, codes, Some("cancelled"))),
         PhaseOutcome::Done(codes, first) => {
             if codes.iter().all(|c| *c == Some(0)) {
@@ -1139,11 +1278,26 @@ fn run_phase(
     body: &str,
     log: &Arc<Mutex<File>>,
     signals: &Signals,
+    taken: &mut Taken<'_>,
 ) -> Result<PhaseOutcome, ExecError> {
     let dir = private_dir(plan);
     let script = dir.join(format!("{phase}.sh"));
     let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
-    let text = script_text(body, &cwd, "");
+    // A job still behind its gate (one local node, its first phase): its bash starts now,
+    // and waits at the script's first line, reading stdin (a pipe of ours), until the gate
+    // opens. Its start-up (exec, loading, `bash` itself) overlaps the admission's fsyncs.
+    let gate = taken.gate();
+    let held = match &gate {
+        None => None,
+        Some(_) => Some(
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| ExecError::Io("a pipe for the job's start gate".into(), e.into()))?,
+        ),
+    };
+    let text = match &held {
+        None => script_text(body, &cwd, ""),
+        Some(_) => format!("{GATE_LINE}{}", script_text(body, &cwd, "")),
+    };
     // A script that fits in one argument goes to bash as `-c` (with the script's path as
     // `$0`), and the file is written after the start, as the record of what ran: no file
     // to create on the way to the job's first command. A longer one is read from the file.
@@ -1170,7 +1324,8 @@ fn run_phase(
                 .map_err(|e| ExecError::Io("log".into(), e))?;
             Sink::Direct(f)
         };
-        match spawn_rank(plan, phase, &script, inline, body, node, sink) {
+        let stdin = held.as_ref().map(|(r, _)| r.as_fd());
+        match spawn_rank(plan, phase, &script, inline, body, node, sink, stdin) {
             Ok((pid, reader)) => {
                 ranks.push(RankProc {
                     pgid: pid,
@@ -1193,6 +1348,23 @@ fn run_phase(
                 codes[i] = Some(127);
             }
         }
+    }
+    if let (Some(g), Some((r, w))) = (gate, held) {
+        drop(r);
+        if !g.open() {
+            // Still waiting at their first line: nothing of the job ran.
+            for rank in &ranks {
+                signal_group(rank.pgid, nix::sys::signal::Signal::SIGKILL);
+            }
+            for pid in by_pid.keys() {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*pid as i32), None);
+            }
+            return Err(ExecError::Untaken);
+        }
+        taken.record()?;
+        // The line bash waits for; then end-of-file.
+        let _ = nix::unistd::write(&w, b"\n");
+        drop(w);
     }
     // The phase's status, written once its processes run (it is this process that writes
     // the final one later, so the order holds; the daemon never writes it after the launch).
@@ -1362,6 +1534,7 @@ fn spawn_rank(
     body: &str,
     node: &NodeLaunch,
     sink: Sink,
+    stdin: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> io::Result<(u32, Option<File>)> {
     if let Some(target) = &node.ssh {
         return spawn_remote_rank(plan, phase, body, node, target, sink)
@@ -1411,7 +1584,11 @@ fn spawn_rank(
         program: c"/bin/bash",
         args: &args,
         env: &env,
-        stdio: [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()],
+        stdio: [
+            stdin.map_or(null.as_raw_fd(), |fd| fd.as_raw_fd()),
+            out.as_raw_fd(),
+            out.as_raw_fd(),
+        ],
         cwd: c"/",
         new_group: true,
         user: creds.as_ref(),
@@ -1655,8 +1832,8 @@ impl Launcher {
     /// then the plan (`serde_json` of a [`LaunchPlan`]). The launcher answers on
     /// [`Launcher::take_answers`] with the pid of the job's supervisor; the daemon does not
     /// wait for it here.
-    pub fn send(&mut self, plan: &[u8], lock: &OwnedFd) -> io::Result<()> {
-        send_launch(&self.sock, plan, lock)
+    pub fn send(&mut self, plan: &[u8], lock: &OwnedFd, gate: Option<&OwnedFd>) -> io::Result<()> {
+        send_launch(&self.sock, plan, lock, gate)
     }
 
     /// The launcher's answers, for the daemon's event loop (once).
@@ -1710,8 +1887,8 @@ mod tests {
     use super::*;
 
     /// Launches sent back to back (the daemon does not wait for answers) come out whole, in
-    /// order, each with its own lock, however the reads split or glue them: a plan larger
-    /// than one read, then small ones behind it.
+    /// order, each with its own lock and its own gate (every other one is gated), however
+    /// the reads split or glue them: a plan larger than one read, then small ones behind it.
     #[test]
     fn launches_sent_back_to_back_are_received_whole_with_their_own_locks() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1729,19 +1906,30 @@ mod tests {
             let plans = plans.clone();
             let locks = locks.clone();
             std::thread::spawn(move || {
-                for (plan, path) in plans.iter().zip(&locks) {
+                for (i, (plan, path)) in plans.iter().zip(&locks).enumerate() {
                     let f = OwnedFd::from(File::create(path).unwrap());
-                    send_launch(&tx, plan, &f).unwrap();
+                    let gate = (i % 2 == 1).then(|| {
+                        OwnedFd::from(File::create(format!("{}.gate", path.display())).unwrap())
+                    });
+                    send_launch(&tx, plan, &f, gate.as_ref()).unwrap();
                 }
             })
         };
         let mut r = Receiver::new(rx.as_raw_fd());
-        for (plan, path) in plans.iter().zip(&locks) {
-            let (got, lock) = r.next().unwrap().expect("a launch");
-            assert_eq!(got.len(), plan.len());
-            assert!(&got == plan);
-            let target = fs::read_link(format!("/proc/self/fd/{}", lock.as_raw_fd())).unwrap();
+        for (i, (plan, path)) in plans.iter().zip(&locks).enumerate() {
+            let got = r.next().unwrap().expect("a launch");
+            assert_eq!(got.plan.len(), plan.len());
+            assert!(&got.plan == plan);
+            let target = fs::read_link(format!("/proc/self/fd/{}", got.lock.as_raw_fd())).unwrap();
             assert_eq!(&target, path, "the lock of another launch");
+            match (i % 2 == 1, &got.gate) {
+                (false, None) => {}
+                (true, Some(g)) => {
+                    let target = fs::read_link(format!("/proc/self/fd/{}", g.as_raw_fd())).unwrap();
+                    assert_eq!(target, PathBuf::from(format!("{}.gate", path.display())));
+                }
+                (want, got) => panic!("launch {i}: gated {want}, gate received {got:?}"),
+            }
         }
         sender.join().unwrap();
         assert!(!r.has_whole_launch());
@@ -1773,12 +1961,26 @@ mod tests {
         drop(tx);
         let mut r = Receiver::new(rx.as_raw_fd());
         for (i, want) in [&b"one"[..], b"two", b"three"].into_iter().enumerate() {
-            let (got, lock) = r.next().unwrap().expect("a launch");
-            assert_eq!(got, want);
-            let target = fs::read_link(format!("/proc/self/fd/{}", lock.as_raw_fd())).unwrap();
+            let got = r.next().unwrap().expect("a launch");
+            assert_eq!(got.plan, want);
+            assert!(got.gate.is_none());
+            let target = fs::read_link(format!("/proc/self/fd/{}", got.lock.as_raw_fd())).unwrap();
             assert_eq!(target, locks[i]);
         }
         assert!(r.next().unwrap().is_none());
+    }
+
+    /// A gate opens on the daemon's byte, and stays shut when its pipe closes without one
+    /// (a failed round, or a daemon that died).
+    #[test]
+    fn gate_opens_on_a_byte_only() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&w, &[1]).unwrap();
+        drop(w);
+        assert!(wait_for_gate(&r));
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(w);
+        assert!(!wait_for_gate(&r));
     }
 
     #[test]

@@ -1377,41 +1377,79 @@ pub enum Durable<'a> {
 /// costs about one fsync's wait instead of the sum. Returns the first error; every path is
 /// attempted.
 pub fn sync_all(paths: &[Durable<'_>]) -> Result<()> {
-    let mut first_error = None;
-    let mut note = |r: Result<()>| {
-        if let Err(e) = r {
-            first_error.get_or_insert(e);
-        }
+    let Some((mine, rest)) = paths.split_first() else {
+        return Ok(());
     };
-    let pool = (paths.len() > 1).then(SyncPool::get).flatten();
-    match (pool, paths.split_first()) {
-        (Some(pool), Some((mine, rest))) => {
-            let (done, results) = std::sync::mpsc::channel();
-            let mut sent = 0;
-            for d in rest {
-                match pool.send(d.detached(), done.clone()) {
-                    Ok(()) => sent += 1,
-                    Err(d) => note(d.sync()),
+    let round = SyncRound::start(rest);
+    let here = mine.detached().sync();
+    let rest = round.wait();
+    here.and(rest)
+}
+
+/// A round of fsyncs running on [`SyncPool`]'s threads while the caller goes on
+/// ([`sync_all`] is one started and awaited at once). Dropping it without [`SyncRound::wait`]
+/// leaves the fsyncs to finish unobserved.
+#[must_use = "a round's outcome is known only by waiting for it"]
+pub struct SyncRound {
+    results: Option<std::sync::mpsc::Receiver<Result<()>>>,
+    sent: usize,
+    /// The first error of the fsyncs that had to run in line (no pool).
+    error: Option<SpoolError>,
+}
+
+impl SyncRound {
+    /// Hands every path to the pool (in line, here, where the pool cannot take it).
+    pub fn start(paths: &[Durable<'_>]) -> SyncRound {
+        let mut round = SyncRound {
+            results: None,
+            sent: 0,
+            error: None,
+        };
+        if paths.is_empty() {
+            return round;
+        }
+        let (done, results) = std::sync::mpsc::channel();
+        let pool = SyncPool::get();
+        for d in paths {
+            let sent = match pool {
+                Some(pool) => pool.send(d.detached(), done.clone()),
+                None => Err(d.detached()),
+            };
+            match sent {
+                Ok(()) => round.sent += 1,
+                Err(d) => {
+                    if let Err(e) = d.sync() {
+                        round.error.get_or_insert(e);
+                    }
                 }
             }
-            drop(done);
-            note(mine.detached().sync());
-            for _ in 0..sent {
-                match results.recv() {
-                    Ok(r) => note(r),
+        }
+        round.results = Some(results);
+        round
+    }
+
+    /// Waits for every fsync of the round; the first error, if any.
+    pub fn wait(self) -> Result<()> {
+        let mut first_error = self.error;
+        if let Some(results) = self.results {
+            for _ in 0..self.sent {
+                let r = match results.recv() {
+                    Ok(r) => r,
                     // A worker died with the path (it cannot: sync() does not panic).
-                    Err(_) => note(Err(SpoolError::Io {
+                    Err(_) => Err(SpoolError::Io {
                         path: PathBuf::from("(fsync worker)"),
                         source: io::Error::other("an fsync worker exited"),
-                    })),
+                    }),
+                };
+                if let Err(e) = r {
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        _ => paths.iter().for_each(|d| note(d.detached().sync())),
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
 

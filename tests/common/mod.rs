@@ -96,12 +96,19 @@ pub struct Daemon {
     pub tmp: tempfile::TempDir,
     pub spool: PathBuf,
     pub args: Vec<String>,
+    /// Extra environment of the daemon process (each start).
+    pub env: Vec<(String, String)>,
     submissions: usize,
 }
 
 impl Daemon {
     /// `skyspool --spool TMP/spool serve ARGS...`, waiting until it serves.
     pub fn start(args: &[&str]) -> Daemon {
+        Daemon::start_with_env(args, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables for the daemon (every start).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let tmp = tempfile::Builder::new()
             .prefix("skyspool-test-")
             .tempdir()
@@ -123,6 +130,10 @@ impl Daemon {
             tmp,
             spool,
             args: all,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             submissions: 0,
         };
         d.spawn();
@@ -142,6 +153,7 @@ impl Daemon {
             .arg(&self.spool)
             .arg("serve")
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)
@@ -636,6 +648,7 @@ impl Daemon {
             tmp,
             spool,
             args: all,
+            env: Vec::new(),
             submissions: 0,
         }
     }

@@ -1,0 +1,202 @@
+//! The start gate: a job admitted in a batch is handed to its supervisor (and its bash started)
+//! while the batch's fsyncs still run, but nothing of the job may run before they are through.
+//!
+//! The daemon's fsyncs are held or failed from outside, by an `LD_PRELOAD` shim (built here
+//! with the system's C compiler) around `fsync`/`fdatasync` of paths under `spool/jobs`, while
+//! a marker file exists: the real binary, no test hook in it.
+mod common;
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SHIM: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* Whether fd names a path under spool/jobs while the file named by $var exists. */
+static int armed(int fd, const char *var) {
+    const char *marker = getenv(var);
+    char link[64], path[PATH_MAX];
+    ssize_t n;
+    if (!marker || access(marker, F_OK) != 0) return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    n = readlink(link, path, sizeof path - 1);
+    if (n < 0) return 0;
+    path[n] = 0;
+    return strstr(path, "/spool/jobs") != NULL;
+}
+
+static int before(int fd) {
+    if (armed(fd, "SKYSPOOL_SHIM_FAIL")) { errno = EIO; return -1; }
+    while (armed(fd, "SKYSPOOL_SHIM_HOLD")) usleep(2000);
+    return 0;
+}
+
+int fsync(int fd) {
+    static int (*real)(int);
+    if (before(fd)) return -1;
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    return real(fd);
+}
+
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (before(fd)) return -1;
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    return real(fd);
+}
+"#;
+
+/// Builds the shim into `dir`; `None` (the test skips, loudly) without a C compiler.
+fn shim(dir: &Path) -> Option<PathBuf> {
+    let src = dir.join("fsync-shim.c");
+    let so = dir.join("fsync-shim.so");
+    fs::write(&src, SHIM).expect("write the shim's source");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .arg("-ldl")
+        .status();
+    match built {
+        Ok(s) if s.success() => Some(so),
+        other => {
+            skip(&format!(
+                "no C compiler to build the fsync shim ({other:?})"
+            ));
+            None
+        }
+    }
+}
+
+/// A daemon whose fsyncs under `spool/jobs` the shim holds (`mode` HOLD) or fails (FAIL)
+/// while the returned marker file exists (it does not yet); `None` without a C compiler.
+fn shimmed_daemon(dir: &Path, mode: &str) -> Option<(Daemon, PathBuf)> {
+    let so = shim(dir)?.display().to_string();
+    let marker = dir.join(mode.to_lowercase());
+    let var = format!("SKYSPOOL_SHIM_{mode}");
+    let path = marker.display().to_string();
+    let d = Daemon::start_with_env(
+        &["--gpus", "none", "--cpus", "2"],
+        &[("LD_PRELOAD", &so), (&var, &path)],
+    );
+    Some((d, marker))
+}
+
+/// The pids of processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn job_yaml(ran: &Path) -> String {
+    format!(
+        "name: gated\nrun: |\n  echo ran >> {}\n  echo done\n",
+        ran.display()
+    )
+}
+
+/// A daemon SIGKILLed while its admission fsyncs hang: the job's bash was already started,
+/// waiting at its gate; it and its supervisor go without running anything of the job, and
+/// the next daemon runs the job, once.
+#[test]
+fn job_behind_its_gate_does_not_run_when_the_daemon_dies_and_runs_once_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((mut d, hold)) = shimmed_daemon(dir.path(), "HOLD") else {
+        return;
+    };
+    let ran = d.scratch().join("ran");
+    fs::write(&hold, b"").expect("hold the fsyncs");
+    let id = d.submit("gated.yaml", &job_yaml(&ran));
+    // Its bash is up, at the gate (the script's first line), with the job's commands after.
+    let needle = format!("echo ran >> {}", ran.display());
+    let mut bash = Vec::new();
+    wait_until(
+        DEADLINE,
+        "the job's bash to wait at its gate",
+        || {
+            bash = processes_with(&needle);
+            !bash.is_empty()
+        },
+        || d.diagnostics(),
+    );
+    let supervisors: Vec<u32> = bash.iter().filter_map(|p| parent_of(*p)).collect();
+    assert_eq!(d.status(id), "PENDING", "the supervisor said the job runs");
+    d.kill9();
+    wait_until(
+        DEADLINE,
+        "the gated bash and its supervisor to go",
+        || bash.iter().chain(&supervisors).all(|p| !alive(*p)),
+        || format!("bash {bash:?}, supervisors {supervisors:?}"),
+    );
+    assert!(
+        !ran.exists(),
+        "the job ran before its admission was durable"
+    );
+    let lock = fs::read_to_string(d.job(id).join(".sky/supervisor.lock")).unwrap_or_default();
+    assert!(
+        !lock.contains("\"pid\""),
+        "a supervisor recorded that it took the job: {lock}"
+    );
+
+    fs::remove_file(&hold).expect("release the fsyncs");
+    d.spawn();
+    d.wait_done(id, "SUCCEEDED");
+    assert_eq!(
+        fs::read_to_string(&ran).unwrap_or_default(),
+        "ran\n",
+        "the job did not run exactly once\n{}",
+        d.diagnostics()
+    );
+    assert_eq!(d.log(id), "done\n");
+}
+
+/// The admission's fsyncs fail: the job, already handed over, never runs; it fails with a
+/// reason saying so, and keeps its job.yaml.
+#[test]
+fn job_whose_admission_cannot_be_made_durable_fails_without_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((mut d, fail)) = shimmed_daemon(dir.path(), "FAIL") else {
+        return;
+    };
+    let ran = d.scratch().join("ran");
+    fs::write(&fail, b"").expect("fail the fsyncs");
+    let id = d.submit("doomed.yaml", &job_yaml(&ran));
+    d.wait_done(id, "FAILED_DRIVER");
+    fs::remove_file(&fail).expect("stop failing");
+    assert!(!ran.exists(), "the job ran though its admission failed");
+    let reason = d.info(id)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("durable") && reason.contains("nothing of it ran"),
+        "reason: {reason}"
+    );
+    assert!(d.log(id).contains("durable"), "log: {}", d.log(id));
+    assert_eq!(
+        fs::read_to_string(d.job(id).join("job.yaml")).expect("job.yaml kept"),
+        job_yaml(&ran)
+    );
+    // The daemon goes on: the next job is admitted and runs.
+    let ran2 = d.scratch().join("ran2");
+    let id2 = d.submit("fine.yaml", &job_yaml(&ran2));
+    d.wait_done(id2, "SUCCEEDED");
+    assert_eq!(fs::read_to_string(&ran2).unwrap_or_default(), "ran\n");
+}
