@@ -99,8 +99,9 @@ struct AdmissionRound {
     /// The start gate of those handed over meanwhile: the pipe's read end (a copy travels
     /// with each launch) and its write end, made when the first of them starts.
     gate: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
-    /// Synced once the gate is open (true: a directory).
-    after: Vec<(PathBuf, bool)>,
+    /// `staging/` and `.skyspool/last-id`, synced once the gate is open (without waiting:
+    /// see [`Daemon::lazy_sync`]).
+    later: Vec<(PathBuf, bool)>,
 }
 
 /// [`spool::Durable`]s of `(path, is a directory)` pairs.
@@ -291,6 +292,12 @@ struct Daemon {
     /// Jobs whose admission could not be made durable (a failed fsync), and why: they fail
     /// instead of starting.
     undurable: HashMap<JobId, String>,
+    /// The last fsyncs of `staging/` and `last-id`, if not awaited yet
+    /// ([`Daemon::lazy_sync`]).
+    lazy: Option<spool::SyncRound>,
+    /// The parsed specs of the jobs published in this batch (without secrets): a job
+    /// started in the same batch is not read and parsed again. Emptied after each batch.
+    fresh: HashMap<JobId, JobSpec>,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
     /// Jobs put back in the queue because their supervisor died before taking them, and how
@@ -307,15 +314,19 @@ struct UserCache {
     am_root: bool,
     stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
     by_uid: HashMap<(u32, u32), RunAs>,
+    /// The files were looked at in this batch of events already (see [`Daemon::after_batch`]).
+    checked: bool,
 }
 
 impl UserCache {
     fn get(&mut self, uid: u32, gid: u32) -> RunAs {
-        let mtime = |p: &str| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let stamp = mtime("/etc/passwd").zip(mtime("/etc/group"));
-        if stamp.is_none() || stamp != self.stamp {
-            self.by_uid.clear();
-            self.stamp = stamp;
+        if !std::mem::replace(&mut self.checked, true) {
+            let mtime = |p: &str| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let stamp = mtime("/etc/passwd").zip(mtime("/etc/group"));
+            if stamp.is_none() || stamp != self.stamp {
+                self.by_uid.clear();
+                self.stamp = stamp;
+            }
         }
         let am_root = self.am_root;
         self.by_uid
@@ -466,10 +477,13 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         settling: Vec::new(),
         round: None,
         undurable: HashMap::new(),
+        lazy: None,
+        fresh: HashMap::new(),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
             stamp: None,
             by_uid: HashMap::new(),
+            checked: false,
         }),
         untaken: HashMap::new(),
     };
@@ -993,6 +1007,8 @@ impl Daemon {
         // The batch's admissions are durable (and the jobs handed over meanwhile start)
         // before anything else is written or waited for.
         self.finish_round();
+        self.fresh.clear();
+        self.users.borrow_mut().checked = false;
         self.settle_records();
         self.starve_check_at = self.next_starvation_deadline();
         self.sync_view();
@@ -1179,11 +1195,11 @@ impl Daemon {
     fn stage_and_publish(&mut self, ready: Vec<(Claimed, Admission)>) -> anyhow::Result<()> {
         // One round at a time: the last one's jobs are durable before new IDs are given.
         self.finish_round();
-        let mut staged: Vec<(Claimed, JobInfo)> = Vec::new();
+        let mut staged: Vec<(Claimed, JobInfo, JobSpec)> = Vec::new();
         let first_id = ready.iter().map(|(c, _)| c.id).min();
         for (claimed, adm) in ready {
             match self.stage(&claimed, &adm) {
-                Ok(info) => staged.push((claimed, info)),
+                Ok(info) => staged.push((claimed, info, adm.spec)),
                 Err(e) if is_out_of_space(&e) => self.defer(&claimed, &e),
                 Err(e) => {
                     let reason = format!("{}: could not be admitted: {e}", claimed.source);
@@ -1194,14 +1210,14 @@ impl Daemon {
         }
         // The highest ID given goes to disk in the same round (not after it: one more fsync
         // on the way to every start).
-        let last_id = match staged.iter().map(|(c, _)| c.id).max() {
+        let last_id = match staged.iter().map(|(c, _, _)| c.id).max() {
             Some(max) => match self.spool.write_last_id(max) {
                 Ok(path) => Some(path),
                 Err(e) => {
                     // Nothing of this batch is visible yet: hand every submission back to
                     // incoming/ and try again later.
                     let err = anyhow::Error::from(e);
-                    for (claimed, _) in &staged {
+                    for (claimed, _, _) in &staged {
                         self.defer(claimed, &err);
                     }
                     staged.clear();
@@ -1220,8 +1236,12 @@ impl Daemon {
             return Ok(());
         }
         let mut ids = BTreeSet::new();
-        for (claimed, info) in staged {
+        for (claimed, info, spec) in staged {
             let id = claimed.id;
+            if spec.secrets.is_empty() {
+                // `job.yaml` holds exactly the bytes this was parsed from.
+                self.fresh.insert(id, spec);
+            }
             if claimed.has_workdir && self.spool.secrets_file(id).exists() {
                 // The submitted copy holds the secrets in clear: keep only the redacted one.
                 let _ = std::fs::remove_file(claimed.content.join("job.yaml"));
@@ -1251,11 +1271,12 @@ impl Daemon {
     /// one's `job.yaml`, `info.json` and directory, and `jobs/`, run concurrently while the
     /// batch's jobs are placed and handed over (see [`AdmissionRound`]). Not `status` nor
     /// `log` (a PENDING lost to a power cut is what `info.json` says anyway), nor the
-    /// `pending/` link (start-up makes it again from `info.json`); those, `staging/` (the
-    /// name the job had) and `last_id` (the highest ID given; start-up also counts the IDs in
-    /// `jobs/`) are synced right after the gate opens ([`Daemon::finish_round`]). A power
-    /// cut before the round is through finds the jobs in `jobs/` or `staging/`, whole or not
-    /// at all, and nothing of them ran (their gates were closed).
+    /// `pending/` link (start-up makes it again from `info.json`); `staging/` (the name the
+    /// job had) and `last_id` (the highest ID given; start-up also counts the IDs in `jobs/`,
+    /// so it matters only for jobs removed since) are synced after the gate opens, off the
+    /// way to the start ([`Daemon::lazy_sync`]). A power cut before the
+    /// round is through finds the jobs in `jobs/` or `staging/`, whole or not at all, and
+    /// nothing of them ran (their gates were closed).
     fn start_round(&mut self, ids: BTreeSet<JobId>, last_id: Option<PathBuf>) {
         if ids.is_empty() {
             return;
@@ -1269,16 +1290,13 @@ impl Daemon {
             paths.push((dir, true));
         }
         let durable = durables(&paths);
-        let mut after = vec![
-            (self.spool.state_dir(State::Pending), true),
-            (self.spool.staging(), true),
-        ];
-        after.extend(last_id.map(|p| (p, false)));
         self.round = Some(AdmissionRound {
             sync: spool::SyncRound::start(&durable),
             ids,
             gate: None,
-            after,
+            later: std::iter::once((self.spool.staging(), true))
+                .chain(last_id.map(|p| (p, false)))
+                .collect(),
         });
     }
 
@@ -1300,6 +1318,18 @@ impl Daemon {
         }
     }
 
+    /// Starts fsyncs of `paths` (true: a directory) that nothing waits for now: the ones
+    /// before are awaited first (so at most one such round is in flight), and a failure is
+    /// only noted.
+    fn lazy_sync(&mut self, paths: &[(PathBuf, bool)]) {
+        if let Some(before) = self.lazy.take() {
+            if let Err(e) = before.wait() {
+                note!("cannot sync staging/ or last-id: {e}");
+            }
+        }
+        self.lazy = Some(spool::SyncRound::start(&durables(paths)));
+    }
+
     /// Waits for the admission round in flight, if any, then opens its gate: the jobs
     /// handed over meanwhile start. When the round failed, the gate closes unopened (their
     /// supervisors leave them untaken, and they come back to the queue) and each of its
@@ -1316,9 +1346,7 @@ impl Daemon {
                     let _ = nix::unistd::write(w, &[1]);
                 }
                 drop(round.gate);
-                if let Err(e) = spool::sync_all(&durables(&round.after)) {
-                    note!("cannot sync pending/, staging/ or last-id: {e}");
-                }
+                self.lazy_sync(&round.later);
             }
             Err(e) => {
                 let why = format!(
@@ -1509,12 +1537,19 @@ impl Daemon {
         if let Some(why) = self.undurable.get(&id) {
             anyhow::bail!("{why}");
         }
-        let dir = self.spool.job_dir(id);
-        let yaml = std::fs::read_to_string(dir.join("job.yaml")).context("reading job.yaml")?;
-        let secrets = self.spool.read_secrets(id);
-        let mut spec = spec::parse(&yaml, &format!("jobs/{id}/job.yaml"), &secrets)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        spec.secrets.extend(secrets);
+        let spec = match self.fresh.remove(&id) {
+            Some(spec) => spec,
+            None => {
+                let dir = self.spool.job_dir(id);
+                let yaml =
+                    std::fs::read_to_string(dir.join("job.yaml")).context("reading job.yaml")?;
+                let secrets = self.spool.read_secrets(id);
+                let mut spec = spec::parse(&yaml, &format!("jobs/{id}/job.yaml"), &secrets)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                spec.secrets.extend(secrets);
+                spec
+            }
+        };
         let info = self
             .jobs
             .get(&id)
