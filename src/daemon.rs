@@ -256,6 +256,8 @@ struct Daemon {
     last_render: std::time::Instant,
     /// How long `queue` may lag while busy (grows with the time a render takes).
     render_interval: Duration,
+    /// When the last submission, job event or message came (see [`Daemon::render_due`]).
+    last_event: std::time::Instant,
     /// The `queue` file's rows, re-formatted only for jobs that changed.
     queue_rows: queue::QueueCache,
     last_nodes: String,
@@ -391,6 +393,11 @@ fn is_out_of_space(e: &anyhow::Error) -> bool {
 
 /// Longest time `queue` and `nodes` lag behind the daemon's state while it is busy.
 const RENDER_INTERVAL: Duration = Duration::from_millis(50);
+/// The most jobs one admission round makes durable (see `Daemon::admit_names`).
+const MAX_ROUND_JOBS: usize = 512;
+/// The least quiet after which a changed `queue` is rewritten at once (see
+/// `Daemon::render_due`).
+const RENDER_SETTLE: Duration = Duration::from_millis(100);
 /// The longest the daemon holds back housekeeping after handing a job over (see
 /// `Daemon::quiet`); normally the job's first `status` ends it within a millisecond.
 const QUIET_AFTER_START: Duration = Duration::from_millis(20);
@@ -461,6 +468,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         dirty: true,
         last_render: std::time::Instant::now() - RENDER_INTERVAL,
         render_interval: RENDER_INTERVAL,
+        last_event: std::time::Instant::now(),
         queue_rows: queue::QueueCache::default(),
         last_nodes: String::new(),
         retry_at: None,
@@ -522,7 +530,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     };
 
     loop {
-        let render_at = tokio::time::Instant::from_std(d.last_render + d.render_interval);
+        let render_at = tokio::time::Instant::from_std(d.render_due());
         tokio::select! {
             _ = tokio::time::sleep_until(render_at), if d.dirty && d.quiet.is_none() => {}
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.quiet.map_or_else(std::time::Instant::now, |(t, _)| t))), if d.quiet.is_some() => {
@@ -541,6 +549,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
                 d.look_again(due);
             }
             batch = d.watcher.next_batch() => {
+                d.last_event = std::time::Instant::now();
                 match batch {
                     Ok(events) => d.handle_events(events),
                     Err(e) => {
@@ -550,12 +559,14 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
                 }
             }
             Some(sub) = sub_rx.recv() => {
+                d.last_event = std::time::Instant::now();
                 d.handle_submission(sub);
                 while let Ok(more) = sub_rx.try_recv() {
                     d.handle_submission(more);
                 }
             }
             Some(msg) = rx.recv() => {
+                d.last_event = std::time::Instant::now();
                 d.handle_msg(msg);
                 while let Ok(more) = rx.try_recv() {
                     d.handle_msg(more);
@@ -988,6 +999,15 @@ impl Daemon {
     }
 
     /// After each batch: start what fits, then refresh `queue` and `nodes` once.
+    /// When `queue` and `nodes` are to be rewritten next (if changed): at most once per
+    /// `render_interval` while events keep coming, and once they stop for a while (5 times
+    /// the last rewrite's cost, at least 100 ms), at once: a listing right after a burst
+    /// then finds the table current instead of reading thousands of `info.json`.
+    fn render_due(&self) -> std::time::Instant {
+        let settle = RENDER_SETTLE.max(self.render_interval / 4);
+        (self.last_render + self.render_interval).min(self.last_event + settle)
+    }
+
     fn after_batch(&mut self) {
         // A start that fails frees its resources again: keep placing until a pass starts
         // everything it picked.
@@ -1022,7 +1042,7 @@ impl Daemon {
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
         // must not re-render a 10,000-line table 1,000 times).
-        if self.dirty && self.last_render.elapsed() >= self.render_interval {
+        if self.dirty && std::time::Instant::now() >= self.render_due() {
             self.dirty = false;
             let began = std::time::Instant::now();
             self.last_render = began;
@@ -1109,11 +1129,14 @@ impl Daemon {
                 Err(e) => note!("incoming/{}: {e}", spool::display_name(&name)),
             }
         }
-        if ready.is_empty() {
-            return;
-        }
-        if let Err(e) = self.stage_and_publish(ready) {
-            note!("admission failed: {e}");
+        // At most MAX_ROUND_JOBS per round: a rescan that finds 20,000 names must not leave
+        // them published for seconds before a round of 60,000 fsyncs makes them durable.
+        while !ready.is_empty() {
+            let rest = ready.split_off(ready.len().min(MAX_ROUND_JOBS));
+            let chunk = std::mem::replace(&mut ready, rest);
+            if let Err(e) = self.stage_and_publish(chunk) {
+                note!("admission failed: {e}");
+            }
         }
     }
 
