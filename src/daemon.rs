@@ -291,8 +291,8 @@ struct Daemon {
     /// The admission round in flight, if any (at most one: it is finished before the event
     /// loop waits again and before another batch is admitted).
     round: Option<AdmissionRound>,
-    /// Jobs whose admission could not be made durable (a failed fsync), and why: they fail
-    /// instead of starting.
+    /// Jobs handed over whose admission could not be made durable (a failed fsync), and why:
+    /// they fail instead of starting again when their supervisor gives them back.
     undurable: HashMap<JobId, String>,
     /// The last fsyncs of `staging/` and `last-id`, if not awaited yet
     /// ([`Daemon::lazy_sync`]).
@@ -998,7 +998,6 @@ impl Daemon {
         }
     }
 
-    /// After each batch: start what fits, then refresh `queue` and `nodes` once.
     /// When `queue` and `nodes` are to be rewritten next (if changed): at most once per
     /// `render_interval` while events keep coming, and once they stop for a while (5 times
     /// the last rewrite's cost, at least 100 ms), at once: a listing right after a burst
@@ -1008,6 +1007,7 @@ impl Daemon {
         (self.last_render + self.render_interval).min(self.last_event + settle)
     }
 
+    /// After each batch: start what fits, then refresh `queue` and `nodes` once.
     fn after_batch(&mut self) {
         // A start that fails frees its resources again: keep placing until a pass starts
         // everything it picked.
@@ -1378,10 +1378,12 @@ impl Daemon {
                 );
                 note!("admission round failed: {e}; jobs {:?} fail", round.ids);
                 for id in round.ids {
-                    self.undurable.insert(id, why.clone());
                     if self.sched.dequeue(id) {
                         let _ = self.spool.append_log(id, &format!("skyspool: {why}"));
                         self.finish(id, Some(driver_lost(why.clone())));
+                    } else {
+                        // Handed over already: it fails when it comes back untaken.
+                        self.undurable.insert(id, why.clone());
                     }
                 }
             }
@@ -1557,7 +1559,7 @@ impl Daemon {
     }
 
     fn try_start(&mut self, id: JobId, placement: &Placement) -> anyhow::Result<()> {
-        if let Some(why) = self.undurable.get(&id) {
+        if let Some(why) = self.undurable.remove(&id) {
             anyhow::bail!("{why}");
         }
         let spec = match self.fresh.remove(&id) {

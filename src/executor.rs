@@ -590,7 +590,7 @@ pub struct Launch {
     /// The read end of a pipe the daemon writes one byte into once the job's admission is
     /// durable, or closes without writing when it cannot be (or when the daemon dies first).
     /// A supervisor given a gate starts nothing of the job and records nothing before the
-    /// byte is there: without it, it lets the job go untaken (see [`wait_for_gate`]).
+    /// byte is there: without it, it lets the job go untaken (see [`Gate::open`]).
     pub gate: Option<OwnedFd>,
 }
 
@@ -767,20 +767,15 @@ fn supervise_job(
     // power loss nothing of the job runs any more), and a daemon that finds the lock held
     // before the record is written finds this process as the lock's holder instead. A gated
     // job's is written once its gate opens (see [`Gate`]).
-    let mut gate = gate.map(|daemon| Gate { daemon });
+    let mut taken = Taken::new(gate.map(|daemon| Gate { daemon }), &mut lock, record)?;
     // Only a job of one local node starts its bash behind the gate; any other waits here.
     let local = plan.nodes.len() <= 1 && plan.nodes.iter().all(|n| n.ssh.is_none());
     let cancel = cancel_pending(&spool, &plan);
     if !local || cancel {
-        if let Some(g) = gate.take() {
-            if !g.open() {
-                return Ok(untaken(&plan));
-            }
+        match taken.open_now() {
+            Err(ExecError::Untaken) => return Ok(untaken(&plan)),
+            other => other?,
         }
-    }
-    if gate.is_none() {
-        lock.write_all(record)
-            .map_err(|e| ExecError::Io("supervisor.lock".into(), e))?;
     }
     // A cancel whose file exists already (the daemon signals only a supervisor it knows)
     // is honoured before anything runs.
@@ -791,11 +786,6 @@ fn supervise_job(
             Some("cancelled before it started"),
         ))
     } else {
-        let mut taken = Taken {
-            gate,
-            lock: &mut lock,
-            record,
-        };
         match run_job(&plan, &spool, signals, &mut taken) {
             Err(ExecError::Untaken) => {
                 kill_all_descendants(false);
@@ -872,9 +862,24 @@ struct Gate {
 }
 
 impl Gate {
-    /// Waits for the daemon's word: true once the job may start.
+    /// Waits for the daemon's word: true once its byte is there, false when the pipe closed
+    /// without one (or cannot be waited on).
     fn open(&self) -> bool {
-        wait_for_gate(&self.daemon)
+        let mut fds = [libc::pollfd {
+            fd: self.daemon.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        loop {
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+            if n >= 0 {
+                return fds[0].revents & libc::POLLIN != 0;
+            }
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return false;
+            }
+        }
     }
 }
 
@@ -886,7 +891,16 @@ struct Taken<'a> {
     record: &'a [u8],
 }
 
-impl Taken<'_> {
+impl<'a> Taken<'a> {
+    /// Writes the record at once unless the job is behind a gate.
+    fn new(gate: Option<Gate>, lock: &'a mut File, record: &'a [u8]) -> Result<Self, ExecError> {
+        let mut taken = Taken { gate, lock, record };
+        if taken.gate.is_none() {
+            taken.record()?;
+        }
+        Ok(taken)
+    }
+
     /// The gate, if the job is still behind one (its record is then not written yet).
     fn gate(&mut self) -> Option<Gate> {
         self.gate.take()
@@ -914,26 +928,6 @@ impl Taken<'_> {
 /// says the job may run (a line on stdin, then end-of-file), and gives up when stdin closes
 /// without one; then its stdin is `/dev/null` like any job's.
 const GATE_LINE: &str = "read -r _ || exit 1; exec </dev/null\n";
-
-/// Waits until the daemon opens a job's start gate (see [`Launch::gate`]): true once its byte
-/// is there, false when the pipe closed without one (or cannot be waited on).
-fn wait_for_gate(gate: &OwnedFd) -> bool {
-    let mut fds = [libc::pollfd {
-        fd: gate.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    loop {
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
-        if n >= 0 {
-            return fds[0].revents & libc::POLLIN != 0;
-        }
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return false;
-        }
-    }
-}
 
 /// One finished job for the [`Finalizer`]: its id, its lock (holding the result) and `.sky/`.
 type Finished = (JobId, File, PathBuf);
@@ -1977,10 +1971,10 @@ mod tests {
         let (r, w) = nix::unistd::pipe().unwrap();
         nix::unistd::write(&w, &[1]).unwrap();
         drop(w);
-        assert!(wait_for_gate(&r));
+        assert!(Gate { daemon: r }.open());
         let (r, w) = nix::unistd::pipe().unwrap();
         drop(w);
-        assert!(!wait_for_gate(&r));
+        assert!(!Gate { daemon: r }.open());
     }
 
     #[test]

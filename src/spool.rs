@@ -442,8 +442,8 @@ impl Spool {
         sync_file(&path)
     }
 
-    /// Writes `id` as the highest ID given, not yet durably: for an admission batch, whose
-    /// fsyncs run together ([`sync_all`]) instead of one after another. Returns the file.
+    /// Writes `id` as the highest ID given, not yet durably: an admission batch syncs it later,
+    /// with other files (see `Daemon::finish_round`). Returns the file.
     pub fn write_last_id(&self, id: JobId) -> Result<PathBuf> {
         use std::os::unix::fs::FileExt;
         let path = self.private().join("last-id");
