@@ -63,6 +63,11 @@ pub enum Command {
         /// submissions fail at close()).
         #[arg(long, value_name = "DIR")]
         mount: Option<PathBuf>,
+        /// Start up to N queued jobs ahead (their bash waits at its first line) while every
+        /// slot they could take is busy, so a freed slot goes to a job that is up already;
+        /// 0 turns it off.
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        prestart: usize,
     },
     /// Submit job YAMLs safely (written aside, then renamed into incoming/).
     Submit {
@@ -119,6 +124,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             root_jobs_as,
             starvation_bound,
             mount,
+            prestart,
         } => {
             let starvation_bound = match starvation_bound.as_str() {
                 "off" | "none" => None,
@@ -147,6 +153,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 root_jobs_as,
                 starvation_bound,
                 mount,
+                prestart,
             })?;
             Ok(ExitCode::SUCCESS)
         }

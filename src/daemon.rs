@@ -41,6 +41,8 @@ pub struct DaemonConfig {
     pub starvation_bound: Option<Duration>,
     /// Also expose the spool as a FUSE mount here.
     pub mount: Option<PathBuf>,
+    /// At most this many queued jobs prestarted (see [`Daemon::prestart_more`]); 0: none.
+    pub prestart: usize,
 }
 
 /// One line on stderr, time-stamped, written with one `write` (stderr is unbuffered: the
@@ -80,12 +82,30 @@ impl Drop for Supervisor {
 struct Launching {
     id: JobId,
     plan: Vec<u8>,
-    lock: std::os::fd::OwnedFd,
+    /// `None` for a prestart.
+    lock: Option<std::os::fd::OwnedFd>,
     /// The job's start gate (see [`executor::Launch::gate`]), when its admission was not
     /// durable yet at the hand-over.
     gate: Option<std::os::fd::OwnedFd>,
     lock_path: PathBuf,
     sent: std::time::Instant,
+    /// A prestart's launch confirmed before the launcher answered it: the daemon's end of
+    /// its gate, which says whether a supervisor may still read the confirmation.
+    confirmed: Option<std::os::unix::net::UnixStream>,
+}
+
+/// A queued job started ahead of its placement (see [`Daemon::prestart_more`]): its
+/// supervisor holds the job's bash at its first line and waits on `gate` for the job's real
+/// launch; dropping this closes the gate, which kills that bash unrun.
+struct Prestart {
+    /// The daemon's end of the gate (a socket).
+    gate: std::os::unix::net::UnixStream,
+    /// The node it was started on.
+    node: String,
+    /// Its supervisor, once the launcher has answered.
+    pid: Option<u32>,
+    /// Its spec, for its start.
+    spec: Option<JobSpec>,
 }
 
 /// The fsyncs that make one batch of admissions durable, running while the batch's jobs are
@@ -305,6 +325,10 @@ struct Daemon {
     /// Jobs put back in the queue because their supervisor died before taking them, and how
     /// often (bounded: a supervisor that always dies at the start must not loop forever).
     untaken: HashMap<JobId, u32>,
+    /// Queued jobs started ahead, by id (see [`Daemon::prestart_more`]).
+    prestarts: BTreeMap<JobId, Prestart>,
+    /// At most this many prestarts at once.
+    max_prestarts: usize,
 }
 
 /// How often a job goes back to the queue after a supervisor died before taking it; the
@@ -494,6 +518,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             checked: false,
         }),
         untaken: HashMap::new(),
+        prestarts: BTreeMap::new(),
+        max_prestarts: cfg.prestart,
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -946,6 +972,16 @@ impl Daemon {
                     return;
                 }
                 match self.launching.pop_front() {
+                    Some(l) if l.lock.is_none() => {
+                        // A prestart's: it waits at its gate (0: none could be made).
+                        match self.prestarts.get_mut(&l.id) {
+                            Some(p) if pid != 0 => p.pid = Some(pid),
+                            Some(_) => {
+                                self.prestarts.remove(&l.id);
+                            }
+                            None => {}
+                        }
+                    }
                     Some(l) => self.launched(l.id, pid),
                     None => note!("the launcher answered a launch it was not given (pid {pid})"),
                 }
@@ -980,7 +1016,11 @@ impl Daemon {
         };
         self.touched.insert(id);
         if status.is_terminal()
-            && (self.supervisors.contains_key(&id) || self.launching.iter().any(|l| l.id == id))
+            && (self.supervisors.contains_key(&id)
+                || self
+                    .launching
+                    .iter()
+                    .any(|l| l.id == id && l.lock.is_some()))
         {
             // The supervisor writes the final status last, after every process of the job
             // is gone and its result is recorded: the job has ended, its resources are free
@@ -1030,6 +1070,9 @@ impl Daemon {
         self.fresh.clear();
         self.users.borrow_mut().checked = false;
         self.settle_records();
+        if self.max_prestarts > 0 {
+            self.prestart_more();
+        }
         self.starve_check_at = self.next_starvation_deadline();
         self.sync_view();
         if self
@@ -1562,18 +1605,13 @@ impl Daemon {
         if let Some(why) = self.undurable.remove(&id) {
             anyhow::bail!("{why}");
         }
-        let spec = match self.fresh.remove(&id) {
+        let cached = self
+            .fresh
+            .remove(&id)
+            .or_else(|| self.prestarts.get_mut(&id).and_then(|p| p.spec.take()));
+        let spec = match cached {
             Some(spec) => spec,
-            None => {
-                let dir = self.spool.job_dir(id);
-                let yaml =
-                    std::fs::read_to_string(dir.join("job.yaml")).context("reading job.yaml")?;
-                let secrets = self.spool.read_secrets(id);
-                let mut spec = spec::parse(&yaml, &format!("jobs/{id}/job.yaml"), &secrets)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
-                spec.secrets.extend(secrets);
-                spec
-            }
+            None => self.load_spec(id)?,
         };
         let info = self
             .jobs
@@ -1605,10 +1643,14 @@ impl Daemon {
         // RUNNING finds the placement in the launch record. The launcher's answer (the
         // supervisor's pid) is not awaited: it comes through the event loop (`launched`).
         let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
-        let gate = self.gate_for(id).context("making the job's start gate")?;
-        let answered = self
-            .hand_off(id, json, lock, gate, lock_path)
-            .context("handing the job to its supervisor")?;
+        let answered = match self.confirm_prestart(id, &assignments, &json, &lock) {
+            Some(answered) => answered,
+            None => {
+                let gate = self.gate_for(id).context("making the job's start gate")?;
+                self.hand_off(id, json, lock, gate, lock_path)
+                    .context("handing the job to its supervisor")?
+            }
+        };
         self.quiet = Some((std::time::Instant::now() + QUIET_AFTER_START, id));
         let status = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             Status::SettingUp
@@ -1635,6 +1677,153 @@ impl Daemon {
         Ok(())
     }
 
+    /// Job `id`'s spec, read from its `job.yaml` and secrets.
+    fn load_spec(&self, id: JobId) -> anyhow::Result<JobSpec> {
+        let dir = self.spool.job_dir(id);
+        let yaml = std::fs::read_to_string(dir.join("job.yaml")).context("reading job.yaml")?;
+        let secrets = self.spool.read_secrets(id);
+        let mut spec = spec::parse(&yaml, &format!("jobs/{id}/job.yaml"), &secrets)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        spec.secrets.extend(secrets);
+        Ok(spec)
+    }
+
+    /// Starts queued jobs ahead of their placement, while every slot they could take is
+    /// busy: each gets a supervisor that starts its first phase's bash as its user, held at
+    /// the script's first line (exec, loading and bash's own start-up are done), and waits
+    /// for the job's real launch (see [`executor::send_launch`] in [`Daemon::try_start`]).
+    /// A freed slot then costs the next job only the hand-over. The oldest queued one-node
+    /// jobs are taken (among the oldest 256), at most one per running job (each end frees
+    /// one slot, at most) and at most `max_prestarts`, on the machine's own node, when it is
+    /// the only local one. A job placed elsewhere, cancelled, or still queued when the
+    /// daemon exits loses its prestart: its bash is killed unrun.
+    fn prestart_more(&mut self) {
+        let sched = &self.sched;
+        self.prestarts.retain(|id, _| sched.is_pending(*id));
+        let want = self.max_prestarts.min(self.sched.running_len());
+        if self.prestarts.len() >= want {
+            return;
+        }
+        let mut locals = self.inventory.nodes.iter().filter(|n| n.local);
+        let (Some(node), None) = (locals.next(), locals.next()) else {
+            return;
+        };
+        let node = NodeAssignment {
+            rank: 0,
+            node: node.name.clone(),
+            ip: node.addr.clone(),
+            accelerator: None,
+            gpus: vec![],
+            gpu_shares: vec![],
+            cpus: String::new(),
+        };
+        let round = self.round.as_ref().map(|r| &r.ids);
+        let ids: Vec<JobId> = self
+            .sched
+            .pending_ids()
+            .take(256)
+            .filter(|id| {
+                !self.prestarts.contains_key(id)
+                    && !self.undurable.contains_key(id)
+                    && !round.is_some_and(|r| r.contains(id))
+                    && self
+                        .sched
+                        .pending_demand(*id)
+                        .is_some_and(|d| d.num_nodes == 1)
+            })
+            .take(want - self.prestarts.len())
+            .collect();
+        for id in ids {
+            if let Err(e) = self.prestart(id, &node) {
+                note!("job {id}: could not start it ahead: {e:#}");
+            }
+        }
+    }
+
+    /// Hands job `id` to a supervisor as a prestart on `node` (see [`Daemon::prestart_more`]).
+    fn prestart(&mut self, id: JobId, node: &NodeAssignment) -> anyhow::Result<()> {
+        let spec = self.load_spec(id)?;
+        let info = self.jobs.get(&id).ok_or(spool::SpoolError::NoSuchJob(id))?;
+        let plan = self.plan(info, &spec, std::slice::from_ref(node))?;
+        let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().context("making the job's gate")?;
+        let l = Launching {
+            id,
+            plan: json,
+            lock: None,
+            gate: Some(theirs.into()),
+            lock_path: self.spool.job_private(id).join("supervisor.lock"),
+            sent: std::time::Instant::now(),
+            confirmed: None,
+        };
+        let mut l = l;
+        self.send_to_launcher(&l)
+            .context("handing it to a supervisor")?;
+        // Its supervisor's end is the launcher's now: the daemon's copy would hide that
+        // end's closing (see `launcher_lost`).
+        l.gate = None;
+        self.launching.push_back(l);
+        note!(
+            "job {id} started ahead on {}: its bash waits at its first line for a slot",
+            node.node
+        );
+        self.prestarts.insert(
+            id,
+            Prestart {
+                gate: ours,
+                node: node.node.clone(),
+                pid: None,
+                spec: Some(spec),
+            },
+        );
+        Ok(())
+    }
+
+    /// Gives a prestarted job its launch (`plan`, `lock`) through its gate, when it was
+    /// started where it is placed (`assignments`). `None`: it was not prestarted, or not
+    /// there, or its supervisor is gone (its prestart goes: the gate closes, its bash dies
+    /// unrun); the caller hands it over like any other job. `Some(pid)`: its supervisor
+    /// has it; `Some(None)`: the launcher has not said which supervisor that is yet, its
+    /// launch then stays in `launching` as an ordinary one (answered or, if the launcher is
+    /// lost, settled by [`Daemon::launcher_lost`]).
+    fn confirm_prestart(
+        &mut self,
+        id: JobId,
+        assignments: &[NodeAssignment],
+        plan: &[u8],
+        lock: &std::os::fd::OwnedFd,
+    ) -> Option<Option<u32>> {
+        let p = self.prestarts.remove(&id)?;
+        if !matches!(assignments, [a] if a.node == p.node) {
+            return None;
+        }
+        let waiting = match p.pid {
+            Some(_) => None,
+            None => Some(
+                self.launching
+                    .iter()
+                    .position(|l| l.id == id && l.lock.is_none())?,
+            ),
+        };
+        // The daemon keeps a copy of the lock while the launch is unanswered (as for any
+        // launch: see `launcher_lost`).
+        let kept = match waiting {
+            Some(_) => Some(lock.try_clone().ok()?),
+            None => None,
+        };
+        if let Err(e) = executor::send_launch(&p.gate, plan, Some(lock), None) {
+            note!("job {id}: its prestart is gone ({e}); launching it afresh");
+            return None;
+        }
+        if let Some(l) = waiting.and_then(|i| self.launching.get_mut(i)) {
+            l.plan = plan.to_vec();
+            l.lock = kept;
+            l.confirmed = Some(p.gate);
+        }
+        Some(p.pid)
+    }
+
     /// Sends a launch to the launcher (a new one when there is none, or when sending fails:
     /// the old one is then lost, see [`Daemon::launcher_lost`]). `Some(pid)` when a
     /// supervisor is known to have the job already; otherwise its pid comes later as
@@ -1650,10 +1839,11 @@ impl Daemon {
         let l = Launching {
             id,
             plan,
-            lock,
+            lock: Some(lock),
             gate,
             lock_path,
             sent: std::time::Instant::now(),
+            confirmed: None,
         };
         let mut last_error = None;
         for _ in 0..2 {
@@ -1684,7 +1874,7 @@ impl Daemon {
             self.new_launcher()?;
         }
         match self.launcher.as_mut() {
-            Some(launcher) => launcher.send(&l.plan, &l.lock, l.gate.as_ref()),
+            Some(launcher) => launcher.send(&l.plan, l.lock.as_ref(), l.gate.as_ref()),
             None => Err(std::io::Error::other("no launcher")),
         }
     }
@@ -1720,7 +1910,36 @@ impl Daemon {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        for l in std::mem::take(&mut self.launching) {
+        for mut l in std::mem::take(&mut self.launching) {
+            if l.lock.is_none() {
+                // A prestart: given up (its supervisor, if any, is told by its gate).
+                self.prestarts.remove(&l.id);
+                continue;
+            }
+            if let Some(gate) = l.confirmed.take() {
+                // A prestart confirmed through its gate: a supervisor may have it, or still
+                // read it, unseen yet. It is launched again only once nobody can.
+                match executor::await_gate_reader(&gate, &l.lock_path, Duration::from_secs(5)) {
+                    executor::GateReader::Holder(pid) => {
+                        self.launched(l.id, pid);
+                        continue;
+                    }
+                    executor::GateReader::Gone => {
+                        if let Some(rec) = self.spool.read_supervisor(l.id) {
+                            // Taken, and over already.
+                            self.launched(l.id, rec.pid);
+                            continue;
+                        }
+                    }
+                    executor::GateReader::Unknown => {
+                        self.fail_start(
+                            l.id,
+                            "its launcher was lost while a supervisor may still have held its launch",
+                        );
+                        continue;
+                    }
+                }
+            }
             if let Some(pid) = executor::flock_holder(&l.lock_path) {
                 self.launched(l.id, pid);
                 continue;
@@ -2025,6 +2244,7 @@ impl Daemon {
 
     /// Settles a job that was running: final status, record, `done/`, resources freed.
     fn finish(&mut self, id: JobId, result: Option<JobResult>) {
+        self.prestarts.remove(&id);
         let pid = self.supervisors.remove(&id).map(|s| s.pid);
         self.untaken.remove(&id);
         // A supervisor that could not record its result (disk full) still rewrote `status`
@@ -2148,6 +2368,7 @@ impl Daemon {
     }
 
     fn finish_pending_cancel(&mut self, id: JobId) {
+        self.prestarts.remove(&id);
         self.touched.insert(id);
         if let Some(info) = self.jobs.get_mut(&id) {
             info.status = Status::Cancelled;

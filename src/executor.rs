@@ -540,7 +540,14 @@ impl Forked {
 /// (0: none could be made).
 fn launch(sups: &mut Vec<Forked>, job: Launch, launches: &mut Receiver) -> u32 {
     while let Some(i) = sups.iter().rposition(|s| s.free) {
-        if send_launch(&sups[i].sock, &job.plan, &job.lock, job.gate.as_ref()).is_ok() {
+        if send_launch(
+            &sups[i].sock,
+            &job.plan,
+            job.lock.as_ref(),
+            job.gate.as_ref(),
+        )
+        .is_ok()
+        {
             sups[i].free = false;
             return sups[i].pid;
         }
@@ -586,7 +593,8 @@ fn launch(sups: &mut Vec<Forked>, job: Launch, launches: &mut Receiver) -> u32 {
 /// [`LaunchPlan`]), the launch lock, and the job's start gate when it has one.
 pub struct Launch {
     pub plan: Vec<u8>,
-    pub lock: OwnedFd,
+    /// The launch lock; `None` for a prestart (the lock comes with its confirmation).
+    pub lock: Option<OwnedFd>,
     /// The read end of a pipe the daemon writes one byte into once the job's admission is
     /// durable, or closes without writing when it cannot be (or when the daemon dies first).
     /// A supervisor given a gate starts nothing of the job and records nothing before the
@@ -596,23 +604,29 @@ pub struct Launch {
 
 /// The bit of a launch's length word that says a gate travels with its lock.
 const GATED: u64 = 1 << 63;
+/// The bit of a launch's length word that says no lock travels with it: a prestart (see
+/// [`prestart`]), whose gate is a socket the confirmation comes on.
+const UNLOCKED: u64 = 1 << 62;
 
-/// Sends one launch on `sock`: the lock (and the gate, if any) as `SCM_RIGHTS` with the first
-/// bytes, the plan's length (8 bytes, little-endian; [`GATED`] set when a gate comes), then
-/// the plan.
-fn send_launch(
+/// Sends one launch on `sock`: the lock (if any) and the gate (if any) as `SCM_RIGHTS` with
+/// the first bytes, the plan's length (8 bytes, little-endian; [`GATED`] set when a gate
+/// comes, [`UNLOCKED`] when no lock does), then the plan.
+pub fn send_launch(
     sock: &std::os::unix::net::UnixStream,
     plan: &[u8],
-    lock: &OwnedFd,
+    lock: Option<&OwnedFd>,
     gate: Option<&OwnedFd>,
 ) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let mut bytes = Vec::with_capacity(8 + plan.len());
-    let flag = if gate.is_some() { GATED } else { 0 };
+    let flag = if gate.is_some() { GATED } else { 0 } | if lock.is_none() { UNLOCKED } else { 0 };
     bytes.extend_from_slice(&(plan.len() as u64 | flag).to_le_bytes());
     bytes.extend_from_slice(plan);
-    let mut fds = vec![lock.as_raw_fd()];
-    fds.extend(gate.map(|g| g.as_raw_fd()));
+    let fds: Vec<_> = lock
+        .iter()
+        .chain(gate.iter())
+        .map(|f| f.as_raw_fd())
+        .collect();
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let sent = loop {
         match sendmsg::<()>(
@@ -750,15 +764,24 @@ fn reply_pid(pid: u32) -> Result<(), ExecError> {
 #[allow(clippy::too_many_arguments)]
 fn supervise_job(
     text: &[u8],
-    lock: OwnedFd,
+    lock: Option<OwnedFd>,
     gate: Option<OwnedFd>,
     signals: &Signals,
     record: &[u8],
     free: &dyn Fn() -> bool,
     finalizer: &Finalizer,
 ) -> Result<bool, ExecError> {
-    let plan: LaunchPlan =
-        serde_json::from_slice(text).map_err(|e| ExecError::Plan(e.to_string()))?;
+    let (plan, lock, gate, mut pre) = match lock {
+        Some(lock) => (parse_plan(text)?, lock, gate, None),
+        None => {
+            let gate = gate.ok_or_else(|| ExecError::Plan("a prestart without a gate".into()))?;
+            match prestart(text, gate)? {
+                Some((plan, lock, pre)) => (plan, lock, None, pre),
+                // Not confirmed: nothing of the job ran, nothing says it was taken.
+                None => return Ok(false),
+            }
+        }
+    };
     let spool = Spool::at(&plan.spool);
     let mut lock = File::from(lock);
     // This process's record, appended to the lock file (opened O_APPEND by the daemon) after
@@ -786,7 +809,7 @@ fn supervise_job(
             Some("cancelled before it started"),
         ))
     } else {
-        match run_job(&plan, &spool, signals, &mut taken) {
+        match run_job(&plan, &spool, signals, &mut taken, &mut pre) {
             Err(ExecError::Untaken) => {
                 kill_all_descendants(false);
                 return Ok(untaken(&plan));
@@ -842,6 +865,207 @@ fn supervise_job(
     finalizer.submit((plan.job_id, lock, private_dir(&plan)));
     status?;
     Ok(free())
+}
+
+fn parse_plan(text: &[u8]) -> Result<LaunchPlan, ExecError> {
+    serde_json::from_slice(text).map_err(|e| ExecError::Plan(e.to_string()))
+}
+
+/// A prestart: a queued job's first phase, started ahead of its placement so that a freed
+/// slot goes to a job whose bash is up already. `text` is the plan the daemon expects the
+/// job to get (its node, no GPUs yet). The bash starts now, held at its script's first line
+/// ([`GATE_LINE`]) like a gated job's, and this process waits on `gate` (a socket) for the
+/// daemon's confirmation: the job's real launch (plan and lock) once it is placed. Without
+/// one (the socket closes: the job was cancelled, placed elsewhere, or the daemon is gone)
+/// the bash is killed at its first line and `None` comes back. With one, the bash is handed
+/// on if the real plan is the one it was started for (see [`PreSpawned::release`]), and
+/// killed otherwise (the phase then starts afresh).
+fn prestart(
+    text: &[u8],
+    gate: OwnedFd,
+) -> Result<Option<(LaunchPlan, OwnedFd, Option<PreSpawned>)>, ExecError> {
+    let tentative = parse_plan(text)?;
+    let pre = match PreSpawned::start(&tentative) {
+        Ok(pre) => pre,
+        Err(e) => {
+            eprintln!(
+                "skyspool supervise: job {}: could not prestart: {e}",
+                tentative.job_id
+            );
+            None
+        }
+    };
+    // One launch, then the end: a small buffer (a plan is a few KiB; more takes more reads).
+    let mut confirm = Receiver::with_buffer(gate.as_raw_fd(), 8 * 1024);
+    let launch = match confirm.next() {
+        Ok(Some(launch)) => launch,
+        Ok(None) | Err(_) => {
+            if let Some(p) = pre {
+                p.abort();
+            }
+            return Ok(None);
+        }
+    };
+    let plan = parse_plan(&launch.plan)?;
+    let lock = launch
+        .lock
+        .ok_or_else(|| ExecError::Plan("a prestart confirmed without its lock".into()))?;
+    let pre = match pre {
+        Some(p) if p.fits(&tentative, &plan) => Some(p),
+        Some(p) => {
+            p.abort();
+            None
+        }
+        None => None,
+    };
+    Ok(Some((plan, lock, pre)))
+}
+
+/// The first phase of a prestarted job: its bash, waiting at the script's first line for
+/// the line of environment its placement adds (see [`GATE_LINE`]).
+struct PreSpawned {
+    phase: &'static str,
+    pid: u32,
+    /// The write end of the bash's stdin.
+    release: OwnedFd,
+    /// The environment it was started with.
+    env: BTreeMap<String, String>,
+}
+
+impl PreSpawned {
+    /// Starts the first phase of a one-node local job, held at its gate line; `None` for a
+    /// job that has nothing to run or runs elsewhere.
+    fn start(plan: &LaunchPlan) -> Result<Option<PreSpawned>, ExecError> {
+        let [node] = plan.nodes.as_slice() else {
+            return Ok(None);
+        };
+        let nonempty = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.trim().is_empty());
+        let (phase, body) = if nonempty(&plan.setup) {
+            ("setup", plan.setup.as_deref().unwrap_or_default())
+        } else if nonempty(&plan.run) {
+            ("run", plan.run.as_deref().unwrap_or_default())
+        } else {
+            return Ok(None);
+        };
+        if node.ssh.is_some() {
+            return Ok(None);
+        }
+        let dir = private_dir(plan);
+        let script = dir.join(format!("{phase}.sh"));
+        let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
+        let text = format!("{GATE_LINE}{}", script_text(body, &cwd, ""));
+        let inline = (text.len() <= INLINE_SCRIPT_MAX).then_some(text.as_str());
+        if inline.is_none() {
+            spool::write_private(&dir, &format!("{phase}.sh"), text.as_bytes())?;
+        }
+        let (held, release) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| ExecError::Io("a pipe for a prestarted job".into(), e.into()))?;
+        let log = open_log(plan, "log")?;
+        let (pid, _) = spawn_rank(
+            plan,
+            phase,
+            &script,
+            inline,
+            body,
+            node,
+            Sink::Direct(log),
+            Some(held.as_fd()),
+        )
+        .map_err(|e| ExecError::Io(format!("starting {phase} ahead"), e))?;
+        Ok(Some(PreSpawned {
+            phase,
+            pid,
+            release,
+            env: rank_env(plan, phase, node),
+        }))
+    }
+
+    /// Whether the bash started for `tentative` can run `plan`: the same job, script,
+    /// user and working directory on the same single local node (the environment of the
+    /// placement, its GPUs, comes through [`PreSpawned::release`]).
+    fn fits(&self, tentative: &LaunchPlan, plan: &LaunchPlan) -> bool {
+        let node = |p: &LaunchPlan| match p.nodes.as_slice() {
+            [n] if n.ssh.is_none() => Some(n.name.clone()),
+            _ => None,
+        };
+        node(plan).is_some()
+            && node(plan) == node(tentative)
+            && plan.job_id == tentative.job_id
+            && plan.setup == tentative.setup
+            && plan.run == tentative.run
+            && plan.cwd == tentative.cwd
+            && plan.user.uid == tentative.user.uid
+            && plan.user.gid == tentative.user.gid
+            && plan.user.groups == tentative.user.groups
+            && plan.user.switch == tentative.user.switch
+    }
+
+    /// Lets the bash run with `env` (the phase's environment under the real plan): the
+    /// difference from what it started with goes down its stdin as one line of `export`
+    /// and `unset`, which its gate line evaluates. `Err(self)` when a name cannot be set by
+    /// the shell (the caller then kills it and starts the phase afresh).
+    fn release(self, env: &BTreeMap<String, String>) -> Result<u32, PreSpawned> {
+        let Some(line) = env_change(&self.env, env) else {
+            return Err(self);
+        };
+        // A bash that is gone already (it could not start) is reaped with its exit code.
+        let _ = write_all_fd(&self.release, line.as_bytes());
+        Ok(self.pid)
+    }
+
+    /// Kills the bash, still at its first line: nothing of the job ran.
+    fn abort(self) {
+        signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid as i32), None);
+    }
+}
+
+/// One line of shell that turns environment `from` into `to` (`export K=$'…'`, `unset K`),
+/// newline-terminated; `None` when a name to change is not a shell identifier.
+fn env_change(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) -> Option<String> {
+    let ident = |k: &str| {
+        let mut c = k.chars();
+        c.next()
+            .is_some_and(|f| f == '_' || f.is_ascii_alphabetic())
+            && c.all(|x| x == '_' || x.is_ascii_alphanumeric())
+    };
+    let mut line = String::new();
+    for (k, v) in to {
+        if from.get(k) != Some(v) {
+            if !ident(k) {
+                return None;
+            }
+            line.push_str(&format!("export {k}=$'"));
+            for b in v.bytes() {
+                if b.is_ascii_alphanumeric() || b"_-.,:/@%+=".contains(&b) {
+                    line.push(b as char);
+                } else {
+                    line.push_str(&format!("\\x{b:02x}"));
+                }
+            }
+            line.push_str("'; ");
+        }
+    }
+    for k in from.keys().filter(|k| !to.contains_key(*k)) {
+        if !ident(k) {
+            return None;
+        }
+        line.push_str(&format!("unset {k}; "));
+    }
+    line.push('\n');
+    Some(line)
+}
+
+/// Writes all of `bytes` to `fd`.
+fn write_all_fd(fd: &OwnedFd, mut bytes: &[u8]) -> nix::Result<()> {
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A gated job's launch that its gate closed on unopened: nothing of it ran and nothing says
@@ -924,10 +1148,12 @@ impl<'a> Taken<'a> {
     }
 }
 
-/// The first line of a gated job's script: bash waits there, started, until the supervisor
-/// says the job may run (a line on stdin, then end-of-file), and gives up when stdin closes
-/// without one; then its stdin is `/dev/null` like any job's.
-const GATE_LINE: &str = "read -r _ || exit 1; exec </dev/null\n";
+/// The first line of a gated or prestarted job's script: bash waits there, started, until
+/// the supervisor says the job may run (a line on stdin, then end-of-file), and gives up
+/// when stdin closes without one; the line is evaluated (empty for a gated job; for a
+/// prestarted one the environment of its placement, see [`env_change`]); then its stdin is
+/// `/dev/null` like any job's.
+const GATE_LINE: &str = "IFS= read -r _skyspool_env || exit 1; eval \"$_skyspool_env\"; unset _skyspool_env; exec </dev/null\n";
 
 /// One finished job for the [`Finalizer`]: its id, its lock (holding the result) and `.sky/`.
 type Finished = (JobId, File, PathBuf);
@@ -1013,34 +1239,40 @@ struct Receiver {
 
 impl Receiver {
     fn new(fd: std::os::fd::RawFd) -> Receiver {
+        Receiver::with_buffer(fd, 64 * 1024)
+    }
+
+    fn with_buffer(fd: std::os::fd::RawFd, size: usize) -> Receiver {
         Receiver {
             fd,
             data: Vec::new(),
             locks: std::collections::VecDeque::new(),
-            buf: vec![0u8; 64 * 1024],
+            buf: vec![0u8; size],
         }
     }
 
-    /// Where the first launch in `data` ends, once all of it is there, and whether it is
-    /// gated.
-    fn whole(&self) -> Result<Option<(usize, bool)>, ExecError> {
+    /// Where the first launch in `data` ends, once all of it is there, whether a lock
+    /// comes with it, and whether a gate does.
+    fn whole(&self) -> Result<Option<(usize, bool, bool)>, ExecError> {
         let Some(head) = self.data.get(..8) else {
             return Ok(None);
         };
         let mut len = [0u8; 8];
         len.copy_from_slice(head);
         let word = u64::from_le_bytes(len);
-        let end = usize::try_from(word & !GATED)
+        let end = usize::try_from(word & !(GATED | UNLOCKED))
             .ok()
             .and_then(|l| l.checked_add(8))
             .ok_or_else(|| ExecError::Plan("a launch of impossible length".into()))?;
-        Ok((self.data.len() >= end).then_some((end, word & GATED != 0)))
+        Ok((self.data.len() >= end).then_some((end, word & UNLOCKED == 0, word & GATED != 0)))
     }
 
     /// Whether a whole launch (bytes and descriptors) is already here, with no read needed.
     fn has_whole_launch(&self) -> bool {
         match self.whole() {
-            Ok(Some((_, gated))) => self.locks.len() > usize::from(gated),
+            Ok(Some((_, locked, gated))) => {
+                self.locks.len() >= usize::from(locked) + usize::from(gated)
+            }
             _ => false,
         }
     }
@@ -1050,11 +1282,13 @@ impl Receiver {
         use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
         use std::io::IoSliceMut;
         loop {
-            if let Some((end, gated)) = self.whole()? {
-                let lock = self
-                    .locks
-                    .pop_front()
-                    .ok_or_else(|| ExecError::Plan("no launch lock came with the plan".into()))?;
+            if let Some((end, locked, gated)) = self.whole()? {
+                let lock = match locked {
+                    false => None,
+                    true => Some(self.locks.pop_front().ok_or_else(|| {
+                        ExecError::Plan("no launch lock came with the plan".into())
+                    })?),
+                };
                 let gate = match gated {
                     false => None,
                     true => Some(self.locks.pop_front().ok_or_else(|| {
@@ -1142,6 +1376,7 @@ fn run_job(
     spool: &Spool,
     signals: &Signals,
     taken: &mut Taken<'_>,
+    pre: &mut Option<PreSpawned>,
 ) -> Result<JobResult, ExecError> {
     let mut log = open_log(plan, "log")?;
     for note in &plan.notes {
@@ -1153,7 +1388,7 @@ fn run_job(
         return Ok(finish(Status::FailedSetup, vec![None; n], Some(&msg)));
     }
     if let Some(setup) = plan.setup.as_deref().filter(|s| !s.trim().is_empty()) {
-        let outcome = run_phase(plan, "setup", setup, &log, signals, taken)?;
+        let outcome = run_phase(plan, "setup", setup, &log, signals, taken, pre)?;
         match outcome {
             PhaseOutcome::Cancelled(codes) => {
                 return Ok(finish(
@@ -1177,7 +1412,7 @@ fn run_job(
         spool.write_status(plan.job_id, Status::Running)?;
         return Ok(finish(Status::Succeeded, vec![Some(0); n], None));
     };
-    match run_phase(plan, "run", run, &log, signals, taken)? {
+    match run_phase(plan, "run", run, &log, signals, taken, pre)? {
         PhaseOutcome::Cancelled(codes) => Ok(finish(Status::Cancelled, codes, Some("cancelled"))),
         PhaseOutcome::Done(codes, first) => {
             if codes.iter().all(|c| *c == Some(0)) {
@@ -1273,10 +1508,24 @@ fn run_phase(
     log: &Arc<Mutex<File>>,
     signals: &Signals,
     taken: &mut Taken<'_>,
+    pre: &mut Option<PreSpawned>,
 ) -> Result<PhaseOutcome, ExecError> {
     let dir = private_dir(plan);
     let script = dir.join(format!("{phase}.sh"));
     let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
+    // A prestarted bash (this phase's, the job's first) runs on once it has the
+    // environment of the placement; one that cannot take it is killed (still at its first
+    // line) and the phase starts afresh.
+    let mut started = None;
+    if let (Some(p), [node]) = (pre.take(), plan.nodes.as_slice()) {
+        match p.phase == phase {
+            true => match p.release(&rank_env(plan, phase, node)) {
+                Ok(pid) => started = Some(pid),
+                Err(p) => p.abort(),
+            },
+            false => p.abort(),
+        }
+    }
     // A job still behind its gate (one local node, its first phase): its bash starts now,
     // and waits at the script's first line, reading stdin (a pipe of ours), until the gate
     // opens. Its start-up (exec, loading, `bash` itself) overlaps the admission's fsyncs.
@@ -1288,9 +1537,9 @@ fn run_phase(
                 .map_err(|e| ExecError::Io("a pipe for the job's start gate".into(), e.into()))?,
         ),
     };
-    let text = match &held {
-        None => script_text(body, &cwd, ""),
-        Some(_) => format!("{GATE_LINE}{}", script_text(body, &cwd, "")),
+    let text = match held.is_some() || started.is_some() {
+        false => script_text(body, &cwd, ""),
+        true => format!("{GATE_LINE}{}", script_text(body, &cwd, "")),
     };
     // A script that fits in one argument goes to bash as `-c` (with the script's path as
     // `$0`), and the file is written after the start, as the record of what ran: no file
@@ -1298,7 +1547,7 @@ fn run_phase(
     // (Written in place, not renamed over: `.sky/` is the daemon's, nobody else writes
     // there.)
     let inline = (text.len() <= INLINE_SCRIPT_MAX).then_some(text.as_str());
-    if inline.is_none() {
+    if inline.is_none() && started.is_none() {
         spool::write_private(&dir, &format!("{phase}.sh"), text.as_bytes())?;
     }
     let multi = plan.nodes.len() > 1;
@@ -1307,7 +1556,17 @@ fn run_phase(
     let mut codes: Vec<Option<i32>> = vec![None; plan.nodes.len()];
     // The main process of each started rank, awaited through SIGCHLD and waitpid below.
     let mut by_pid: BTreeMap<u32, usize> = BTreeMap::new();
+    if let Some(pid) = started {
+        ranks.push(RankProc {
+            pgid: pid,
+            remote: None,
+        });
+        by_pid.insert(pid, 0);
+    }
     for (i, node) in plan.nodes.iter().enumerate() {
+        if started.is_some() {
+            break;
+        }
         let sink = if multi {
             Sink::Pipe
         } else {
@@ -1721,6 +1980,51 @@ fn clean_remote(plan: &LaunchPlan) {
 }
 
 /// Takes an inherited launch lock fd (daemon side helper for tests and restarts).
+/// Who has a prestart's confirmed launch, after its launcher was lost (see
+/// [`await_gate_reader`]).
+pub enum GateReader {
+    /// This process holds the job's lock: its supervisor.
+    Holder(u32),
+    /// Nobody holds the lock and nobody holds the gate's other end: nobody can take the
+    /// launch any more (it was taken and is over, or never will be).
+    Gone,
+    /// Neither within the wait.
+    Unknown,
+}
+
+/// Waits (at most `wait`) until the launch sent through a prestart's gate (the daemon's end:
+/// `gate`) is held by a supervisor (it holds `lock`), or cannot be (the gate's other end is
+/// closed everywhere, so nothing will read it).
+pub fn await_gate_reader(
+    gate: &std::os::unix::net::UnixStream,
+    lock: &Path,
+    wait: Duration,
+) -> GateReader {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(pid) = flock_holder(lock) {
+            return GateReader::Holder(pid);
+        }
+        let mut fds = [libc::pollfd {
+            fd: gate.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 10) };
+        if n > 0 && fds[0].revents & (libc::POLLHUP | libc::POLLRDHUP) != 0 {
+            // Closed: whoever read it holds the lock now, or has let it go.
+            return match flock_holder(lock) {
+                Some(pid) => GateReader::Holder(pid),
+                None => GateReader::Gone,
+            };
+        }
+        if Instant::now() >= deadline {
+            return GateReader::Unknown;
+        }
+    }
+}
+
 pub fn lock_fd_is_held(path: &Path) -> io::Result<bool> {
     let f = OpenOptions::new()
         .read(true)
@@ -1826,7 +2130,12 @@ impl Launcher {
     /// then the plan (`serde_json` of a [`LaunchPlan`]). The launcher answers on
     /// [`Launcher::take_answers`] with the pid of the job's supervisor; the daemon does not
     /// wait for it here.
-    pub fn send(&mut self, plan: &[u8], lock: &OwnedFd, gate: Option<&OwnedFd>) -> io::Result<()> {
+    pub fn send(
+        &mut self,
+        plan: &[u8],
+        lock: Option<&OwnedFd>,
+        gate: Option<&OwnedFd>,
+    ) -> io::Result<()> {
         send_launch(&self.sock, plan, lock, gate)
     }
 
@@ -1905,7 +2214,9 @@ mod tests {
                     let gate = (i % 2 == 1).then(|| {
                         OwnedFd::from(File::create(format!("{}.gate", path.display())).unwrap())
                     });
-                    send_launch(&tx, plan, &f, gate.as_ref()).unwrap();
+                    // The last one is a prestart: a gate, no lock.
+                    let lock = (i + 1 < plans.len()).then_some(&f);
+                    send_launch(&tx, plan, lock, gate.as_ref()).unwrap();
                 }
             })
         };
@@ -1914,8 +2225,14 @@ mod tests {
             let got = r.next().unwrap().expect("a launch");
             assert_eq!(got.plan.len(), plan.len());
             assert!(&got.plan == plan);
-            let target = fs::read_link(format!("/proc/self/fd/{}", got.lock.as_raw_fd())).unwrap();
-            assert_eq!(&target, path, "the lock of another launch");
+            match &got.lock {
+                Some(lock) => {
+                    let target =
+                        fs::read_link(format!("/proc/self/fd/{}", lock.as_raw_fd())).unwrap();
+                    assert_eq!(&target, path, "the lock of another launch");
+                }
+                None => assert_eq!(i + 1, plans.len(), "launch {i} came without its lock"),
+            }
             match (i % 2 == 1, &got.gate) {
                 (false, None) => {}
                 (true, Some(g)) => {
@@ -1958,10 +2275,57 @@ mod tests {
             let got = r.next().unwrap().expect("a launch");
             assert_eq!(got.plan, want);
             assert!(got.gate.is_none());
-            let target = fs::read_link(format!("/proc/self/fd/{}", got.lock.as_raw_fd())).unwrap();
+            let lock = got.lock.expect("a lock");
+            let target = fs::read_link(format!("/proc/self/fd/{}", lock.as_raw_fd())).unwrap();
             assert_eq!(target, locks[i]);
         }
         assert!(r.next().unwrap().is_none());
+    }
+
+    /// The line a prestarted bash evaluates at its gate turns the environment it started
+    /// with into the placement's, whatever the values hold.
+    #[test]
+    fn env_change_is_evaluated_by_the_gate_line_to_the_exact_values() {
+        let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let from = map(&[("KEEP", "same"), ("CHANGE", "old"), ("GONE", "x")]);
+        let odd = "a b'c\"d$e`f\\g\nh\té,0";
+        let to = map(&[("KEEP", "same"), ("CHANGE", odd), ("NEW", "")]);
+        let line = env_change(&from, &to).unwrap();
+        assert!(
+            line.ends_with('\n') && line.matches('\n').count() == 1,
+            "{line:?}"
+        );
+        assert!(
+            !line.contains("KEEP"),
+            "unchanged values are not sent: {line:?}"
+        );
+        let script = format!(
+            "{GATE_LINE}printf '%s|' \"$KEEP\" \"$CHANGE\" \"${{NEW-unset}}\" \"${{GONE-unset}}\" \"${{_skyspool_env-unset}}\""
+        );
+        let mut child = Command::new("/bin/bash")
+            .args(["--noprofile", "--norc", "-c", &script])
+            .env_clear()
+            .envs(&from)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(line.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("same|{odd}||unset|unset|")
+        );
+        assert!(env_change(&from, &map(&[("BAD-NAME", "1")])).is_none());
     }
 
     /// A gate opens on the daemon's byte, and stays shut when its pipe closes without one

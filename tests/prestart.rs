@@ -1,0 +1,195 @@
+//! Prestarts: a queued job whose slots are all busy gets its bash started ahead, held at
+//! its script's first line; the job runs in that bash once placed, with its placement's
+//! environment, and never runs when cancelled or when the daemon dies first.
+mod common;
+use common::*;
+use std::fs;
+use std::time::Duration;
+
+/// Processes that carry job `id`'s tag in their environment.
+fn job_processes(d: &Daemon, id: u64) -> Vec<u32> {
+    let spool_id = fs::read_to_string(d.path(".skyspool/id")).expect("spool id");
+    let spool_id = spool_id.split_whitespace().next().unwrap_or_default();
+    let needle = format!("SKYSPOOL_JOB_TAG={spool_id}-{id}");
+    let mut pids = Vec::new();
+    for e in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits until job `id` has exactly one process (its bash, started ahead) while it is still
+/// PENDING with an empty log; returns that process.
+fn wait_prestarted(d: &Daemon, id: u64) -> u32 {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("job {id}'s bash started ahead"),
+        || job_processes(d, id).len() == 1,
+        || d.diagnostics(),
+    );
+    assert_eq!(d.status(id), "PENDING", "a prestarted job is still queued");
+    assert_eq!(d.log(id), "", "nothing of a prestarted job ran");
+    let pids = job_processes(d, id);
+    let cmdline = fs::read(format!("/proc/{}/cmdline", pids[0])).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("read -r _skyspool_env"),
+        "the process started ahead is the job's bash at its gate line: {:?}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    pids[0]
+}
+
+/// A job holding `resources` (one line under `resources:`) until `gate` opens.
+fn blocker(name: &str, resources: &str, gate: &Gate) -> String {
+    format!(
+        "name: {name}\nresources:\n  {resources}\nrun: |\n  echo gpus=$CUDA_VISIBLE_DEVICES\n  {}\n",
+        gate.wait_cmd()
+    )
+}
+
+#[test]
+fn a_job_started_ahead_runs_in_that_bash_with_the_gpu_it_is_given() {
+    let mut d = Daemon::start(&["--gpus", "H100:2", "--cpus", "4"]);
+    let s = d.scratch();
+    let g1 = Gate::new(&s, "one");
+    let g2 = Gate::new(&s, "two");
+    let a = d.submit("a.yaml", &blocker("a", "accelerators: H100:1", &g1));
+    let b = d.submit("b.yaml", &blocker("b", "accelerators: H100:1", &g2));
+    d.wait_status(a, "RUNNING");
+    d.wait_status(b, "RUNNING");
+    let ran = s.join("ran");
+    let c = d.submit(
+        "c.yaml",
+        &format!(
+            "name: c\nresources:\n  accelerators: H100:1\nenvs:\n  MINE: 'two words $HOME'\nrun: |\n  echo pid=$$\n  echo cvd=$CUDA_VISIBLE_DEVICES\n  echo rank=$SKYPILOT_NODE_RANK\n  echo per_node=$SKYPILOT_NUM_GPUS_PER_NODE\n  echo mine=$MINE\n  echo leftover=${{_skyspool_env-none}}\n  echo stdin=$(readlink /proc/$$/fd/0)\n  echo x >> '{}'\n",
+            ran.display()
+        ),
+    );
+    let bash = wait_prestarted(&d, c);
+    let b_gpus = d
+        .log(b)
+        .lines()
+        .find_map(|l| l.strip_prefix("gpus=").map(str::to_string))
+        .expect("b's gpus");
+    g2.open();
+    d.wait_done(c, "SUCCEEDED");
+    let vars = d.log_vars(c);
+    assert_eq!(
+        vars["pid"],
+        bash.to_string(),
+        "the job ran in the bash started ahead"
+    );
+    assert_eq!(vars["cvd"], b_gpus, "the GPU b freed, given at its start");
+    assert_eq!(vars["rank"], "0");
+    assert_eq!(vars["per_node"], "1");
+    assert_eq!(vars["mine"], "two words $HOME", "per-job envs as given");
+    assert_eq!(vars["leftover"], "none", "the gate's variable is gone");
+    assert_eq!(vars["stdin"], "/dev/null");
+    assert_eq!(fs::read_to_string(&ran).unwrap(), "x\n", "ran once");
+    assert_eq!(
+        d.info(c)["placement"][0]["gpus"].to_string(),
+        format!("[{b_gpus}]")
+    );
+    assert!(
+        !d.daemon_log().contains("afresh"),
+        "no fallback launch:\n{}",
+        d.daemon_log()
+    );
+    g1.open();
+    d.wait_done(a, "SUCCEEDED");
+    d.wait_done(b, "SUCCEEDED");
+}
+
+/// The one slot of a 1-CPU node held by job `a` until the gate opens, and job `c` (which
+/// appends a line to the returned file) queued behind it and started ahead.
+fn one_slot_busy_and_one_job_started_ahead() -> (Daemon, Gate, u64, u64, std::path::PathBuf) {
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "1"]);
+    let s = d.scratch();
+    let g = Gate::new(&s, "g");
+    let a = d.submit("a.yaml", &blocker("a", "cpus: 1", &g));
+    d.wait_status(a, "RUNNING");
+    let ran = s.join("ran");
+    let c = d.submit(
+        "c.yaml",
+        &format!("name: c\nrun: |\n  echo x >> '{}'\n", ran.display()),
+    );
+    wait_prestarted(&d, c);
+    assert!(
+        d.daemon_log()
+            .contains(&format!("job {c} started ahead on head")),
+        "{}",
+        d.daemon_log()
+    );
+    (d, g, a, c, ran)
+}
+
+fn wait_no_processes(d: &Daemon, id: u64, what: &str) {
+    wait_until(
+        Duration::from_secs(30),
+        what,
+        || job_processes(d, id).is_empty(),
+        || d.diagnostics(),
+    );
+}
+
+#[test]
+fn a_cancelled_job_started_ahead_never_runs() {
+    let (d, g, a, c, ran) = one_slot_busy_and_one_job_started_ahead();
+    d.cancel(c);
+    d.wait_done(c, "CANCELLED");
+    wait_no_processes(&d, c, "the bash started ahead to be gone");
+    g.open();
+    d.wait_done(a, "SUCCEEDED");
+    assert!(!ran.exists(), "a cancelled job ran");
+    assert_eq!(d.log(c).trim(), "skyspool: cancelled before it started");
+}
+
+#[test]
+fn a_job_started_ahead_of_a_killed_daemon_runs_once_after_the_restart() {
+    let (mut d, g, a, c, ran) = one_slot_busy_and_one_job_started_ahead();
+    d.kill9();
+    wait_no_processes(
+        &d,
+        c,
+        "the bash started ahead to die with its daemon's gate",
+    );
+    assert!(!ran.exists(), "the job ran without its daemon");
+    d.spawn();
+    g.open();
+    d.wait_done(a, "SUCCEEDED");
+    d.wait_done(c, "SUCCEEDED");
+    assert_eq!(fs::read_to_string(&ran).unwrap(), "x\n", "ran exactly once");
+}
+
+#[test]
+fn no_job_is_started_ahead_with_prestart_off() {
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "1", "--prestart", "0"]);
+    let s = d.scratch();
+    let g = Gate::new(&s, "g");
+    let a = d.submit("a.yaml", &blocker("a", "cpus: 1", &g));
+    d.wait_status(a, "RUNNING");
+    let c = d.submit("c.yaml", "name: c\nrun: |\n  true\n");
+    d.wait_queue_status(c, "PENDING");
+    // The daemon has handled c's admission (it is listed); a prestart would follow in the
+    // same batch. Another job's admission after it settles that batch for certain.
+    let e = d.submit("e.yaml", "name: e\nrun: |\n  true\n");
+    d.wait_queue_status(e, "PENDING");
+    // A prestart is recorded in the batch that decides it: c's, or e's at the latest.
+    assert!(
+        !d.daemon_log().contains("started ahead"),
+        "a job was started ahead:\n{}",
+        d.daemon_log()
+    );
+    assert!(job_processes(&d, c).is_empty(), "c was started ahead");
+    g.open();
+    d.wait_done(c, "SUCCEEDED");
+    d.wait_done(e, "SUCCEEDED");
+}
