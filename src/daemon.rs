@@ -329,6 +329,9 @@ struct Daemon {
     prestarts: BTreeMap<JobId, Prestart>,
     /// At most this many prestarts at once.
     max_prestarts: usize,
+    /// The final `status` just read from the disk of jobs ending in this batch (their
+    /// supervisor wrote it; nobody else writes it before the daemon settles them).
+    final_seen: HashMap<JobId, Status>,
 }
 
 /// How often a job goes back to the queue after a supervisor died before taking it; the
@@ -520,6 +523,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         untaken: HashMap::new(),
         prestarts: BTreeMap::new(),
         max_prestarts: cfg.prestart,
+        final_seen: HashMap::new(),
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -1026,6 +1030,7 @@ impl Daemon {
             // is gone and its result is recorded: the job has ended, its resources are free
             // now (the supervisor's exit follows; it is then only reaped).
             let result = self.spool.read_result(id);
+            self.final_seen.insert(id, status);
             self.finish(id, result);
             return;
         }
@@ -2317,13 +2322,16 @@ impl Daemon {
             let Some(info) = self.jobs.get(&id) else {
                 continue;
             };
-            if self.spool.read_status(id).ok() != Some(info.status) {
+            let on_disk = match self.final_seen.remove(&id) {
+                Some(status) => Some(status),
+                None => self.spool.read_status(id).ok(),
+            };
+            if on_disk != Some(info.status) {
                 let _ = self.spool.write_status(id, info.status);
             }
             let _ = self.spool.write_info(info);
             self.spool.trim_spares(id);
-            let from = self.spool.state_of(id).unwrap_or(State::Running);
-            let _ = self.spool.move_state(id, from, State::Done);
+            let _ = self.spool.move_to_done(id);
             self.watcher.unwatch_job(id);
             self.spool.remove_secrets(id);
         }

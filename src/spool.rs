@@ -642,7 +642,19 @@ impl Spool {
     /// `pending/<id>` links to it. Idempotent, so recovery can redo it after a crash.
     pub fn publish(&self, c: &Claimed) -> Result<()> {
         let dst = self.job_dir(c.id);
-        if c.dir.exists() {
+        // The claimed entry, by its name; a redo (or a recovery, which knows no name) finds
+        // it by listing.
+        let direct = if c.has_workdir {
+            fs::rename(&c.content, c.dir.join("workdir"))
+        } else {
+            fs::remove_file(&c.content)
+        };
+        let look = match direct {
+            Ok(()) => false,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => return Err(e).at(&c.content),
+        };
+        if look && c.dir.exists() {
             for entry in fs::read_dir(&c.dir).at(&c.dir)?.flatten() {
                 if !entry
                     .file_name()
@@ -659,7 +671,12 @@ impl Spool {
                     fs::remove_file(&p).at(&p)?;
                 }
             }
-            fs::rename(&c.dir, &dst).at(&dst)?;
+        }
+        match fs::rename(&c.dir, &dst) {
+            Ok(()) => {}
+            // Published already (a redo).
+            Err(e) if e.kind() == io::ErrorKind::NotFound && dst.is_dir() => {}
+            Err(e) => return Err(e).at(&dst),
         }
         self.link_state(c.id, State::Pending)
     }
@@ -732,13 +749,25 @@ impl Spool {
     /// [`write_exchanged`]): they keep their inodes (freeing one costs more on ext4 than
     /// keeping it) but no longer any block.
     pub fn trim_spares(&self, id: JobId) {
+        // By path (one call each): `.sky/` is the daemon's alone, nobody else can have put
+        // a link or a FIFO there.
         for name in ["status.spare", "info.json.spare"] {
-            if let Ok(f) = open_existing_for_write(&self.job_private(id).join(name)) {
-                if f.metadata().is_ok_and(|m| m.is_file()) {
-                    let _ = f.set_len(0);
-                }
+            let _ = nix::unistd::truncate(&self.job_private(id).join(name), 0);
+        }
+    }
+
+    /// Moves job `id`'s link to `done/` from wherever it is (`running/`, else `pending/`),
+    /// or makes it there.
+    pub fn move_to_done(&self, id: JobId) -> Result<()> {
+        let dst = self.state_dir(State::Done).join(id.to_string());
+        for from in [State::Running, State::Pending] {
+            match fs::rename(self.state_dir(from).join(id.to_string()), &dst) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).at(&dst),
             }
         }
+        self.link_state(id, State::Done)
     }
 
     pub fn read_status(&self, id: JobId) -> Result<Status> {
