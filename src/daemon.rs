@@ -1698,10 +1698,10 @@ impl Daemon {
     /// the script's first line (exec, loading and bash's own start-up are done), and waits
     /// for the job's real launch (see [`executor::send_launch`] in [`Daemon::try_start`]).
     /// A freed slot then costs the next job only the hand-over. The oldest queued one-node
-    /// jobs are taken (among the oldest 256), at most one per running job (each end frees
-    /// one slot, at most) and at most `max_prestarts`, on the machine's own node, when it is
-    /// the only local one. A job placed elsewhere, cancelled, or still queued when the
-    /// daemon exits loses its prestart: its bash is killed unrun.
+    /// jobs that fit the machine's own node (when it is the only local one) are taken
+    /// (among the oldest 256), at most one per running job (each end frees one slot, at
+    /// most) and at most `max_prestarts`. A job placed elsewhere, cancelled, or still
+    /// queued when the daemon exits loses its prestart: its bash is killed unrun.
     fn prestart_more(&mut self) {
         let sched = &self.sched;
         self.prestarts.retain(|id, _| sched.is_pending(*id));
@@ -1709,21 +1709,18 @@ impl Daemon {
         if self.prestarts.len() >= want {
             return;
         }
-        let mut locals = self.inventory.nodes.iter().filter(|n| n.local);
-        let (Some(node), None) = (locals.next(), locals.next()) else {
+        let mut locals = self
+            .inventory
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.local);
+        let (Some((index, node)), None) = (locals.next(), locals.next()) else {
             return;
         };
-        let node = NodeAssignment {
-            rank: 0,
-            node: node.name.clone(),
-            ip: node.addr.clone(),
-            accelerator: None,
-            gpus: vec![],
-            gpu_shares: vec![],
-            cpus: String::new(),
-        };
         let round = self.round.as_ref().map(|r| &r.ids);
-        let ids: Vec<JobId> = self
+        // Each with the grant it would get on the node (its GPUs are chosen at its start).
+        let picked: Vec<(JobId, NodeGrant)> = self
             .sched
             .pending_ids()
             .take(256)
@@ -1731,15 +1728,25 @@ impl Daemon {
                 !self.prestarts.contains_key(id)
                     && !self.undurable.contains_key(id)
                     && !round.is_some_and(|r| r.contains(id))
-                    && self
-                        .sched
-                        .pending_demand(*id)
-                        .is_some_and(|d| d.num_nodes == 1)
+            })
+            .filter_map(|id| {
+                let d = self.sched.pending_demand(id)?;
+                Some((id, self.sched.fit_when_empty(index, d)?))
             })
             .take(want - self.prestarts.len())
             .collect();
-        for id in ids {
-            if let Err(e) = self.prestart(id, &node) {
+        let (name, addr) = (node.name.clone(), node.addr.clone());
+        for (id, grant) in picked {
+            let tentative = NodeAssignment {
+                rank: 0,
+                node: name.clone(),
+                ip: addr.clone(),
+                accelerator: grant.accelerator,
+                gpus: vec![],
+                gpu_shares: vec![],
+                cpus: grant.cpus.to_string(),
+            };
+            if let Err(e) = self.prestart(id, &tentative) {
                 note!("job {id}: could not start it ahead: {e:#}");
             }
         }

@@ -986,6 +986,13 @@ impl Scheduler {
             .collect()
     }
 
+    /// The grant node `node` would give the one-node demand `d` if it ran nothing (`None`
+    /// for a job of several nodes, or one that never fits there).
+    pub fn fit_when_empty(&self, node: usize, d: &Demand) -> Option<NodeGrant> {
+        let cap = self.nodes.get(node).filter(|_| d.num_nodes == 1)?;
+        fit_node(node, cap, &NodeState::empty(cap), &d.per_node).map(|f| f.grant)
+    }
+
     /// Marks a node (un)available for new jobs; running jobs are not touched.
     /// No-op for an unknown node.
     pub fn set_available(&mut self, node: usize, available: bool) {
@@ -1177,6 +1184,41 @@ mod tests {
         assert_eq!(gpu_indices(&started[0].1), vec![0, 1, 2, 3]);
         assert_eq!(s.pending_len(), 0);
         assert_eq!(s.running_len(), 1);
+    }
+
+    /// What a node would grant a job if it ran nothing: the prestart's guess of where and
+    /// as what a queued job runs (busy GPUs do not matter; other nodes, several nodes and
+    /// demands the node can never meet give nothing).
+    #[test]
+    fn fit_when_empty_ignores_what_runs_and_names_the_alternative() {
+        let mut s = Scheduler::new(vec![
+            node("head", &[("T4", 1)], 4),
+            node("w1", &[("H100", 8)], 64),
+        ]);
+        s.enqueue(1, gpu("T4", 1000));
+        assert_eq!(ids(&s.schedule()), vec![1]);
+        let alts = demand(1, &[("H100", 1000), ("T4", 1000)], DEFAULT_JOB_CPUS);
+        let g = s
+            .fit_when_empty(0, &alts)
+            .expect("fits the head when it is empty");
+        assert_eq!((g.node, g.accelerator.as_deref()), (0, Some("T4")));
+        assert_eq!(s.fit_when_empty(0, &gpu("H100", 1000)), None);
+        assert_eq!(s.fit_when_empty(0, &gpu("T4", 2000)), None);
+        assert!(s.fit_when_empty(1, &gpu("H100", 1000)).is_some());
+        assert_eq!(
+            s.fit_when_empty(1, &demand(2, &[("H100", 1000)], DEFAULT_JOB_CPUS)),
+            None
+        );
+        assert_eq!(s.fit_when_empty(2, &gpu("T4", 1000)), None);
+        let cpu = demand(1, &[], Milli::from_units(4));
+        assert_eq!(
+            s.fit_when_empty(0, &cpu).map(|g| g.cpus),
+            Some(Milli::from_units(4))
+        );
+        assert_eq!(
+            s.fit_when_empty(0, &demand(1, &[], Milli::from_units(5))),
+            None
+        );
     }
 
     #[test]
