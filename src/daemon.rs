@@ -1770,8 +1770,13 @@ impl Daemon {
             confirmed: None,
         };
         let mut l = l;
-        self.send_to_launcher(&l)
-            .context("handing it to a supervisor")?;
+        if let Err(e) = self.send_to_launcher(&l) {
+            // Like any failed hand-over: this launcher is done for (the next gets a new one).
+            if self.launcher.is_some() {
+                self.launcher_lost(&format!("{e}"));
+            }
+            return Err(e).context("handing it to a supervisor");
+        }
         // Its supervisor's end is the launcher's now: the daemon's copy would hide that
         // end's closing (see `launcher_lost`).
         l.gate = None;

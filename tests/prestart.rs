@@ -193,3 +193,25 @@ fn no_job_is_started_ahead_with_prestart_off() {
     d.wait_done(c, "SUCCEEDED");
     d.wait_done(e, "SUCCEEDED");
 }
+
+#[test]
+fn a_job_started_ahead_survives_its_launcher_and_runs_once() {
+    let (d, g, a, c, ran) = one_slot_busy_and_one_job_started_ahead();
+    let bash = job_processes(&d, c)[0];
+    let supervisor = parent_of(bash).expect("the bash's supervisor");
+    let launcher = parent_of(supervisor).expect("the supervisor's launcher");
+    send_signal(launcher, nix::sys::signal::Signal::SIGKILL).expect("kill the launcher");
+    wait_until(
+        Duration::from_secs(30),
+        "the daemon to replace its launcher",
+        || {
+            d.daemon_log()
+                .contains(&format!("launcher pid {launcher} failed"))
+        },
+        || d.diagnostics(),
+    );
+    g.open();
+    d.wait_done(a, "SUCCEEDED");
+    d.wait_done(c, "SUCCEEDED");
+    assert_eq!(fs::read_to_string(&ran).unwrap(), "x\n", "ran exactly once");
+}
