@@ -1052,7 +1052,7 @@ fn torture_sigkill_cycles() {
          after-launch {} / early {}) \
          submissions={N} jobs={} rejections={rejections} losses={losses} duplicates={duplicates} \
          id_gaps={} gpu_runs={gpu_runs} gpu_overlaps={overlaps} cancel_requests={} statuses={tally:?} \
-         orphan_reasons={} leftover_temp_files={leftover_temps} elapsed={:.1}s",
+         orphan_reasons={} leftover_temp_files={leftover_temps} prestarts={} elapsed={:.1}s",
         modes[0],
         modes[1],
         modes[2],
@@ -1061,6 +1061,7 @@ fn torture_sigkill_cycles() {
         gaps.len(),
         cancel_requested.len(),
         orphan_reasons.len(),
+        d.daemon_log().matches(" started ahead on ").count(),
         t0.elapsed().as_secs_f64()
     );
     println!("{summary}");
