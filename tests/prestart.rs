@@ -215,3 +215,29 @@ fn a_job_started_ahead_survives_its_launcher_and_runs_once() {
     d.wait_done(c, "SUCCEEDED");
     assert_eq!(fs::read_to_string(&ran).unwrap(), "x\n", "ran exactly once");
 }
+
+#[test]
+fn a_job_with_setup_started_ahead_runs_setup_without_gpus_then_run_with_its_gpu() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "4"]);
+    let s = d.scratch();
+    let g = Gate::new(&s, "g");
+    let a = d.submit("a.yaml", &blocker("a", "accelerators: H100:1", &g));
+    d.wait_status(a, "RUNNING");
+    let c = d.submit(
+        "c.yaml",
+        "name: c\nresources:\n  accelerators: H100:1\nsetup: |\n  echo setup_pid=$$\n  echo setup_cvd=${CUDA_VISIBLE_DEVICES-unset}\n  echo setup_rank=$SKYPILOT_SETUP_NODE_RANK\nrun: |\n  echo run_cvd=$CUDA_VISIBLE_DEVICES\n",
+    );
+    let bash = wait_prestarted(&d, c);
+    g.open();
+    d.wait_done(c, "SUCCEEDED");
+    let vars = d.log_vars(c);
+    assert_eq!(
+        vars["setup_pid"],
+        bash.to_string(),
+        "setup ran in the bash started ahead"
+    );
+    assert_eq!(vars["setup_cvd"], "unset", "setup sees no devices");
+    assert_eq!(vars["setup_rank"], "0");
+    assert_eq!(vars["run_cvd"], "0", "run gets the GPU the blocker freed");
+    d.wait_done(a, "SUCCEEDED");
+}
