@@ -1210,15 +1210,15 @@ pub fn write_exchanged(
             .filter(|m| m.is_file() && m.nlink() == 1 && m.uid() == nix::unistd::geteuid().as_raw())
     };
     let result = (|| -> io::Result<()> {
-        let (f, old_len) = match open_existing_for_write(&spare) {
+        // Opened, or made when missing, in one call (the first rewrite of each file makes
+        // its spare); anything but a plain file of ours with one link is replaced.
+        let (f, old_len) = match open_or_create_for_write(&spare) {
             Ok(f) => match reusable(&f) {
                 Some(m) => (f, m.len()),
                 None => (create_replacing(&spare)?, 0),
             },
-            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ELOOP)) => {
-                return Err(e)
-            }
-            // Missing, or a link: a new one in its place.
+            Err(e) if e.raw_os_error() != Some(libc::ELOOP) => return Err(e),
+            // A link: a new one in its place.
             Err(_) => (create_replacing(&spare)?, 0),
         };
         // Emptying it first would free its block and allocate one again on every rewrite.
@@ -1281,6 +1281,18 @@ fn open_existing_for_write(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Opens `path` for writing, creating it (0644) if missing; never follows a link and never
+/// blocks on a FIFO.
+fn open_or_create_for_write(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .mode(0o644)
         .open(path)
 }
 
