@@ -329,10 +329,18 @@ struct Daemon {
     prestarts: BTreeMap<JobId, Prestart>,
     /// At most this many prestarts at once.
     max_prestarts: usize,
+    /// When the oldest queued job not yet started ahead will have waited
+    /// [`PRESTART_AFTER`] (a scheduling pass then starts it ahead).
+    prestart_at: Option<std::time::Instant>,
     /// The final `status` just read from the disk of jobs ending in this batch (their
     /// supervisor wrote it; nobody else writes it before the daemon settles them).
     final_seen: HashMap<JobId, Status>,
 }
+
+/// How long a job waits in the queue before it is started ahead (see
+/// [`Daemon::prestart_more`]): one that starts sooner would gain nothing (its slot frees
+/// before a bash would be up), and on a busy machine the work done ahead is only work.
+const PRESTART_AFTER: Duration = Duration::from_millis(50);
 
 /// How often a job goes back to the queue after a supervisor died before taking it; the
 /// next time it ends FAILED_DRIVER.
@@ -523,6 +531,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         untaken: HashMap::new(),
         prestarts: BTreeMap::new(),
         max_prestarts: cfg.prestart,
+        prestart_at: None,
         final_seen: HashMap::new(),
     };
     note!(
@@ -568,6 +577,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.starve_check_at.unwrap_or_else(std::time::Instant::now))), if d.starve_check_at.is_some() => {
                 d.starve_check_at = None;
+            }
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.prestart_at.unwrap_or_else(std::time::Instant::now))), if d.prestart_at.is_some() => {
+                d.prestart_at = None;
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
                 d.retry_at = None;
@@ -1698,13 +1710,14 @@ impl Daemon {
     /// the script's first line (exec, loading and bash's own start-up are done), and waits
     /// for the job's real launch (see [`executor::send_launch`] in [`Daemon::try_start`]).
     /// A freed slot then costs the next job only the hand-over. The oldest queued one-node
-    /// jobs that fit the machine's own node (when it is the only local one) are taken
-    /// (among the oldest 256), at most one per running job (each end frees one slot, at
-    /// most) and at most `max_prestarts`. A job placed elsewhere, cancelled, or still
+    /// jobs that fit the machine's own node (when it is the only local one) and have waited
+    /// [`PRESTART_AFTER`] are taken (among the oldest 256), at most one per running job
+    /// (each end frees one slot, at most) and at most `max_prestarts`. A job placed elsewhere, cancelled, or still
     /// queued when the daemon exits loses its prestart: its bash is killed unrun.
     fn prestart_more(&mut self) {
         let sched = &self.sched;
         self.prestarts.retain(|id, _| sched.is_pending(*id));
+        self.prestart_at = None;
         let want = self.max_prestarts.min(self.sched.running_len());
         if self.prestarts.len() >= want {
             return;
@@ -1719,7 +1732,10 @@ impl Daemon {
             return;
         };
         let round = self.round.as_ref().map(|r| &r.ids);
-        // Each with the grant it would get on the node (its GPUs are chosen at its start).
+        // Each with the grant it would get on the node (its GPUs are chosen at its start);
+        // only jobs that have waited PRESTART_AFTER (the next such time is woken for).
+        let ripe_before = now_ms().saturating_sub(PRESTART_AFTER.as_millis() as u64);
+        let mut next_ripe: Option<u64> = None;
         let picked: Vec<(JobId, NodeGrant)> = self
             .sched
             .pending_ids()
@@ -1731,10 +1747,23 @@ impl Daemon {
             })
             .filter_map(|id| {
                 let d = self.sched.pending_demand(id)?;
-                Some((id, self.sched.fit_when_empty(index, d)?))
+                let grant = self.sched.fit_when_empty(index, d)?;
+                let since = self.sched.waiting_since(id).unwrap_or(0);
+                if since > ripe_before {
+                    next_ripe = Some(next_ripe.map_or(since, |n| n.min(since)));
+                    return None;
+                }
+                Some((id, grant))
             })
             .take(want - self.prestarts.len())
             .collect();
+        if picked.len() < want - self.prestarts.len() {
+            if let Some(since) = next_ripe {
+                let wait = (since + PRESTART_AFTER.as_millis() as u64).saturating_sub(now_ms());
+                self.prestart_at =
+                    Some(std::time::Instant::now() + Duration::from_millis(wait.max(1)));
+            }
+        }
         let (name, addr) = (node.name.clone(), node.addr.clone());
         for (id, grant) in picked {
             let tentative = NodeAssignment {

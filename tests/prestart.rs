@@ -178,11 +178,25 @@ fn no_job_is_started_ahead_with_prestart_off() {
     d.wait_status(a, "RUNNING");
     let c = d.submit("c.yaml", "name: c\nrun: |\n  true\n");
     d.wait_queue_status(c, "PENDING");
-    // The daemon has handled c's admission (it is listed); a prestart would follow in the
-    // same batch. Another job's admission after it settles that batch for certain.
+    // A job is started ahead once it has waited 50 ms (a pass is woken for then). Let c
+    // wait four times that, then have the daemon admit another job: the pass for c, had
+    // there been one, came before.
+    let submitted = d.info(c)["submitted"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let submitted = chrono::DateTime::parse_from_rfc3339(&submitted).expect("c's submission time");
+    wait_until(
+        Duration::from_secs(10),
+        "c to have waited 200 ms",
+        || {
+            chrono::Utc::now().signed_duration_since(submitted)
+                > chrono::Duration::milliseconds(200)
+        },
+        || d.diagnostics(),
+    );
     let e = d.submit("e.yaml", "name: e\nrun: |\n  true\n");
     d.wait_queue_status(e, "PENDING");
-    // A prestart is recorded in the batch that decides it: c's, or e's at the latest.
     assert!(
         !d.daemon_log().contains("started ahead"),
         "a job was started ahead:\n{}",
