@@ -94,6 +94,13 @@ struct Launching {
     confirmed: Option<std::os::unix::net::UnixStream>,
 }
 
+impl Launching {
+    /// A prestart not confirmed yet: it travels without a lock (see [`Prestart`]).
+    fn is_prestart(&self) -> bool {
+        self.lock.is_none()
+    }
+}
+
 /// A queued job started ahead of its placement (see [`Daemon::prestart_more`]): its
 /// supervisor holds the job's bash at its first line and waits on `gate` for the job's real
 /// launch; dropping this closes the gate, which kills that bash unrun.
@@ -988,7 +995,7 @@ impl Daemon {
                     return;
                 }
                 match self.launching.pop_front() {
-                    Some(l) if l.lock.is_none() => {
+                    Some(l) if l.is_prestart() => {
                         // A prestart's: it waits at its gate (0: none could be made).
                         match self.prestarts.get_mut(&l.id) {
                             Some(p) if pid != 0 => p.pid = Some(pid),
@@ -1036,7 +1043,7 @@ impl Daemon {
                 || self
                     .launching
                     .iter()
-                    .any(|l| l.id == id && l.lock.is_some()))
+                    .any(|l| l.id == id && !l.is_prestart()))
         {
             // The supervisor writes the final status last, after every process of the job
             // is gone and its result is recorded: the job has ended, its resources are free
@@ -1712,8 +1719,9 @@ impl Daemon {
     /// A freed slot then costs the next job only the hand-over. The oldest queued one-node
     /// jobs that fit the machine's own node (when it is the only local one) and have waited
     /// [`PRESTART_AFTER`] are taken (among the oldest 256), at most one per running job
-    /// (each end frees one slot, at most) and at most `max_prestarts`. A job placed elsewhere, cancelled, or still
-    /// queued when the daemon exits loses its prestart: its bash is killed unrun.
+    /// (each end frees one slot, at most) and at most `max_prestarts`. A job placed
+    /// elsewhere, cancelled, or still queued when the daemon exits loses its prestart: its
+    /// bash is killed unrun.
     fn prestart_more(&mut self) {
         let sched = &self.sched;
         self.prestarts.retain(|id, _| sched.is_pending(*id));
@@ -1789,7 +1797,7 @@ impl Daemon {
         let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().context("making the job's gate")?;
-        let l = Launching {
+        let mut l = Launching {
             id,
             plan: json,
             lock: None,
@@ -1798,7 +1806,6 @@ impl Daemon {
             sent: std::time::Instant::now(),
             confirmed: None,
         };
-        let mut l = l;
         if let Err(e) = self.send_to_launcher(&l) {
             // Like any failed hand-over: this launcher is done for (the next gets a new one).
             if self.launcher.is_some() {
@@ -1849,7 +1856,7 @@ impl Daemon {
             None => Some(
                 self.launching
                     .iter()
-                    .position(|l| l.id == id && l.lock.is_none())?,
+                    .position(|l| l.id == id && l.is_prestart())?,
             ),
         };
         // The daemon keeps a copy of the lock while the launch is unanswered (as for any
@@ -1957,7 +1964,7 @@ impl Daemon {
             }
         }
         for mut l in std::mem::take(&mut self.launching) {
-            if l.lock.is_none() {
+            if l.is_prestart() {
                 // A prestart: given up (its supervisor, if any, is told by its gate).
                 self.prestarts.remove(&l.id);
                 continue;
@@ -2363,10 +2370,10 @@ impl Daemon {
             let Some(info) = self.jobs.get(&id) else {
                 continue;
             };
-            let on_disk = match self.final_seen.remove(&id) {
-                Some(status) => Some(status),
-                None => self.spool.read_status(id).ok(),
-            };
+            let on_disk = self
+                .final_seen
+                .remove(&id)
+                .or_else(|| self.spool.read_status(id).ok());
             if on_disk != Some(info.status) {
                 let _ = self.spool.write_status(id, info.status);
             }

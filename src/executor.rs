@@ -595,10 +595,12 @@ pub struct Launch {
     pub plan: Vec<u8>,
     /// The launch lock; `None` for a prestart (the lock comes with its confirmation).
     pub lock: Option<OwnedFd>,
-    /// The read end of a pipe the daemon writes one byte into once the job's admission is
-    /// durable, or closes without writing when it cannot be (or when the daemon dies first).
-    /// A supervisor given a gate starts nothing of the job and records nothing before the
-    /// byte is there: without it, it lets the job go untaken (see [`Gate::open`]).
+    /// With a lock: the read end of a pipe the daemon writes one byte into once the job's
+    /// admission is durable, or closes without writing when it cannot be (or when the
+    /// daemon dies first). A supervisor given a gate starts nothing of the job and records
+    /// nothing before the byte is there: without it, it lets the job go untaken (see
+    /// [`Gate::open`]). Without a lock (a prestart): a Unix socket the job's real launch
+    /// comes on (see [`prestart`]).
     pub gate: Option<OwnedFd>,
 }
 
@@ -867,6 +869,29 @@ fn supervise_job(
     Ok(free())
 }
 
+/// A phase's commands, unless it has none (absent, or only blanks).
+fn commands(phase: &Option<String>) -> Option<&str> {
+    phase.as_deref().filter(|s| !s.trim().is_empty())
+}
+
+/// One local phase's script: its path (`.sky/<phase>.sh`) and its text, behind
+/// [`GATE_LINE`] when `gated`. A text that fits in one argument goes to bash as `-c` (see
+/// [`inline_script`]); a longer one is written to the path first and read from there.
+fn phase_script(plan: &LaunchPlan, phase: &str, body: &str, gated: bool) -> (PathBuf, String) {
+    let script = private_dir(plan).join(format!("{phase}.sh"));
+    let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
+    let text = script_text(body, &cwd, "");
+    match gated {
+        false => (script, text),
+        true => (script, format!("{GATE_LINE}{text}")),
+    }
+}
+
+/// The script as bash's `-c` argument, when it fits in one.
+fn inline_script(text: &str) -> Option<&str> {
+    (text.len() <= INLINE_SCRIPT_MAX).then_some(text)
+}
+
 fn parse_plan(text: &[u8]) -> Result<LaunchPlan, ExecError> {
     serde_json::from_slice(text).map_err(|e| ExecError::Plan(e.to_string()))
 }
@@ -939,24 +964,18 @@ impl PreSpawned {
         let [node] = plan.nodes.as_slice() else {
             return Ok(None);
         };
-        let nonempty = |s: &Option<String>| s.as_deref().is_some_and(|s| !s.trim().is_empty());
-        let (phase, body) = if nonempty(&plan.setup) {
-            ("setup", plan.setup.as_deref().unwrap_or_default())
-        } else if nonempty(&plan.run) {
-            ("run", plan.run.as_deref().unwrap_or_default())
-        } else {
-            return Ok(None);
+        let (phase, body) = match (commands(&plan.setup), commands(&plan.run)) {
+            (Some(setup), _) => ("setup", setup),
+            (None, Some(run)) => ("run", run),
+            (None, None) => return Ok(None),
         };
         if node.ssh.is_some() {
             return Ok(None);
         }
-        let dir = private_dir(plan);
-        let script = dir.join(format!("{phase}.sh"));
-        let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
-        let text = format!("{GATE_LINE}{}", script_text(body, &cwd, ""));
-        let inline = (text.len() <= INLINE_SCRIPT_MAX).then_some(text.as_str());
+        let (script, text) = phase_script(plan, phase, body, true);
+        let inline = inline_script(&text);
         if inline.is_none() {
-            spool::write_private(&dir, &format!("{phase}.sh"), text.as_bytes())?;
+            spool::write_private(&private_dir(plan), &format!("{phase}.sh"), text.as_bytes())?;
         }
         let (held, release) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| ExecError::Io("a pipe for a prestarted job".into(), e.into()))?;
@@ -1222,8 +1241,9 @@ impl Finalizer {
 }
 
 /// The receiving end of launches on a Unix stream socket. A launch is the plan's length
-/// (8 bytes, little-endian, [`GATED`] set when a gate comes) and the plan, with the launch
-/// lock (and the gate) as `SCM_RIGHTS` on its first bytes. The daemon does not wait for one
+/// (8 bytes, little-endian, [`GATED`] set when a gate comes, [`UNLOCKED`] when no lock
+/// does) and the plan, with the launch lock and the gate, those that come, as `SCM_RIGHTS`
+/// on its first bytes. The daemon does not wait for one
 /// launch to be answered before it sends the next, so one `recvmsg` can return the end of
 /// one launch and the start of the next: bytes and descriptors are kept, in order, until a
 /// whole launch is there (each launch takes the next one or two descriptors).
@@ -1387,7 +1407,7 @@ fn run_job(
     if let Err(msg) = sync_workdirs(plan, &log) {
         return Ok(finish(Status::FailedSetup, vec![None; n], Some(&msg)));
     }
-    if let Some(setup) = plan.setup.as_deref().filter(|s| !s.trim().is_empty()) {
+    if let Some(setup) = commands(&plan.setup) {
         let outcome = run_phase(plan, "setup", setup, &log, signals, taken, pre)?;
         match outcome {
             PhaseOutcome::Cancelled(codes) => {
@@ -1407,7 +1427,7 @@ fn run_job(
             PhaseOutcome::Done(..) => {}
         }
     }
-    let Some(run) = plan.run.as_deref().filter(|s| !s.trim().is_empty()) else {
+    let Some(run) = commands(&plan.run) else {
         taken.open_now()?;
         spool.write_status(plan.job_id, Status::Running)?;
         return Ok(finish(Status::Succeeded, vec![Some(0); n], None));
@@ -1511,8 +1531,6 @@ fn run_phase(
     pre: &mut Option<PreSpawned>,
 ) -> Result<PhaseOutcome, ExecError> {
     let dir = private_dir(plan);
-    let script = dir.join(format!("{phase}.sh"));
-    let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
     // A prestarted bash (this phase's, the job's first) runs on once it has the
     // environment of the placement; one that cannot take it is killed (still at its first
     // line) and the phase starts afresh.
@@ -1537,16 +1555,13 @@ fn run_phase(
                 .map_err(|e| ExecError::Io("a pipe for the job's start gate".into(), e.into()))?,
         ),
     };
-    let text = match held.is_some() || started.is_some() {
-        false => script_text(body, &cwd, ""),
-        true => format!("{GATE_LINE}{}", script_text(body, &cwd, "")),
-    };
+    let (script, text) = phase_script(plan, phase, body, held.is_some() || started.is_some());
     // A script that fits in one argument goes to bash as `-c` (with the script's path as
     // `$0`), and the file is written after the start, as the record of what ran: no file
     // to create on the way to the job's first command. A longer one is read from the file.
     // (Written in place, not renamed over: `.sky/` is the daemon's, nobody else writes
     // there.)
-    let inline = (text.len() <= INLINE_SCRIPT_MAX).then_some(text.as_str());
+    let inline = inline_script(&text);
     if inline.is_none() && started.is_none() {
         spool::write_private(&dir, &format!("{phase}.sh"), text.as_bytes())?;
     }

@@ -131,6 +131,15 @@ fn one_slot_busy_and_one_job_started_ahead() -> (Daemon, Gate, u64, u64, std::pa
     (d, g, a, c, ran)
 }
 
+/// Opens the slot of [`one_slot_busy_and_one_job_started_ahead`]: both jobs succeed, and
+/// `c` ran exactly once.
+fn free_the_slot_and_see_it_run_once(d: &Daemon, g: &Gate, a: u64, c: u64, ran: &std::path::Path) {
+    g.open();
+    d.wait_done(a, "SUCCEEDED");
+    d.wait_done(c, "SUCCEEDED");
+    assert_eq!(fs::read_to_string(ran).unwrap(), "x\n", "ran exactly once");
+}
+
 fn wait_no_processes(d: &Daemon, id: u64, what: &str) {
     wait_until(
         Duration::from_secs(30),
@@ -163,10 +172,7 @@ fn a_job_started_ahead_of_a_killed_daemon_runs_once_after_the_restart() {
     );
     assert!(!ran.exists(), "the job ran without its daemon");
     d.spawn();
-    g.open();
-    d.wait_done(a, "SUCCEEDED");
-    d.wait_done(c, "SUCCEEDED");
-    assert_eq!(fs::read_to_string(&ran).unwrap(), "x\n", "ran exactly once");
+    free_the_slot_and_see_it_run_once(&d, &g, a, c, &ran);
 }
 
 #[test]
@@ -224,10 +230,7 @@ fn a_job_started_ahead_survives_its_launcher_and_runs_once() {
         },
         || d.diagnostics(),
     );
-    g.open();
-    d.wait_done(a, "SUCCEEDED");
-    d.wait_done(c, "SUCCEEDED");
-    assert_eq!(fs::read_to_string(&ran).unwrap(), "x\n", "ran exactly once");
+    free_the_slot_and_see_it_run_once(&d, &g, a, c, &ran);
 }
 
 #[test]
