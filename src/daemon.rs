@@ -120,7 +120,7 @@ struct Prestart {
 /// start gate, and nothing of it runs before the round is through (see
 /// [`Daemon::finish_round`]).
 struct AdmissionRound {
-    sync: spool::SyncRound,
+    sync: RoundSync,
     /// The jobs the round makes durable.
     ids: BTreeSet<JobId>,
     /// The start gate of those handed over meanwhile: the pipe's read end (a copy travels
@@ -129,6 +129,24 @@ struct AdmissionRound {
     /// `staging/` and `.skyspool/last-id`, synced once the gate is open (without waiting:
     /// see [`Daemon::lazy_sync`]).
     later: Vec<(PathBuf, bool)>,
+}
+
+/// How an admission round's outcome comes: waited for by the daemon itself (a round of a
+/// few jobs, through in a millisecond or two), or by a thread of tokio's blocking pool that
+/// sends it here and wakes the event loop ([`Msg::RoundDone`]), so that a round of many jobs
+/// does not stall the jobs already running.
+enum RoundSync {
+    Inline(spool::SyncRound),
+    Background(std::sync::mpsc::Receiver<spool::Result<()>>),
+}
+
+/// The outcome of a round whose waiting thread went away without one (it cannot: waiting
+/// does not panic), taken as a failed round.
+fn round_lost() -> spool::SpoolError {
+    spool::SpoolError::Io {
+        path: PathBuf::from("(admission round)"),
+        source: std::io::Error::other("the thread waiting for the round's fsyncs is gone"),
+    }
 }
 
 /// [`spool::Durable`]s of `(path, is a directory)` pairs.
@@ -207,6 +225,9 @@ enum Msg {
     LauncherGone(u64),
     /// A remote node's health: `None` up, `Some(why)` down.
     NodeHealth(usize, Option<String>),
+    /// The admission round waited for in the background is through (see
+    /// [`Daemon::settle_round`]).
+    RoundDone,
 }
 
 /// How often remote nodes are checked (only when the cluster has remote nodes).
@@ -315,18 +336,23 @@ struct Daemon {
     quiet: Option<(std::time::Instant, JobId)>,
     /// Jobs ended in this batch whose records are still to be written.
     settling: Vec<JobId>,
-    /// The admission round in flight, if any (at most one: it is finished before the event
-    /// loop waits again and before another batch is admitted).
+    /// The admission round in flight, if any (at most one: it is through before another
+    /// chunk is admitted; a round of a few jobs is also through before the event loop waits
+    /// again).
     round: Option<AdmissionRound>,
+    /// Names in `incoming/` to look at, in the order they came, and the same as a set:
+    /// admitted a chunk (`MAX_ROUND_JOBS`) at a time, once no round is in flight.
+    to_admit: std::collections::VecDeque<(OsString, usize)>,
+    to_admit_names: HashSet<OsString>,
     /// Jobs handed over whose admission could not be made durable (a failed fsync), and why:
     /// they fail instead of starting again when their supervisor gives them back.
     undurable: HashMap<JobId, String>,
     /// The last fsyncs of `staging/` and `last-id`, if not awaited yet
     /// ([`Daemon::lazy_sync`]).
     lazy: Option<spool::SyncRound>,
-    /// The parsed specs of the jobs published in this batch (without secrets): a job
-    /// started in the same batch is not read and parsed again. Emptied after each batch.
-    fresh: HashMap<JobId, JobSpec>,
+    /// The parsed specs of queued jobs (without secrets), kept from their admission for
+    /// their start (or prestart), which then does not read and parse `job.yaml` again.
+    fresh: SpecCache,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
     /// Jobs put back in the queue because their supervisor died before taking them, and how
@@ -435,8 +461,14 @@ fn is_out_of_space(e: &anyhow::Error) -> bool {
 
 /// Longest time `queue` and `nodes` lag behind the daemon's state while it is busy.
 const RENDER_INTERVAL: Duration = Duration::from_millis(50);
-/// The most jobs one admission round makes durable (see `Daemon::admit_names`).
-const MAX_ROUND_JOBS: usize = 512;
+/// The most jobs one admission round makes durable (see `Daemon::admit_some`): a bulk move
+/// is admitted a chunk at a time, with the events of running jobs handled in between.
+const MAX_ROUND_JOBS: usize = 64;
+/// Rounds of at least this many jobs are waited for in the background (see
+/// `Daemon::settle_round`); smaller ones in line, which is quicker for a lone submission.
+const BACKGROUND_ROUND_JOBS: usize = 8;
+/// The most names in `incoming/` looked at per chunk (rejected ones count here only).
+const MAX_LOOKS_PER_CHUNK: usize = 4 * MAX_ROUND_JOBS;
 /// The least quiet after which a changed `queue` is rewritten at once (see
 /// `Daemon::render_due`).
 const RENDER_SETTLE: Duration = Duration::from_millis(100);
@@ -526,9 +558,11 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         quiet: None,
         settling: Vec::new(),
         round: None,
+        to_admit: std::collections::VecDeque::new(),
+        to_admit_names: HashSet::new(),
         undurable: HashMap::new(),
         lazy: None,
-        fresh: HashMap::new(),
+        fresh: SpecCache::default(),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
             stamp: None,
@@ -588,6 +622,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.prestart_at.unwrap_or_else(std::time::Instant::now))), if d.prestart_at.is_some() => {
                 d.prestart_at = None;
             }
+            // The next chunk of a large admission (after_batch takes it).
+            _ = std::future::ready(()), if d.admission_waiting() => {}
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
                 d.retry_at = None;
                 d.deferred.clear();
@@ -626,6 +662,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         }
         d.after_batch();
     }
+    // The jobs handed over while the last round ran start (or, if it failed, do not).
+    d.finish_round();
     if let Some(m) = mounted {
         m.unmount();
     }
@@ -635,6 +673,36 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         d.supervisors.len()
     );
     Ok(())
+}
+
+/// The parsed specs of queued jobs, from their admission to their start (see
+/// `Daemon::fresh`): at most SPEC_CACHE_JOBS of them and SPEC_CACHE_BYTES of YAML; the jobs
+/// admitted beyond that read `job.yaml` again when they start.
+#[derive(Default)]
+struct SpecCache {
+    specs: HashMap<JobId, (JobSpec, usize)>,
+    bytes: usize,
+}
+
+const SPEC_CACHE_JOBS: usize = 2048;
+const SPEC_CACHE_BYTES: usize = 4 << 20;
+
+impl SpecCache {
+    /// Keeps `spec` (parsed from `size` bytes of YAML), if there is room.
+    fn insert(&mut self, id: JobId, spec: JobSpec, size: usize) {
+        if self.specs.len() < SPEC_CACHE_JOBS && self.bytes + size <= SPEC_CACHE_BYTES {
+            if let Some((_, old)) = self.specs.insert(id, (spec, size)) {
+                self.bytes -= old;
+            }
+            self.bytes += size;
+        }
+    }
+
+    fn take(&mut self, id: JobId) -> Option<JobSpec> {
+        let (spec, size) = self.specs.remove(&id)?;
+        self.bytes -= size;
+        Some(spec)
+    }
 }
 
 /// Everything a job needs before the scheduler sees it.
@@ -1009,6 +1077,8 @@ impl Daemon {
                     None => note!("the launcher answered a launch it was not given (pid {pid})"),
                 }
             }
+            // after_batch takes the outcome (poll_round).
+            Msg::RoundDone => {}
             Msg::LauncherGone(gen) => {
                 if gen == self.launcher_gen && self.launcher.is_some() {
                     self.launcher_lost("its answers closed");
@@ -1073,6 +1143,8 @@ impl Daemon {
 
     /// After each batch: start what fits, then refresh `queue` and `nodes` once.
     fn after_batch(&mut self) {
+        self.poll_round();
+        self.admit_some();
         // A start that fails frees its resources again: keep placing until a pass starts
         // everything it picked.
         loop {
@@ -1089,9 +1161,8 @@ impl Daemon {
             }
         }
         // The batch's admissions are durable (and the jobs handed over meanwhile start)
-        // before anything else is written or waited for.
-        self.finish_round();
-        self.fresh.clear();
+        // before anything else is written or waited for; a large round's, in the background.
+        self.settle_round();
         self.users.borrow_mut().checked = false;
         self.settle_records();
         if self.max_prestarts > 0 {
@@ -1186,22 +1257,52 @@ impl Daemon {
         self.admit_names(due);
     }
 
-    /// [`Daemon::admit_batch`], each name with how often it was looked at again already.
+    /// [`Daemon::admit_batch`], each name with how often it was looked at again already:
+    /// queued behind the names that came before, and the first chunk admitted now unless a
+    /// round is in flight.
     fn admit_names(&mut self, names: Vec<(OsString, usize)>) {
-        let mut ready: Vec<(Claimed, Admission)> = Vec::new();
         for (name, tries) in names {
+            if self.to_admit_names.insert(name.clone()) {
+                self.to_admit.push_back((name, tries));
+            }
+        }
+        self.admit_some();
+    }
+
+    /// Whether names wait in `to_admit` and nothing keeps them from being admitted now.
+    fn admission_waiting(&self) -> bool {
+        self.round.is_none() && !self.to_admit.is_empty()
+    }
+
+    /// Admits the next chunk of `to_admit` (at most MAX_ROUND_JOBS jobs, one round of
+    /// fsyncs), unless a round is still in flight. A bulk move of thousands of files is thus
+    /// admitted a chunk at a time, and between chunks (and while a chunk's round runs) the
+    /// daemon handles the events of the jobs already running, so their slots do not stay
+    /// empty while the rest is admitted; nor does a rescan that finds 20,000 names leave them
+    /// published for seconds before a round of 60,000 fsyncs makes them durable.
+    fn admit_some(&mut self) {
+        if self.round.is_some() {
+            return;
+        }
+        let mut ready: Vec<(Claimed, Admission)> = Vec::new();
+        let mut looked = 0;
+        while ready.len() < MAX_ROUND_JOBS && looked < MAX_LOOKS_PER_CHUNK {
+            let Some((name, tries)) = self.to_admit.pop_front() else {
+                break;
+            };
+            self.to_admit_names.remove(&name);
+            if self.deferred.contains(&name) {
+                continue;
+            }
+            looked += 1;
             match self.take_submission(&name, tries) {
                 Ok(Some(pair)) => ready.push(pair),
                 Ok(None) => {}
                 Err(e) => note!("incoming/{}: {e}", spool::display_name(&name)),
             }
         }
-        // At most MAX_ROUND_JOBS per round: a rescan that finds 20,000 names must not leave
-        // them published for seconds before a round of 60,000 fsyncs makes them durable.
-        while !ready.is_empty() {
-            let rest = ready.split_off(ready.len().min(MAX_ROUND_JOBS));
-            let chunk = std::mem::replace(&mut ready, rest);
-            if let Err(e) = self.stage_and_publish(chunk) {
+        if !ready.is_empty() {
+            if let Err(e) = self.stage_and_publish(ready) {
                 note!("admission failed: {e}");
             }
         }
@@ -1285,11 +1386,11 @@ impl Daemon {
     fn stage_and_publish(&mut self, ready: Vec<(Claimed, Admission)>) -> anyhow::Result<()> {
         // One round at a time: the last one's jobs are durable before new IDs are given.
         self.finish_round();
-        let mut staged: Vec<(Claimed, JobInfo, JobSpec)> = Vec::new();
+        let mut staged: Vec<(Claimed, JobInfo, Admission)> = Vec::new();
         let first_id = ready.iter().map(|(c, _)| c.id).min();
         for (claimed, adm) in ready {
             match self.stage(&claimed, &adm) {
-                Ok(info) => staged.push((claimed, info, adm.spec)),
+                Ok(info) => staged.push((claimed, info, adm)),
                 Err(e) if is_out_of_space(&e) => self.defer(&claimed, &e),
                 Err(e) => {
                     let reason = format!("{}: could not be admitted: {e}", claimed.source);
@@ -1326,11 +1427,11 @@ impl Daemon {
             return Ok(());
         }
         let mut ids = BTreeSet::new();
-        for (claimed, info, spec) in staged {
+        for (claimed, info, adm) in staged {
             let id = claimed.id;
-            if spec.secrets.is_empty() {
+            if adm.spec.secrets.is_empty() {
                 // `job.yaml` holds exactly the bytes this was parsed from.
-                self.fresh.insert(id, spec);
+                self.fresh.insert(id, adm.spec, adm.yaml.len());
             }
             if claimed.has_workdir && self.spool.secrets_file(id).exists() {
                 // The submitted copy holds the secrets in clear: keep only the redacted one.
@@ -1381,7 +1482,7 @@ impl Daemon {
         }
         let durable = durables(&paths);
         self.round = Some(AdmissionRound {
-            sync: spool::SyncRound::start(&durable),
+            sync: RoundSync::Inline(spool::SyncRound::start(&durable)),
             ids,
             gate: None,
             later: std::iter::once((self.spool.staging(), true))
@@ -1426,10 +1527,64 @@ impl Daemon {
     /// jobs fails instead of starting, with the reason: a job must not run when the spool
     /// cannot say it was ever submitted.
     fn finish_round(&mut self) {
-        let Some(round) = self.round.take() else {
+        let Some(mut round) = self.round.take() else {
             return;
         };
-        match round.sync.wait() {
+        let result = match &mut round.sync {
+            RoundSync::Inline(sync) => std::mem::take(sync).wait(),
+            RoundSync::Background(done) => done.recv().unwrap_or_else(|_| Err(round_lost())),
+        };
+        self.round_done(round, result);
+    }
+
+    /// The round in flight once it is through: a small one waited for now
+    /// ([`Daemon::finish_round`]), a large one handed to a thread that waits for it in the
+    /// background ([`Daemon::poll_round`] takes its outcome).
+    fn settle_round(&mut self) {
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
+        if round.ids.len() < BACKGROUND_ROUND_JOBS {
+            return self.finish_round();
+        }
+        let RoundSync::Inline(_) = round.sync else {
+            return self.poll_round();
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return self.finish_round();
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let RoundSync::Inline(sync) = std::mem::replace(&mut round.sync, RoundSync::Background(rx))
+        else {
+            return;
+        };
+        let wake = self.tx.clone();
+        rt.spawn_blocking(move || {
+            let _ = tx.send(sync.wait());
+            let _ = wake.send(Msg::RoundDone);
+        });
+    }
+
+    /// Takes the outcome of a round waited for in the background, if it is through.
+    fn poll_round(&mut self) {
+        let result = match self.round.as_ref().map(|r| &r.sync) {
+            Some(RoundSync::Background(done)) => match done.try_recv() {
+                Ok(r) => r,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(round_lost()),
+            },
+            _ => return,
+        };
+        if let Some(round) = self.round.take() {
+            self.round_done(round, result);
+        }
+    }
+
+    /// Opens a round's gate, or fails its jobs (see [`Daemon::finish_round`]).
+    fn round_done(&mut self, round: AdmissionRound, result: spool::Result<()>) {
+        // Its jobs may now be listed (see sync_view).
+        self.dirty = true;
+        match result {
             Ok(()) => {
                 if let Some((_, w)) = &round.gate {
                     // Nobody reading (every supervisor gone already) is fine: nothing to open.
@@ -1448,7 +1603,7 @@ impl Daemon {
                     if self.sched.dequeue(id) {
                         let _ = self.spool.append_log(id, &format!("skyspool: {why}"));
                         self.finish(id, Some(driver_lost(why.clone())));
-                    } else {
+                    } else if self.jobs.get(&id).is_some_and(|j| !j.status.is_terminal()) {
                         // Handed over already: it fails when it comes back untaken.
                         self.undurable.insert(id, why.clone());
                     }
@@ -1631,7 +1786,7 @@ impl Daemon {
         }
         let cached = self
             .fresh
-            .remove(&id)
+            .take(id)
             .or_else(|| self.prestarts.get_mut(&id).and_then(|p| p.spec.take()));
         let spec = match cached {
             Some(spec) => spec,
@@ -1791,7 +1946,10 @@ impl Daemon {
 
     /// Hands job `id` to a supervisor as a prestart on `node` (see [`Daemon::prestart_more`]).
     fn prestart(&mut self, id: JobId, node: &NodeAssignment) -> anyhow::Result<()> {
-        let spec = self.load_spec(id)?;
+        let spec = match self.fresh.take(id) {
+            Some(spec) => spec,
+            None => self.load_spec(id)?,
+        };
         let info = self.jobs.get(&id).ok_or(spool::SpoolError::NoSuchJob(id))?;
         let plan = self.plan(info, &spec, std::slice::from_ref(node))?;
         let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
@@ -2228,7 +2386,17 @@ impl Daemon {
                 usage,
             })
         });
-        let touched = std::mem::take(&mut self.touched);
+        // Jobs whose admission round is still running are shown once it is through.
+        let touched = match &self.round {
+            Some(round) => {
+                let (later, now) = std::mem::take(&mut self.touched)
+                    .into_iter()
+                    .partition(|id| round.ids.contains(id));
+                self.touched = later;
+                now
+            }
+            None => std::mem::take(&mut self.touched),
+        };
         let jobs = &self.jobs;
         for id in &touched {
             if let Some(info) = jobs.get(id) {
@@ -2298,6 +2466,7 @@ impl Daemon {
     /// Settles a job that was running: final status, record, `done/`, resources freed.
     fn finish(&mut self, id: JobId, result: Option<JobResult>) {
         self.prestarts.remove(&id);
+        self.fresh.take(id);
         let pid = self.supervisors.remove(&id).map(|s| s.pid);
         self.untaken.remove(&id);
         // A supervisor that could not record its result (disk full) still rewrote `status`

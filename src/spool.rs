@@ -1429,8 +1429,10 @@ pub fn sync_all(paths: &[Durable<'_>]) -> Result<()> {
 
 /// A round of fsyncs running on [`SyncPool`]'s threads while the caller goes on
 /// ([`sync_all`] is one started and awaited at once). Dropping it without [`SyncRound::wait`]
-/// leaves the fsyncs to finish unobserved.
+/// leaves the fsyncs to finish unobserved. The default is a round of nothing, through at
+/// once.
 #[must_use = "a round's outcome is known only by waiting for it"]
+#[derive(Default)]
 pub struct SyncRound {
     results: Option<std::sync::mpsc::Receiver<Result<()>>>,
     sent: usize,

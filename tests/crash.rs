@@ -383,7 +383,13 @@ fn torture_plan(rng: &mut XorShift, n: usize, starts: &Path, runs: &Path) -> Vec
             burst -= 1;
             0
         } else if rng.pct(8) {
-            burst = rng.range(3, 8);
+            // Now and then a burst large enough for an admission round waited for in the
+            // background (8 jobs or more), or for two chunks (over 64).
+            burst = if rng.pct(25) {
+                rng.range(8, 80)
+            } else {
+                rng.range(3, 8)
+            };
             0
         } else {
             rng.below(61)
@@ -1928,8 +1934,8 @@ fn restart_before_supervisor_records_itself() {
     assert!(p.is_empty(), "{}\n{}", p.report(), d.diagnostics());
 }
 
-/// A batch is claimed (every file renamed into `staging/<id>/in--NAME`) before any of
-/// it is staged. A SIGKILL then leaves claimed submissions whose name is recorded nowhere
+/// A chunk of a batch (up to 64 submissions) is claimed (every file renamed into
+/// `staging/<id>/in--NAME`) before any of it is staged. A SIGKILL then leaves claimed submissions whose name is recorded nowhere
 /// but in the daemon's memory. The next start admits them; each must keep the name it was
 /// submitted under (`source`, and the job name of a YAML without `name:`).
 #[test]

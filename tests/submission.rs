@@ -385,6 +385,57 @@ fn files_present_at_start_up_are_admitted_in_mtime_order() {
     assert!(d.incoming_names().is_empty(), "{:?}", d.incoming_names());
 }
 
+/// A large batch is admitted a chunk (one round of fsyncs) at a time, and the daemon
+/// serves the running jobs between chunks: with 1,500 submissions found at start-up, a job
+/// that ends meanwhile is recorded as ended before the last of them is admitted (before
+/// chunking, the whole batch was admitted first, and the slot stayed empty for as long).
+/// Each submission still becomes exactly one job.
+#[test]
+fn running_jobs_are_served_while_a_large_batch_is_admitted() {
+    const N: usize = 1500;
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "1"]);
+    let gate = Gate::new(&d.scratch(), "a");
+    let a = d.submit(
+        "a.yaml",
+        &format!(
+            "name: a\nresources:\n  cpus: 1\nrun: |\n  {}\n",
+            gate.wait_cmd()
+        ),
+    );
+    d.wait_status(a, "RUNNING");
+    d.stop();
+    let incoming = d.path("incoming");
+    for i in 0..N {
+        fs::write(
+            incoming.join(format!("b{i:04}.yaml")),
+            format!("name: b{i}\nresources:\n  cpus: 1\nrun: echo b{i}\n"),
+        )
+        .unwrap();
+    }
+    // The daemon serves (writes `nodes`) once its start-up admission is under way.
+    d.spawn();
+    gate.open();
+    d.wait_done(a, "SUCCEEDED");
+    let last = (N + 1) as u64;
+    d.wait_admitted(last);
+    let log = d.daemon_log();
+    let ended = log.find(&format!("job {a} ended"));
+    let admitted = log.find(&format!("job {last} ("));
+    assert!(
+        matches!((ended, admitted), (Some(e), Some(l)) if e < l),
+        "job {a} ended at {ended:?}, job {last} admitted at {admitted:?} in the daemon's log\n{}",
+        d.diagnostics()
+    );
+    let mut sources: Vec<String> = (2..=last)
+        .map(|id| d.info(id)["source"].as_str().unwrap_or("?").to_string())
+        .collect();
+    sources.sort();
+    let want: Vec<String> = (0..N).map(|i| format!("incoming/b{i:04}.yaml")).collect();
+    assert_eq!(sources, want, "{}", d.diagnostics());
+    assert_eq!(d.job_ids().len(), N + 1, "{}", d.diagnostics());
+    assert!(d.incoming_names().is_empty(), "{:?}", d.incoming_names());
+}
+
 /// IDs are 1, 2, 3, ... and a restarted daemon never gives one again, even when the job
 /// directory that held it has been removed.
 #[test]
