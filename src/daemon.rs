@@ -136,6 +136,11 @@ struct AdmissionRound {
 /// sends it here and wakes the event loop ([`Msg::RoundDone`]), so that a round of many jobs
 /// does not stall the jobs already running.
 enum RoundSync {
+    /// Not started yet: the paths to sync, `(path, is a directory)`. The fsyncs start once
+    /// the batch's jobs are handed over (see [`Daemon::settle_round`]), so that a lone
+    /// job's supervisor and `bash` get the CPUs first: the round (gate open at ~1 ms) is
+    /// not what the job's first command waits for, `bash`'s start-up (~1.2 ms) is.
+    Due(Vec<(PathBuf, bool)>),
     Inline(spool::SyncRound),
     Background(std::sync::mpsc::Receiver<spool::Result<()>>),
 }
@@ -1458,9 +1463,9 @@ impl Daemon {
         Ok(())
     }
 
-    /// Starts the round of fsyncs that makes the just published jobs `ids` durable: each
-    /// one's `job.yaml`, `info.json` and directory, and `jobs/`, run concurrently while the
-    /// batch's jobs are placed and handed over (see [`AdmissionRound`]). Not `status` nor
+    /// Makes the round of fsyncs that makes the just published jobs `ids` durable: each
+    /// one's `job.yaml`, `info.json` and directory, and `jobs/`, run concurrently once the
+    /// batch's jobs are placed and handed over (see [`AdmissionRound`], [`RoundSync::Due`]). Not `status` nor
     /// `log` (a PENDING lost to a power cut is what `info.json` says anyway), nor the
     /// `pending/` link (start-up makes it again from `info.json`); `staging/` (the name the
     /// job had) and `last_id` (the highest ID given; start-up also counts the IDs in `jobs/`,
@@ -1480,9 +1485,8 @@ impl Daemon {
             paths.push((dir.join("info.json"), false));
             paths.push((dir, true));
         }
-        let durable = durables(&paths);
         self.round = Some(AdmissionRound {
-            sync: RoundSync::Inline(spool::SyncRound::start(&durable)),
+            sync: RoundSync::Due(paths),
             ids,
             gate: None,
             later: std::iter::once((self.spool.staging(), true))
@@ -1531,19 +1535,24 @@ impl Daemon {
             return;
         };
         let result = match &mut round.sync {
+            RoundSync::Due(paths) => spool::SyncRound::start(&durables(paths)).wait(),
             RoundSync::Inline(sync) => std::mem::take(sync).wait(),
             RoundSync::Background(done) => done.recv().unwrap_or_else(|_| Err(round_lost())),
         };
         self.round_done(round, result);
     }
 
-    /// The round in flight once it is through: a small one waited for now
-    /// ([`Daemon::finish_round`]), a large one handed to a thread that waits for it in the
-    /// background ([`Daemon::poll_round`] takes its outcome).
+    /// Starts the round's fsyncs, if due (the batch's jobs are handed over by now), and
+    /// sees it through: a small one is waited for now ([`Daemon::finish_round`]), a large
+    /// one is handed to a thread that waits for it in the background
+    /// ([`Daemon::poll_round`] takes its outcome).
     fn settle_round(&mut self) {
         let Some(round) = self.round.as_mut() else {
             return;
         };
+        if let RoundSync::Due(paths) = &round.sync {
+            round.sync = RoundSync::Inline(spool::SyncRound::start(&durables(paths)));
+        }
         if round.ids.len() < BACKGROUND_ROUND_JOBS {
             return self.finish_round();
         }
