@@ -1465,14 +1465,14 @@ impl Daemon {
 
     /// Makes the round of fsyncs that makes the just published jobs `ids` durable: each
     /// one's `job.yaml`, `info.json` and directory, and `jobs/`, run concurrently once the
-    /// batch's jobs are placed and handed over (see [`AdmissionRound`], [`RoundSync::Due`]). Not `status` nor
-    /// `log` (a PENDING lost to a power cut is what `info.json` says anyway), nor the
-    /// `pending/` link (start-up makes it again from `info.json`); `staging/` (the name the
-    /// job had) and `last_id` (the highest ID given; start-up also counts the IDs in `jobs/`,
-    /// so it matters only for jobs removed since) are synced after the gate opens, off the
-    /// way to the start ([`Daemon::lazy_sync`]). A power cut before the
-    /// round is through finds the jobs in `jobs/` or `staging/`, whole or not at all, and
-    /// nothing of them ran (their gates were closed).
+    /// batch's jobs are placed and handed over (see [`AdmissionRound`], [`RoundSync::Due`]).
+    /// Not `status` nor `log` (a PENDING lost to a power cut is what `info.json` says
+    /// anyway), nor the `pending/` link (start-up makes it again from `info.json`);
+    /// `staging/` (the name the job had) and `last_id` (the highest ID given; start-up also
+    /// counts the IDs in `jobs/`, so it matters only for jobs removed since) are synced after
+    /// the gate opens, off the way to the start ([`Daemon::lazy_sync`]). A power cut before
+    /// the round is through finds the jobs in `jobs/` or `staging/`, whole or not at all,
+    /// and nothing of them ran (their gates were closed).
     fn start_round(&mut self, ids: BTreeSet<JobId>, last_id: Option<PathBuf>) {
         if ids.is_empty() {
             return;
@@ -1634,6 +1634,8 @@ impl Daemon {
                 Err(reason)
             }
             Ok(adm) => {
+                // IDs are given with no round in flight (see stage_and_publish).
+                self.finish_round();
                 let id = self.next_id;
                 match self
                     .spool
