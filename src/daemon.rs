@@ -131,10 +131,10 @@ struct AdmissionRound {
     later: Vec<(PathBuf, bool)>,
 }
 
-/// How an admission round's outcome comes: waited for by the daemon itself (a round of a
-/// few jobs, through in a millisecond or two), or by a thread of tokio's blocking pool that
-/// sends it here and wakes the event loop ([`Msg::RoundDone`]), so that a round of many jobs
-/// does not stall the jobs already running.
+/// How an admission round's outcome comes: waited for by the daemon in line, or taken when
+/// the round's last fsync wakes the event loop (through an eventfd, see
+/// [`spool::SyncRound::start_notify`]), so that the daemon goes on with the running jobs'
+/// events (and batches the submissions that come meanwhile) while the round runs.
 enum RoundSync {
     /// Not started yet: the paths to sync, `(path, is a directory)`. The fsyncs start once
     /// the batch's jobs are handed over (see [`Daemon::settle_round`]), so that a lone
@@ -142,15 +142,45 @@ enum RoundSync {
     /// not what the job's first command waits for, `bash`'s start-up (~1.2 ms) is.
     Due(Vec<(PathBuf, bool)>),
     Inline(spool::SyncRound),
-    Background(std::sync::mpsc::Receiver<spool::Result<()>>),
+    Polled(spool::SyncRound),
 }
 
-/// The outcome of a round whose waiting thread went away without one (it cannot: waiting
-/// does not panic), taken as a failed round.
-fn round_lost() -> spool::SpoolError {
-    spool::SpoolError::Io {
-        path: PathBuf::from("(admission round)"),
-        source: std::io::Error::other("the thread waiting for the round's fsyncs is gone"),
+/// The eventfd a round's last fsync adds 1 to (see [`RoundSync::Polled`]), as the event
+/// loop waits on it; `None` where no eventfd could be made (rounds are then waited for in
+/// line).
+type RoundReady = Option<tokio::io::unix::AsyncFd<std::sync::Arc<std::os::fd::OwnedFd>>>;
+
+fn round_ready() -> RoundReady {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd takes no pointers; a valid descriptor is owned here from now on.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the AsyncFd owns one reference to the descriptor, which stays open (and the
+    // same eventfd) at least as long as the AsyncFd lives.
+    unsafe { tokio::io::unix::AsyncFd::register(std::sync::Arc::new(fd)) }.ok()
+}
+
+/// Completes when the eventfd has counted a round through (and resets it); never without
+/// one.
+async fn round_through(ready: &RoundReady) {
+    let Some(fd) = ready else {
+        return std::future::pending().await;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            // Cannot happen on an eventfd; look again shortly rather than spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            return;
+        };
+        let mut count = [0u8; 8];
+        match nix::unistd::read(&**fd.get_ref(), &mut count) {
+            Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+            _ => return,
+        }
     }
 }
 
@@ -230,9 +260,6 @@ enum Msg {
     LauncherGone(u64),
     /// A remote node's health: `None` up, `Some(why)` down.
     NodeHealth(usize, Option<String>),
-    /// The admission round waited for in the background is through (see
-    /// [`Daemon::settle_round`]).
-    RoundDone,
 }
 
 /// How often remote nodes are checked (only when the cluster has remote nodes).
@@ -349,6 +376,8 @@ struct Daemon {
     /// admitted a chunk (`MAX_ROUND_JOBS`) at a time, once no round is in flight.
     to_admit: std::collections::VecDeque<(OsString, usize)>,
     to_admit_names: HashSet<OsString>,
+    /// What a polled round's last fsync wakes the event loop through.
+    round_ready: RoundReady,
     /// Jobs handed over whose admission could not be made durable (a failed fsync), and why:
     /// they fail instead of starting again when their supervisor gives them back.
     undurable: HashMap<JobId, String>,
@@ -469,9 +498,9 @@ const RENDER_INTERVAL: Duration = Duration::from_millis(50);
 /// The most jobs one admission round makes durable (see `Daemon::admit_some`): a bulk move
 /// is admitted a chunk at a time, with the events of running jobs handled in between.
 const MAX_ROUND_JOBS: usize = 64;
-/// Rounds of at least this many jobs are waited for in the background (see
-/// `Daemon::settle_round`); smaller ones in line, which is quicker for a lone submission.
-const BACKGROUND_ROUND_JOBS: usize = 8;
+/// Rounds of at least this many jobs are not waited for in line but polled (see
+/// `Daemon::settle_round`); a smaller one too while other jobs run or names wait.
+const POLLED_ROUND_JOBS: usize = 8;
 /// The most names in `incoming/` looked at per chunk (rejected ones count here only).
 const MAX_LOOKS_PER_CHUNK: usize = 4 * MAX_ROUND_JOBS;
 /// The least quiet after which a changed `queue` is rewritten at once (see
@@ -565,6 +594,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         round: None,
         to_admit: std::collections::VecDeque::new(),
         to_admit_names: HashSet::new(),
+        round_ready: round_ready(),
         undurable: HashMap::new(),
         lazy: None,
         fresh: SpecCache::default(),
@@ -629,6 +659,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             }
             // The next chunk of a large admission (after_batch takes it).
             _ = std::future::ready(()), if d.admission_waiting() => {}
+            // The round in flight is through (after_batch takes its outcome).
+            _ = round_through(&d.round_ready), if d.round_polled() => {}
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
                 d.retry_at = None;
                 d.deferred.clear();
@@ -1082,8 +1114,6 @@ impl Daemon {
                     None => note!("the launcher answered a launch it was not given (pid {pid})"),
                 }
             }
-            // after_batch takes the outcome (poll_round).
-            Msg::RoundDone => {}
             Msg::LauncherGone(gen) => {
                 if gen == self.launcher_gen && self.launcher.is_some() {
                     self.launcher_lost("its answers closed");
@@ -1536,53 +1566,68 @@ impl Daemon {
         };
         let result = match &mut round.sync {
             RoundSync::Due(paths) => spool::SyncRound::start(&durables(paths)).wait(),
-            RoundSync::Inline(sync) => std::mem::take(sync).wait(),
-            RoundSync::Background(done) => done.recv().unwrap_or_else(|_| Err(round_lost())),
+            RoundSync::Inline(sync) | RoundSync::Polled(sync) => std::mem::take(sync).wait(),
         };
         self.round_done(round, result);
     }
 
     /// Starts the round's fsyncs, if due (the batch's jobs are handed over by now), and
-    /// sees it through: a small one is waited for now ([`Daemon::finish_round`]), a large
-    /// one is handed to a thread that waits for it in the background
-    /// ([`Daemon::poll_round`] takes its outcome).
+    /// sees it through: waited for now ([`Daemon::finish_round`]), or, with an eventfd to
+    /// be woken through, taken by [`Daemon::poll_round`] once its last fsync is through,
+    /// while the daemon goes on with other events. A lone submission on an idle queue is
+    /// waited for in line: nothing else is to be done meanwhile, and the wake-up through
+    /// the event loop costs its start ~0.1 ms. A round of many jobs, or one while other
+    /// jobs run or more names wait, is polled: their ends and starts go on meanwhile, and
+    /// the submissions that come in the meantime share the next round.
     fn settle_round(&mut self) {
         let Some(round) = self.round.as_mut() else {
             return;
         };
         if let RoundSync::Due(paths) = &round.sync {
-            round.sync = RoundSync::Inline(spool::SyncRound::start(&durables(paths)));
+            let own = round
+                .ids
+                .iter()
+                .filter(|id| self.sched.running_placement(**id).is_some())
+                .count();
+            let busy = round.ids.len() >= POLLED_ROUND_JOBS
+                || self.sched.running_len() > own
+                || !self.to_admit.is_empty();
+            let notify = self
+                .round_ready
+                .as_ref()
+                .filter(|_| busy)
+                .map(|fd| std::sync::Arc::clone(fd.get_ref()));
+            let paths = durables(paths);
+            round.sync = match notify {
+                Some(fd) => RoundSync::Polled(spool::SyncRound::start_notify(&paths, Some(fd))),
+                None => RoundSync::Inline(spool::SyncRound::start(&paths)),
+            };
         }
-        if round.ids.len() < BACKGROUND_ROUND_JOBS {
-            return self.finish_round();
+        match round.sync {
+            RoundSync::Polled(_) => self.poll_round(),
+            _ => self.finish_round(),
         }
-        let RoundSync::Inline(_) = round.sync else {
-            return self.poll_round();
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return self.finish_round();
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        let RoundSync::Inline(sync) = std::mem::replace(&mut round.sync, RoundSync::Background(rx))
+    }
+
+    /// Whether the round in flight is polled (see [`Daemon::settle_round`]).
+    fn round_polled(&self) -> bool {
+        matches!(
+            self.round.as_ref().map(|r| &r.sync),
+            Some(RoundSync::Polled(_))
+        )
+    }
+
+    /// Takes the outcome of a polled round, if it is through.
+    fn poll_round(&mut self) {
+        let Some(AdmissionRound {
+            sync: RoundSync::Polled(sync),
+            ..
+        }) = self.round.as_mut()
         else {
             return;
         };
-        let wake = self.tx.clone();
-        rt.spawn_blocking(move || {
-            let _ = tx.send(sync.wait());
-            let _ = wake.send(Msg::RoundDone);
-        });
-    }
-
-    /// Takes the outcome of a round waited for in the background, if it is through.
-    fn poll_round(&mut self) {
-        let result = match self.round.as_ref().map(|r| &r.sync) {
-            Some(RoundSync::Background(done)) => match done.try_recv() {
-                Ok(r) => r,
-                Err(std::sync::mpsc::TryRecvError::Empty) => return,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(round_lost()),
-            },
-            _ => return,
+        let Some(result) = sync.try_wait() else {
+            return;
         };
         if let Some(round) = self.round.take() {
             self.round_done(round, result);

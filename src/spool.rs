@@ -1435,27 +1435,57 @@ pub fn sync_all(paths: &[Durable<'_>]) -> Result<()> {
 #[derive(Default)]
 pub struct SyncRound {
     results: Option<std::sync::mpsc::Receiver<Result<()>>>,
+    /// Fsyncs handed to the pool, and how many of their outcomes are in.
     sent: usize,
-    /// The first error of the fsyncs that had to run in line (no pool).
+    received: usize,
+    /// The first error so far (of the fsyncs that ran in line, or of those received).
     error: Option<SpoolError>,
+}
+
+/// Counts a round's fsyncs down and, when the last is through, adds 1 to an eventfd (see
+/// [`SyncRound::start_notify`]).
+struct Countdown {
+    left: std::sync::atomic::AtomicUsize,
+    fd: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+impl Countdown {
+    fn done(&self) {
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            // An eventfd's counter only fails to take 1 at u64::MAX - 1: never here.
+            let _ = nix::unistd::write(&*self.fd, &1u64.to_ne_bytes());
+        }
+    }
 }
 
 impl SyncRound {
     /// Hands every path to the pool (in line, here, where the pool cannot take it).
     pub fn start(paths: &[Durable<'_>]) -> SyncRound {
-        let mut round = SyncRound {
-            results: None,
-            sent: 0,
-            error: None,
-        };
-        if paths.is_empty() {
-            return round;
-        }
+        SyncRound::start_notify(paths, None)
+    }
+
+    /// [`SyncRound::start`], and once every fsync of the round is through, 1 is added to
+    /// the eventfd `notify` (by the thread that did the last one, or here if they all ran
+    /// in line), so that an event loop can wait for the round with its other events and
+    /// then take the outcome with [`SyncRound::try_wait`].
+    pub fn start_notify(
+        paths: &[Durable<'_>],
+        notify: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    ) -> SyncRound {
+        let mut round = SyncRound::default();
+        // One count per path, and one for this loop, so that nothing notifies before every
+        // path is handed out.
+        let countdown = notify.map(|fd| {
+            std::sync::Arc::new(Countdown {
+                left: std::sync::atomic::AtomicUsize::new(paths.len() + 1),
+                fd,
+            })
+        });
         let (done, results) = std::sync::mpsc::channel();
         let pool = SyncPool::get();
         for d in paths {
             let sent = match pool {
-                Some(pool) => pool.send(d.detached(), done.clone()),
+                Some(pool) => pool.send(d.detached(), done.clone(), countdown.clone()),
                 None => Err(d.detached()),
             };
             match sent {
@@ -1464,35 +1494,64 @@ impl SyncRound {
                     if let Err(e) = d.sync() {
                         round.error.get_or_insert(e);
                     }
+                    if let Some(c) = &countdown {
+                        c.done();
+                    }
                 }
             }
+        }
+        if let Some(c) = &countdown {
+            c.done();
         }
         round.results = Some(results);
         round
     }
 
-    /// Waits for every fsync of the round; the first error, if any.
-    pub fn wait(self) -> Result<()> {
-        let mut first_error = self.error;
-        if let Some(results) = self.results {
-            for _ in 0..self.sent {
-                let r = match results.recv() {
-                    Ok(r) => r,
-                    // A worker died with the path (it cannot: sync() does not panic).
-                    Err(_) => Err(SpoolError::Io {
-                        path: PathBuf::from("(fsync worker)"),
-                        source: io::Error::other("an fsync worker exited"),
-                    }),
-                };
-                if let Err(e) = r {
-                    first_error.get_or_insert(e);
-                }
+    /// The round's outcome if every fsync is through, without waiting; `None` while some
+    /// still run.
+    pub fn try_wait(&mut self) -> Option<Result<()>> {
+        while self.received < self.sent {
+            let r = match self.results.as_ref().map(|r| r.try_recv()) {
+                Some(Ok(r)) => r,
+                Some(Err(std::sync::mpsc::TryRecvError::Empty)) => return None,
+                // A worker died with the path (it cannot: sync() does not panic).
+                Some(Err(std::sync::mpsc::TryRecvError::Disconnected)) | None => Err(worker_gone()),
+            };
+            self.received += 1;
+            if let Err(e) = r {
+                self.error.get_or_insert(e);
             }
         }
-        match first_error {
+        Some(match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        })
+    }
+
+    /// Waits for every fsync of the round; the first error, if any.
+    pub fn wait(mut self) -> Result<()> {
+        while self.received < self.sent {
+            let r = match self.results.as_ref().map(|r| r.recv()) {
+                Some(Ok(r)) => r,
+                // A worker died with the path (it cannot: sync() does not panic).
+                Some(Err(_)) | None => Err(worker_gone()),
+            };
+            self.received += 1;
+            if let Err(e) = r {
+                self.error.get_or_insert(e);
+            }
+        }
+        match self.error {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+fn worker_gone() -> SpoolError {
+    SpoolError::Io {
+        path: PathBuf::from("(fsync worker)"),
+        source: io::Error::other("an fsync worker exited"),
     }
 }
 
@@ -1520,7 +1579,11 @@ impl DurablePath {
     }
 }
 
-type SyncTask = (DurablePath, std::sync::mpsc::Sender<Result<()>>);
+type SyncTask = (
+    DurablePath,
+    std::sync::mpsc::Sender<Result<()>>,
+    Option<std::sync::Arc<Countdown>>,
+);
 
 /// The threads [`sync_all`] hands fsyncs to: started once, on first use, and kept (a thread
 /// made per batch cost the daemon two clones and two exits per admission).
@@ -1548,8 +1611,13 @@ impl SyncPool {
                             Ok(rx) => rx.recv(),
                             Err(_) => return,
                         };
-                        let Ok((what, done)) = task else { return };
+                        let Ok((what, done, countdown)) = task else {
+                            return;
+                        };
                         let _ = done.send(what.sync());
+                        if let Some(c) = countdown {
+                            c.done();
+                        }
                     });
                 if worker.is_ok() {
                     started += 1;
@@ -1567,9 +1635,10 @@ impl SyncPool {
         &self,
         what: DurablePath,
         done: std::sync::mpsc::Sender<Result<()>>,
+        countdown: Option<std::sync::Arc<Countdown>>,
     ) -> std::result::Result<(), DurablePath> {
         match self.tasks.lock() {
-            Ok(tx) => tx.send((what, done)).map_err(|e| e.0 .0),
+            Ok(tx) => tx.send((what, done, countdown)).map_err(|e| e.0 .0),
             Err(_) => Err(what),
         }
     }
@@ -1815,6 +1884,49 @@ mod tests {
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&files[0], &link).unwrap();
         assert!(sync_all(&[Durable::File(&link), Durable::Dir(tmp.path())]).is_err());
+    }
+
+    /// A notifying round adds exactly 1 to its eventfd once every fsync is through, after
+    /// which `try_wait` has the outcome (the first error included); an empty round notifies
+    /// at once.
+    #[test]
+    fn a_notifying_round_counts_its_end_once_on_the_eventfd() {
+        use std::os::fd::{AsFd, FromRawFd};
+        fn eventfd() -> std::sync::Arc<std::os::fd::OwnedFd> {
+            // SAFETY: eventfd takes no pointers; the descriptor is owned from here on.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: just made, owned by nobody else.
+            std::sync::Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+        }
+        // Blocks until the eventfd counts something; returns the count (and resets it).
+        fn count(fd: &std::os::fd::OwnedFd) -> u64 {
+            let mut buf = [0u8; 8];
+            assert_eq!(nix::unistd::read(fd.as_fd(), &mut buf).unwrap(), 8);
+            u64::from_ne_bytes(buf)
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let files: Vec<PathBuf> = (0..20).map(|i| tmp.path().join(format!("f{i}"))).collect();
+        for f in &files {
+            fs::write(f, b"x").unwrap();
+        }
+        let mut paths: Vec<Durable<'_>> = files.iter().map(|f| Durable::File(f)).collect();
+        paths.push(Durable::Dir(tmp.path()));
+        let fd = eventfd();
+        let mut round = SyncRound::start_notify(&paths, Some(fd.clone()));
+        assert_eq!(count(&fd), 1);
+        assert!(matches!(round.try_wait(), Some(Ok(()))));
+        let missing = tmp.path().join("missing");
+        paths.insert(3, Durable::File(&missing));
+        let mut round = SyncRound::start_notify(&paths, Some(fd.clone()));
+        assert_eq!(count(&fd), 1);
+        match round.try_wait() {
+            Some(Err(e)) => assert!(e.to_string().contains("missing"), "{e}"),
+            other => panic!("expected the missing file's error, got {other:?}"),
+        }
+        let mut round = SyncRound::start_notify(&[], Some(fd.clone()));
+        assert_eq!(count(&fd), 1);
+        assert!(matches!(round.try_wait(), Some(Ok(()))));
     }
 
     #[test]
