@@ -1864,13 +1864,19 @@ mod tests {
         );
     }
 
-    #[test]
-    fn sync_all_syncs_every_path_and_reports_the_first_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let files: Vec<PathBuf> = (0..20).map(|i| tmp.path().join(format!("f{i}"))).collect();
+    /// Twenty small files in `dir`.
+    fn twenty_files(dir: &Path) -> Vec<PathBuf> {
+        let files: Vec<PathBuf> = (0..20).map(|i| dir.join(format!("f{i}"))).collect();
         for f in &files {
             fs::write(f, b"x").unwrap();
         }
+        files
+    }
+
+    #[test]
+    fn sync_all_syncs_every_path_and_reports_the_first_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = twenty_files(tmp.path());
         let mut paths: Vec<Durable<'_>> = files.iter().map(|f| Durable::File(f)).collect();
         paths.push(Durable::Dir(tmp.path()));
         sync_all(&paths).unwrap();
@@ -1906,10 +1912,7 @@ mod tests {
             u64::from_ne_bytes(buf)
         }
         let tmp = tempfile::tempdir().unwrap();
-        let files: Vec<PathBuf> = (0..20).map(|i| tmp.path().join(format!("f{i}"))).collect();
-        for f in &files {
-            fs::write(f, b"x").unwrap();
-        }
+        let files = twenty_files(tmp.path());
         let mut paths: Vec<Durable<'_>> = files.iter().map(|f| Durable::File(f)).collect();
         paths.push(Durable::Dir(tmp.path()));
         let fd = eventfd();
