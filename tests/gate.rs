@@ -200,3 +200,102 @@ fn job_whose_admission_cannot_be_made_durable_fails_without_running() {
     d.wait_done(id2, "SUCCEEDED");
     assert_eq!(fs::read_to_string(&ran2).unwrap_or_default(), "ran\n");
 }
+
+/// A shimmed daemon (see [`shimmed_daemon`]) running a blocker job that waits for `gate`,
+/// and a job submitted with the shim armed (its fsyncs held or failed): the daemon, the
+/// marker (still there), the gate, the blocker's ID, the job's ID and the file it writes
+/// when it runs.
+struct WithBlocker {
+    d: Daemon,
+    marker: PathBuf,
+    gate: Gate,
+    blocker: u64,
+    id: u64,
+    ran: PathBuf,
+}
+
+fn submit_beside_a_blocker(dir: &Path, mode: &str) -> Option<WithBlocker> {
+    let (mut d, marker) = shimmed_daemon(dir, mode)?;
+    let gate = Gate::new(&d.scratch(), "blocker");
+    let blocker = d.submit(
+        "blocker.yaml",
+        &format!(
+            "name: blocker\nrun: |\n  {}\n  echo blocker done\n",
+            gate.wait_cmd()
+        ),
+    );
+    d.wait_status(blocker, "RUNNING");
+    let ran = d.scratch().join("ran");
+    fs::write(&marker, b"").expect("arm the shim");
+    let id = d.submit("gated.yaml", &job_yaml(&ran));
+    Some(WithBlocker {
+        d,
+        marker,
+        gate,
+        blocker,
+        id,
+        ran,
+    })
+}
+
+/// While another job runs, a submission's round is not waited for in line: with its fsyncs
+/// held, the daemon still records the other job's end, and the new job stays behind its
+/// gate until the fsyncs go through, then runs once. (Before, the event loop itself waited
+/// for the round, and the other job's end went unrecorded as long as the fsyncs hung.)
+#[test]
+fn other_jobs_are_served_while_a_round_hangs_and_its_job_waits_at_its_gate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(w) = submit_beside_a_blocker(dir.path(), "HOLD") else {
+        return;
+    };
+    let d = &w.d;
+    let needle = format!("echo ran >> {}", w.ran.display());
+    wait_until(
+        DEADLINE,
+        "the job's bash to wait at its gate",
+        || !processes_with(&needle).is_empty(),
+        || d.diagnostics(),
+    );
+    w.gate.open();
+    d.wait_done(w.blocker, "SUCCEEDED");
+    assert!(
+        !w.ran.exists(),
+        "the job ran before its admission was durable"
+    );
+    assert_eq!(
+        d.status(w.id),
+        "PENDING",
+        "the supervisor said the job runs"
+    );
+    fs::remove_file(&w.marker).expect("release the fsyncs");
+    d.wait_done(w.id, "SUCCEEDED");
+    assert_eq!(
+        fs::read_to_string(&w.ran).unwrap_or_default(),
+        "ran\n",
+        "the job did not run exactly once\n{}",
+        d.diagnostics()
+    );
+}
+
+/// The same round failing while another job runs: its job, handed over already, fails
+/// without running; the running job is untouched and ends normally.
+#[test]
+fn a_round_that_fails_while_other_jobs_run_fails_only_its_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(w) = submit_beside_a_blocker(dir.path(), "FAIL") else {
+        return;
+    };
+    let d = &w.d;
+    d.wait_done(w.id, "FAILED_DRIVER");
+    fs::remove_file(&w.marker).expect("stop failing");
+    assert!(!w.ran.exists(), "the job ran though its admission failed");
+    let reason = d.info(w.id)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("durable"), "reason: {reason}");
+    assert_eq!(d.status(w.blocker), "RUNNING");
+    w.gate.open();
+    d.wait_done(w.blocker, "SUCCEEDED");
+    assert_eq!(d.log(w.blocker), "blocker done\n");
+}
