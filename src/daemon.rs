@@ -151,14 +151,7 @@ enum RoundSync {
 type RoundReady = Option<tokio::io::unix::AsyncFd<std::sync::Arc<std::os::fd::OwnedFd>>>;
 
 fn round_ready() -> RoundReady {
-    use std::os::fd::FromRawFd;
-    // SAFETY: eventfd takes no pointers; a valid descriptor is owned here from now on.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    let fd = spool::eventfd(true).ok()?;
     // SAFETY: the AsyncFd owns one reference to the descriptor, which stays open (and the
     // same eventfd) at least as long as the AsyncFd lives.
     unsafe { tokio::io::unix::AsyncFd::register(std::sync::Arc::new(fd)) }.ok()

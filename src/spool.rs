@@ -1514,18 +1514,11 @@ impl SyncRound {
             let r = match self.results.as_ref().map(|r| r.try_recv()) {
                 Some(Ok(r)) => r,
                 Some(Err(std::sync::mpsc::TryRecvError::Empty)) => return None,
-                // A worker died with the path (it cannot: sync() does not panic).
                 Some(Err(std::sync::mpsc::TryRecvError::Disconnected)) | None => Err(worker_gone()),
             };
-            self.received += 1;
-            if let Err(e) = r {
-                self.error.get_or_insert(e);
-            }
+            self.take(r);
         }
-        Some(match self.error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        })
+        Some(self.outcome())
     }
 
     /// Waits for every fsync of the round; the first error, if any.
@@ -1533,26 +1526,51 @@ impl SyncRound {
         while self.received < self.sent {
             let r = match self.results.as_ref().map(|r| r.recv()) {
                 Some(Ok(r)) => r,
-                // A worker died with the path (it cannot: sync() does not panic).
                 Some(Err(_)) | None => Err(worker_gone()),
             };
-            self.received += 1;
-            if let Err(e) = r {
-                self.error.get_or_insert(e);
-            }
+            self.take(r);
         }
-        match self.error {
+        self.outcome()
+    }
+
+    /// Counts one fsync's outcome in, keeping the first error.
+    fn take(&mut self, r: Result<()>) {
+        self.received += 1;
+        if let Err(e) = r {
+            self.error.get_or_insert(e);
+        }
+    }
+
+    /// The first error, if any (taken: asked once, when every outcome is in).
+    fn outcome(&mut self) -> Result<()> {
+        match self.error.take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 }
 
+/// The outcome of an fsync whose worker died with the path (it cannot: `sync()` does not
+/// panic).
 fn worker_gone() -> SpoolError {
     SpoolError::Io {
         path: PathBuf::from("(fsync worker)"),
         source: io::Error::other("an fsync worker exited"),
     }
+}
+
+/// A new eventfd (close-on-exec; `nonblocking` as asked), counting from 0: what
+/// [`SyncRound::start_notify`] adds a round's end to.
+pub fn eventfd(nonblocking: bool) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let flags = libc::EFD_CLOEXEC | if nonblocking { libc::EFD_NONBLOCK } else { 0 };
+    // SAFETY: eventfd takes no pointers.
+    let fd = unsafe { libc::eventfd(0, flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by eventfd and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// A [`Durable`] that can go to another thread.
@@ -1897,14 +1915,7 @@ mod tests {
     /// at once.
     #[test]
     fn a_notifying_round_counts_its_end_once_on_the_eventfd() {
-        use std::os::fd::{AsFd, FromRawFd};
-        fn eventfd() -> std::sync::Arc<std::os::fd::OwnedFd> {
-            // SAFETY: eventfd takes no pointers; the descriptor is owned from here on.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-            assert!(fd >= 0);
-            // SAFETY: just made, owned by nobody else.
-            std::sync::Arc::new(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-        }
+        use std::os::fd::AsFd;
         // Blocks until the eventfd counts something; returns the count (and resets it).
         fn count(fd: &std::os::fd::OwnedFd) -> u64 {
             let mut buf = [0u8; 8];
@@ -1915,7 +1926,7 @@ mod tests {
         let files = twenty_files(tmp.path());
         let mut paths: Vec<Durable<'_>> = files.iter().map(|f| Durable::File(f)).collect();
         paths.push(Durable::Dir(tmp.path()));
-        let fd = eventfd();
+        let fd = std::sync::Arc::new(eventfd(false).unwrap());
         let mut round = SyncRound::start_notify(&paths, Some(fd.clone()));
         assert_eq!(count(&fd), 1);
         assert!(matches!(round.try_wait(), Some(Ok(()))));
