@@ -87,6 +87,10 @@ struct Launching {
     /// The job's start gate (see [`executor::Launch::gate`]), when its admission was not
     /// durable yet at the hand-over.
     gate: Option<std::os::fd::OwnedFd>,
+    /// The job's `log`, when it was launched before it was published (see
+    /// [`Daemon::launch_early`]).
+    log: Option<std::os::fd::OwnedFd>,
+    /// Where the lock is now (in `staging/` until an early launch's job is published).
     lock_path: PathBuf,
     sent: std::time::Instant,
     /// A prestart's launch confirmed before the launcher answered it: the daemon's end of
@@ -141,6 +145,10 @@ enum RoundSync {
     /// job's supervisor and `bash` get the CPUs first: the round (gate open at ~1 ms) is
     /// not what the job's first command waits for, `bash`'s start-up (~1.2 ms) is.
     Due(Vec<(PathBuf, bool)>),
+    /// The round of a job launched before it was published (see [`Daemon::launch_early`]),
+    /// made for its gate while the job is staged: its paths are set once it is published.
+    /// Never synced as it is: a round taken in this state closes its gate unopened.
+    Unstaged,
     Inline(spool::SyncRound),
     Polled(spool::SyncRound),
 }
@@ -735,6 +743,20 @@ impl SpecCache {
     }
 }
 
+/// A lone submission placed before it was staged (see [`Daemon::place_early`]).
+struct Early {
+    id: JobId,
+    /// Its record as it will be staged (PENDING).
+    info: JobInfo,
+    placement: Placement,
+    /// Handed over already (see [`Daemon::launch_early`]).
+    launched: Option<EarlyLaunch>,
+}
+
+/// An early launch: the launch record's time, the placement as recorded, and the
+/// supervisor's pid if the hand-over already knew it.
+type EarlyLaunch = (String, Vec<NodeAssignment>, Option<u32>);
+
 /// Everything a job needs before the scheduler sees it.
 struct Admission {
     spec: JobSpec,
@@ -788,6 +810,10 @@ impl Daemon {
         let mut published = BTreeSet::new();
         for claimed in self.spool.list_staged()? {
             let id = claimed.id;
+            // The lock of a job launched before it was published (see
+            // [`Daemon::launch_early`]): its gate opens only once the job is published and
+            // durable, so nothing of it ran, and the dead daemon's end of the gate is closed.
+            let _ = std::fs::remove_file(claimed.dir.join(".sky").join("supervisor.lock"));
             if claimed.staged {
                 if let Err(e) = self.spool.publish(&claimed) {
                     note!("staged job {id}: {e}");
@@ -810,7 +836,7 @@ impl Daemon {
             match self.spool.read_claimed_yaml(&claimed) {
                 Ok(yaml) => match self.validate(&claimed.source, &yaml, claimed.uid) {
                     Ok(adm) => {
-                        if let Err(e) = self.stage_and_publish(vec![(claimed, adm)]) {
+                        if let Err(e) = self.stage_and_publish(vec![(claimed, adm)], false) {
                             note!("staged job {id}: {e}");
                         }
                     }
@@ -1330,7 +1356,7 @@ impl Daemon {
             }
         }
         if !ready.is_empty() {
-            if let Err(e) = self.stage_and_publish(ready) {
+            if let Err(e) = self.stage_and_publish(ready, true) {
                 note!("admission failed: {e}");
             }
         }
@@ -1410,14 +1436,28 @@ impl Daemon {
 
     /// Writes each claimed job's files, publishes each job, and starts the round of fsyncs
     /// that makes them durable (see [`AdmissionRound`]); the batch's starts happen while it
-    /// runs, and [`Daemon::finish_round`] opens their gates once it is through.
-    fn stage_and_publish(&mut self, ready: Vec<(Claimed, Admission)>) -> anyhow::Result<()> {
+    /// runs, and [`Daemon::finish_round`] opens their gates once it is through. With
+    /// `early`, a lone submission may be placed and launched before it is staged (see
+    /// [`Daemon::place_early`]).
+    fn stage_and_publish(
+        &mut self,
+        ready: Vec<(Claimed, Admission)>,
+        early: bool,
+    ) -> anyhow::Result<()> {
         // One round at a time: the last one's jobs are durable before new IDs are given.
         self.finish_round();
+        let early = match (early, ready.as_slice()) {
+            (true, [(claimed, adm)]) => self.place_early(claimed, adm),
+            _ => None,
+        };
         let mut staged: Vec<(Claimed, JobInfo, Admission)> = Vec::new();
         let first_id = ready.iter().map(|(c, _)| c.id).min();
         for (claimed, adm) in ready {
-            match self.stage(&claimed, &adm) {
+            let launched = early
+                .as_ref()
+                .filter(|e| e.id == claimed.id && e.launched.is_some())
+                .map(|e| &e.info);
+            match self.stage(&claimed, &adm, launched) {
                 Ok(info) => staged.push((claimed, info, adm)),
                 Err(e) if is_out_of_space(&e) => self.defer(&claimed, &e),
                 Err(e) => {
@@ -1446,8 +1486,13 @@ impl Daemon {
             None => None,
         };
         if staged.is_empty() {
-            // Nothing of this batch was published: its IDs were never seen, give them again.
-            if let Some(first) = first_id {
+            if let Some(e) = &early {
+                // Its gate closes unopened: its supervisor (if it got the launch) kills the
+                // bash still at its first line. Its ID is not given again: the launch,
+                // answered later, names it.
+                self.abandon_early(e);
+            } else if let Some(first) = first_id {
+                // Nothing of this batch was published: its IDs were never seen, give them again.
                 if self.next_id > first && self.spool.next_id().is_ok_and(|n| n <= first) {
                     self.next_id = first;
                 }
@@ -1455,17 +1500,22 @@ impl Daemon {
             return Ok(());
         }
         let mut ids = BTreeSet::new();
+        let mut early_start = None;
         for (claimed, info, adm) in staged {
             let id = claimed.id;
-            if adm.spec.secrets.is_empty() {
-                // `job.yaml` holds exactly the bytes this was parsed from.
-                self.fresh.insert(id, adm.spec, adm.yaml.len());
-            }
+            let this_early = early.as_ref().filter(|e| e.id == id);
             if claimed.has_workdir && self.spool.secrets_file(id).exists() {
                 // The submitted copy holds the secrets in clear: keep only the redacted one.
                 let _ = std::fs::remove_file(claimed.content.join("job.yaml"));
             }
-            self.spool.publish(&claimed)?;
+            if let Err(e) = self.spool.publish(&claimed) {
+                // Left in staging/ with its info.json: published at the next start.
+                note!("job {id}: could not be published: {e}");
+                if let Some(e) = this_early {
+                    self.abandon_early(e);
+                }
+                continue;
+            }
             ids.insert(id);
             note!(
                 "job {id} ({}) admitted from {} for {}, needs {}",
@@ -1477,13 +1527,139 @@ impl Daemon {
             self.jobs.insert(id, info);
             self.touched.insert(id);
             let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
-            self.enqueue(id);
             self.dirty = true;
+            if let Some(e) = this_early {
+                // Placed already: started below, or launched already.
+                early_start = Some((e.placement.clone(), adm.spec, adm.yaml.len()));
+                continue;
+            }
+            if adm.spec.secrets.is_empty() {
+                // `job.yaml` holds exactly the bytes this was parsed from.
+                self.fresh.insert(id, adm.spec, adm.yaml.len());
+            }
+            self.enqueue(id);
             // A cancel may already be waiting (made between publish and watch).
             self.handle_cancel(id);
         }
         self.start_round(ids, last_id);
+        if let (Some(e), Some((placement, spec, size))) = (early, early_start) {
+            let id = e.id;
+            match e.launched {
+                Some((started, assignments, answered)) => {
+                    // Its lock moved with its directory.
+                    let lock_path = self.spool.job_private(id).join("supervisor.lock");
+                    if let Some(l) = self.launching.iter_mut().find(|l| l.id == id) {
+                        l.lock_path = lock_path;
+                    }
+                    self.record_start(e.info, &spec, started, assignments, answered);
+                    // A cancel made meanwhile: its supervisor is signalled once known.
+                    self.handle_cancel(id);
+                }
+                None => {
+                    if spec.secrets.is_empty() {
+                        self.fresh.insert(id, spec, size);
+                    }
+                    self.start(id, placement);
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// A lone submission on a queue where nothing waits: placed at once, before it is
+    /// staged, and, if it fits now and its launch opens no path of the job before its gate
+    /// opens ([`executor::launchable_unpublished`]), handed to a supervisor right away, its
+    /// lock (in `staging/<id>/.sky/`) and its `log` passed as descriptors, so that its
+    /// `bash` starts while the daemon stages and publishes it. It waits at its start gate
+    /// like any job of a round in flight: the round is made now (for the gate) and its
+    /// fsyncs start only after the publication, so the gate never opens on a job that is
+    /// not published and durable. `None`: it did not fit now (it is queued as usual once
+    /// published).
+    fn place_early(&mut self, claimed: &Claimed, adm: &Admission) -> Option<Early> {
+        if claimed.has_workdir || self.sched.pending_len() > 0 || self.round.is_some() {
+            return None;
+        }
+        let id = claimed.id;
+        let info = self.job_info(claimed, adm);
+        self.sched
+            .enqueue_at(id, info.demand.clone(), epoch_ms(&info.submitted));
+        let mut placed = self.sched.schedule_at(now_ms());
+        let Some(at) = placed.iter().position(|(j, _)| *j == id) else {
+            self.sched.dequeue(id);
+            for (other, placement) in placed {
+                self.start(other, placement);
+            }
+            return None;
+        };
+        let (_, placement) = placed.remove(at);
+        for (other, p) in placed {
+            self.start(other, p);
+        }
+        let mut early = Early {
+            id,
+            info,
+            placement,
+            launched: None,
+        };
+        match self.launch_early(claimed, adm, &early) {
+            Ok(launched) => early.launched = launched,
+            Err(e) => {
+                // Started the usual way once published (where this fails again, the job
+                // fails to start with the reason).
+                self.round = None;
+                note!("job {id}: could not be launched before its publication: {e:#}");
+            }
+        }
+        Some(early)
+    }
+
+    /// The hand-over of [`Daemon::place_early`]: the launch record's time and the
+    /// placement, and the supervisor's pid if already known; `None` where the launch would
+    /// open a path of the job before its gate opens (it is started once published).
+    fn launch_early(
+        &mut self,
+        claimed: &Claimed,
+        adm: &Admission,
+        early: &Early,
+    ) -> anyhow::Result<Option<EarlyLaunch>> {
+        let id = early.id;
+        let assignments = self.assignments(&early.placement);
+        let plan = self.plan(&early.info, &adm.spec, &assignments)?;
+        if !executor::launchable_unpublished(&plan) {
+            return Ok(None);
+        }
+        self.make_private_dir(claimed)?;
+        let log = spool::create_log(&claimed.dir)?;
+        let started = spool::now_rfc3339();
+        let record = spool::LaunchRecord {
+            started: started.clone(),
+            placement: assignments.clone(),
+        };
+        let lock_path = claimed.dir.join(".sky").join("supervisor.lock");
+        let lock = executor::take_launch_lock(&lock_path, &record)
+            .context("taking the job's launch lock")?;
+        let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
+        // The job's round, made now for its gate; its fsyncs are set once it is published.
+        self.round = Some(AdmissionRound {
+            sync: RoundSync::Unstaged,
+            ids: BTreeSet::from([id]),
+            gate: None,
+            later: Vec::new(),
+        });
+        let gate = self.gate_for(id).context("making the job's start gate")?;
+        let answered = self
+            .hand_off(id, json, lock, gate, Some(log.into()), lock_path)
+            .context("handing the job to its supervisor")?;
+        Ok(Some((started, assignments, answered)))
+    }
+
+    /// An early placed job that could not be staged or published: its round (and so its
+    /// gate) is dropped unopened, its resources freed.
+    fn abandon_early(&mut self, early: &Early) {
+        if early.launched.is_some() {
+            self.round = None;
+        }
+        self.sched.release(early.id);
     }
 
     /// Makes the round of fsyncs that makes the just published jobs `ids` durable: each
@@ -1498,6 +1674,8 @@ impl Daemon {
     /// and nothing of them ran (their gates were closed).
     fn start_round(&mut self, ids: BTreeSet<JobId>, last_id: Option<PathBuf>) {
         if ids.is_empty() {
+            // An early launch's round, if any, closes its gate unopened.
+            self.round = None;
             return;
         }
         let jobs = self.spool.jobs();
@@ -1508,10 +1686,12 @@ impl Daemon {
             paths.push((dir.join("info.json"), false));
             paths.push((dir, true));
         }
+        // An early launch's round (see [`Daemon::launch_early`]) keeps its gate.
+        let gate = self.round.take().and_then(|r| r.gate);
         self.round = Some(AdmissionRound {
             sync: RoundSync::Due(paths),
             ids,
-            gate: None,
+            gate,
             later: std::iter::once((self.spool.staging(), true))
                 .chain(last_id.map(|p| (p, false)))
                 .collect(),
@@ -1558,6 +1738,14 @@ impl Daemon {
             return;
         };
         let result = match &mut round.sync {
+            RoundSync::Unstaged => {
+                // Not published: its gate closes unopened as the round is dropped.
+                note!(
+                    "jobs {:?}: launched but never published; not run",
+                    round.ids
+                );
+                return;
+            }
             RoundSync::Due(paths) => spool::SyncRound::start(&durables(paths)).wait(),
             RoundSync::Inline(sync) | RoundSync::Polled(sync) => std::mem::take(sync).wait(),
         };
@@ -1704,7 +1892,7 @@ impl Daemon {
             }
             Err(format!("{}: could not be admitted: {e}", claimed.source))
         };
-        let info = match self.stage(&claimed, &adm) {
+        let info = match self.stage(&claimed, &adm, None) {
             Ok(info) => info,
             Err(e) => return fail(self, format!("{e:#}")),
         };
@@ -1761,18 +1949,48 @@ impl Daemon {
 
     /// Writes `job.yaml`, `status`, `log`, `info.json` (and secrets, privately) of a
     /// claimed submission inside its staging directory.
-    fn stage(&self, c: &Claimed, adm: &Admission) -> anyhow::Result<JobInfo> {
+    /// `early`: the job was launched already (see [`Daemon::launch_early`]), which made its
+    /// `.sky/` and `log`.
+    fn stage(
+        &self,
+        c: &Claimed,
+        adm: &Admission,
+        early: Option<&JobInfo>,
+    ) -> anyhow::Result<JobInfo> {
         let spec = &adm.spec;
-        std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755))?;
-
+        if early.is_none() {
+            self.make_private_dir(c)?;
+        }
         if spec.secrets.is_empty() {
             spool::write_private(&c.dir, "job.yaml", &adm.yaml)?;
         } else {
             spool::write_private(&c.dir, "job.yaml", spec.to_redacted_yaml().as_bytes())?;
             self.spool.write_secrets(c.id, &spec.secrets)?;
         }
-        // The job's private directory exists before the owner can write in the job
-        // directory (the ACL below), so they can never plant a link in its place.
+        spool::write_private(&c.dir, "status", b"PENDING\n")?;
+        if early.is_none() {
+            spool::write_private(&c.dir, "log", b"")?;
+        }
+        let info = match early {
+            Some(info) => info.clone(),
+            None => self.job_info(c, adm),
+        };
+        if self.am_root && info.uid != 0 {
+            // The owner must be able to create `cancel`; nobody else may write here.
+            spool::grant_create(&c.dir, info.uid)?;
+        }
+        // Last: a staging directory with a readable info.json is complete.
+        let mut bytes = serde_json::to_vec_pretty(&info)?;
+        bytes.push(b'\n');
+        spool::write_private(&c.dir, "info.json", &bytes)?;
+        Ok(info)
+    }
+
+    /// The staging directory's mode, and its `.sky/`: made before the owner can write in
+    /// the job directory (the ACL in [`Daemon::stage`]), so they can never plant a link in
+    /// its place.
+    fn make_private_dir(&self, c: &Claimed) -> anyhow::Result<()> {
+        std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755))?;
         let private = c.dir.join(".sky");
         match std::fs::create_dir(&private) {
             Ok(()) => {}
@@ -1780,15 +1998,19 @@ impl Daemon {
             Err(e) => return Err(e.into()),
         }
         std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755))?;
-        spool::write_private(&c.dir, "status", b"PENDING\n")?;
-        spool::write_private(&c.dir, "log", b"")?;
+        Ok(())
+    }
+
+    /// A claimed job's record as admitted (PENDING, submitted now).
+    fn job_info(&self, c: &Claimed, adm: &Admission) -> JobInfo {
+        let spec = &adm.spec;
         let (uid, gid) = match self.root_jobs_as {
             Some(mapped) if c.uid == 0 => mapped,
             _ => (c.uid, c.gid),
         };
         let user = self.users.borrow_mut().get(uid, gid).name;
         let name = spec.name.clone().unwrap_or_else(|| default_name(&c.source));
-        let info = JobInfo {
+        JobInfo {
             id: c.id,
             name,
             user,
@@ -1806,16 +2028,7 @@ impl Daemon {
             placement: vec![],
             exit_codes: vec![],
             reason: None,
-        };
-        if self.am_root && uid != 0 {
-            // The owner must be able to create `cancel`; nobody else may write here.
-            spool::grant_create(&c.dir, uid)?;
         }
-        // Last: a staging directory with a readable info.json is complete.
-        let mut bytes = serde_json::to_vec_pretty(&info)?;
-        bytes.push(b'\n');
-        spool::write_private(&c.dir, "info.json", &bytes)?;
-        Ok(info)
     }
 
     // ------------------------------------------------------------------ running
@@ -1875,18 +2088,31 @@ impl Daemon {
             Some(answered) => answered,
             None => {
                 let gate = self.gate_for(id).context("making the job's start gate")?;
-                self.hand_off(id, json, lock, gate, lock_path)
+                self.hand_off(id, json, lock, gate, None, lock_path)
                     .context("handing the job to its supervisor")?
             }
         };
+        self.record_start(info, &spec, started, assignments, answered);
+        Ok(())
+    }
+
+    /// Records a job handed to its supervisor: `info.json` (started, placement), its link
+    /// moved to `running/`, the daemon's view; the supervisor's pid if already known.
+    fn record_start(
+        &mut self,
+        mut info: JobInfo,
+        spec: &JobSpec,
+        started: String,
+        assignments: Vec<NodeAssignment>,
+        answered: Option<u32>,
+    ) {
+        let id = info.id;
         self.quiet = Some((std::time::Instant::now() + QUIET_AFTER_START, id));
-        let status = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
+        info.status = if spec.setup.as_deref().is_some_and(|s| !s.trim().is_empty()) {
             Status::SettingUp
         } else {
             Status::Running
         };
-        let mut info = info;
-        info.status = status;
         info.started = Some(started);
         info.placement = assignments;
         // The job runs now whatever happens below: a failure here must not fail the start.
@@ -1902,7 +2128,6 @@ impl Daemon {
         if let Some(pid) = answered {
             self.launched(id, pid);
         }
-        Ok(())
     }
 
     /// Job `id`'s spec, read from its `job.yaml` and secrets.
@@ -2009,6 +2234,7 @@ impl Daemon {
             plan: json,
             lock: None,
             gate: Some(theirs.into()),
+            log: None,
             lock_path: self.spool.job_private(id).join("supervisor.lock"),
             sent: std::time::Instant::now(),
             confirmed: None,
@@ -2072,7 +2298,7 @@ impl Daemon {
             Some(_) => Some(lock.try_clone().ok()?),
             None => None,
         };
-        if let Err(e) = executor::send_launch(&p.gate, plan, Some(lock), None) {
+        if let Err(e) = executor::send_launch(&p.gate, plan, Some(lock), None, None) {
             note!("job {id}: its prestart is gone ({e}); launching it afresh");
             return None;
         }
@@ -2094,6 +2320,7 @@ impl Daemon {
         plan: Vec<u8>,
         lock: std::os::fd::OwnedFd,
         gate: Option<std::os::fd::OwnedFd>,
+        log: Option<std::os::fd::OwnedFd>,
         lock_path: PathBuf,
     ) -> std::io::Result<Option<u32>> {
         let l = Launching {
@@ -2101,6 +2328,7 @@ impl Daemon {
             plan,
             lock: Some(lock),
             gate,
+            log,
             lock_path,
             sent: std::time::Instant::now(),
             confirmed: None,
@@ -2134,7 +2362,9 @@ impl Daemon {
             self.new_launcher()?;
         }
         match self.launcher.as_mut() {
-            Some(launcher) => launcher.send(&l.plan, l.lock.as_ref(), l.gate.as_ref()),
+            Some(launcher) => {
+                launcher.send(&l.plan, l.lock.as_ref(), l.gate.as_ref(), l.log.as_ref())
+            }
             None => Err(std::io::Error::other("no launcher")),
         }
     }
@@ -2171,6 +2401,11 @@ impl Daemon {
             }
         }
         for mut l in std::mem::take(&mut self.launching) {
+            if !self.jobs.contains_key(&l.id) {
+                // An early launch whose job could not be staged (see
+                // [`Daemon::launch_early`]): its gate is closed, nothing of it may run.
+                continue;
+            }
             if l.is_prestart() {
                 // A prestart: given up (its supervisor, if any, is told by its gate).
                 self.prestarts.remove(&l.id);

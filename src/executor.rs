@@ -545,6 +545,7 @@ fn launch(sups: &mut Vec<Forked>, job: Launch, launches: &mut Receiver) -> u32 {
             &job.plan,
             job.lock.as_ref(),
             job.gate.as_ref(),
+            job.log.as_ref(),
         )
         .is_ok()
         {
@@ -602,6 +603,10 @@ pub struct Launch {
     /// [`Gate::open`]). Without a lock (a prestart): a Unix socket the job's real launch
     /// comes on (see [`prestart`]).
     pub gate: Option<OwnedFd>,
+    /// The job's `log`, opened for appending by the daemon, when the job is launched before
+    /// it is published (its directory is still in `staging/`, see the daemon's early
+    /// launch); otherwise the supervisor opens `jobs/<id>/log` itself.
+    pub log: Option<OwnedFd>,
 }
 
 /// The bit of a launch's length word that says a gate travels with its lock.
@@ -609,24 +614,32 @@ const GATED: u64 = 1 << 63;
 /// The bit of a launch's length word that says no lock travels with it: a prestart (see
 /// [`prestart`]), whose gate is a socket the confirmation comes on.
 const UNLOCKED: u64 = 1 << 62;
+/// The bit of a launch's length word that says the job's log travels with it (after the
+/// lock and the gate).
+const LOGGED: u64 = 1 << 61;
 
-/// Sends one launch on `sock`: the lock (if any) and the gate (if any) as `SCM_RIGHTS` with
-/// the first bytes, the plan's length (8 bytes, little-endian; [`GATED`] set when a gate
-/// comes, [`UNLOCKED`] when no lock does), then the plan.
+/// Sends one launch on `sock`: the lock (if any), the gate (if any) and the log (if any) as
+/// `SCM_RIGHTS` with the first bytes, the plan's length (8 bytes, little-endian; [`GATED`]
+/// set when a gate comes, [`UNLOCKED`] when no lock does, [`LOGGED`] when the log does),
+/// then the plan.
 pub fn send_launch(
     sock: &std::os::unix::net::UnixStream,
     plan: &[u8],
     lock: Option<&OwnedFd>,
     gate: Option<&OwnedFd>,
+    log: Option<&OwnedFd>,
 ) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let mut bytes = Vec::with_capacity(8 + plan.len());
-    let flag = if gate.is_some() { GATED } else { 0 } | if lock.is_none() { UNLOCKED } else { 0 };
+    let flag = if gate.is_some() { GATED } else { 0 }
+        | if lock.is_none() { UNLOCKED } else { 0 }
+        | if log.is_some() { LOGGED } else { 0 };
     bytes.extend_from_slice(&(plan.len() as u64 | flag).to_le_bytes());
     bytes.extend_from_slice(plan);
     let fds: Vec<_> = lock
         .iter()
         .chain(gate.iter())
+        .chain(log.iter())
         .map(|f| f.as_raw_fd())
         .collect();
     let cmsg = [ControlMessage::ScmRights(&fds)];
@@ -715,7 +728,12 @@ fn serve_jobs(
         // end). One meant for this job comes with its `cancel` file, which is looked at
         // before anything runs.
         signals.drain();
-        let Launch { plan, lock, gate } = job;
+        let Launch {
+            plan,
+            lock,
+            gate,
+            log,
+        } = job;
         // Said once the final `status` is written: the launcher may hand over the next job
         // while this one's result is made durable.
         let free = || {
@@ -726,7 +744,7 @@ fn serve_jobs(
             )
             .is_ok()
         };
-        match supervise_job(&plan, lock, gate, signals, record, &free, finalizer) {
+        match supervise_job(&plan, lock, gate, log, signals, record, &free, finalizer) {
             Ok(true) => {}
             Ok(false) => return 0,
             Err(e) => {
@@ -768,6 +786,7 @@ fn supervise_job(
     text: &[u8],
     lock: Option<OwnedFd>,
     gate: Option<OwnedFd>,
+    log: Option<OwnedFd>,
     signals: &Signals,
     record: &[u8],
     free: &dyn Fn() -> bool,
@@ -811,7 +830,7 @@ fn supervise_job(
             Some("cancelled before it started"),
         ))
     } else {
-        match run_job(&plan, &spool, signals, &mut taken, &mut pre) {
+        match run_job(&plan, &spool, log, signals, &mut taken, &mut pre) {
             Err(ExecError::Untaken) => {
                 kill_all_descendants(false);
                 return Ok(untaken(&plan));
@@ -890,6 +909,18 @@ fn phase_script(plan: &LaunchPlan, phase: &str, body: &str, gated: bool) -> (Pat
 /// The script as bash's `-c` argument, when it fits in one.
 fn inline_script(text: &str) -> Option<&str> {
     (text.len() <= INLINE_SCRIPT_MAX).then_some(text)
+}
+
+/// Whether a gated launch of `plan` opens no path of the job before its gate opens: one
+/// local node, and a first phase (setup, else run) whose script goes to bash as an
+/// argument (a longer one is written to `.sky/` first). Such a job may be launched before
+/// its directory is published (see the daemon's early launch), with its log passed along.
+pub fn launchable_unpublished(plan: &LaunchPlan) -> bool {
+    let local = plan.nodes.len() == 1 && plan.nodes.iter().all(|n| n.ssh.is_none());
+    let first = commands(&plan.setup).or_else(|| commands(&plan.run));
+    local
+        && first
+            .is_none_or(|body| inline_script(&phase_script(plan, "setup", body, true).1).is_some())
 }
 
 fn parse_plan(text: &[u8]) -> Result<LaunchPlan, ExecError> {
@@ -1272,26 +1303,31 @@ impl Receiver {
     }
 
     /// Where the first launch in `data` ends, once all of it is there, whether a lock
-    /// comes with it, and whether a gate does.
-    fn whole(&self) -> Result<Option<(usize, bool, bool)>, ExecError> {
+    /// comes with it, whether a gate does, and whether the log does.
+    fn whole(&self) -> Result<Option<(usize, bool, bool, bool)>, ExecError> {
         let Some(head) = self.data.get(..8) else {
             return Ok(None);
         };
         let mut len = [0u8; 8];
         len.copy_from_slice(head);
         let word = u64::from_le_bytes(len);
-        let end = usize::try_from(word & !(GATED | UNLOCKED))
+        let end = usize::try_from(word & !(GATED | UNLOCKED | LOGGED))
             .ok()
             .and_then(|l| l.checked_add(8))
             .ok_or_else(|| ExecError::Plan("a launch of impossible length".into()))?;
-        Ok((self.data.len() >= end).then_some((end, word & UNLOCKED == 0, word & GATED != 0)))
+        Ok((self.data.len() >= end).then_some((
+            end,
+            word & UNLOCKED == 0,
+            word & GATED != 0,
+            word & LOGGED != 0,
+        )))
     }
 
     /// Whether a whole launch (bytes and descriptors) is already here, with no read needed.
     fn has_whole_launch(&self) -> bool {
         match self.whole() {
-            Ok(Some((_, locked, gated))) => {
-                self.locks.len() >= usize::from(locked) + usize::from(gated)
+            Ok(Some((_, locked, gated, logged))) => {
+                self.locks.len() >= usize::from(locked) + usize::from(gated) + usize::from(logged)
             }
             _ => false,
         }
@@ -1302,7 +1338,7 @@ impl Receiver {
         use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
         use std::io::IoSliceMut;
         loop {
-            if let Some((end, locked, gated)) = self.whole()? {
+            if let Some((end, locked, gated, logged)) = self.whole()? {
                 let lock = match locked {
                     false => None,
                     true => Some(self.locks.pop_front().ok_or_else(|| {
@@ -1315,10 +1351,21 @@ impl Receiver {
                         ExecError::Plan("no start gate came with a gated plan".into())
                     })?),
                 };
+                let log = match logged {
+                    false => None,
+                    true => Some(self.locks.pop_front().ok_or_else(|| {
+                        ExecError::Plan("no log came with a plan that said it would".into())
+                    })?),
+                };
                 let rest = self.data.split_off(end);
                 let mut plan = std::mem::replace(&mut self.data, rest);
                 plan.drain(..8);
-                return Ok(Some(Launch { plan, lock, gate }));
+                return Ok(Some(Launch {
+                    plan,
+                    lock,
+                    gate,
+                    log,
+                }));
             }
             let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 8]);
             let (n, fds) = {
@@ -1394,11 +1441,18 @@ fn open_log(plan: &LaunchPlan, name: &str) -> Result<File, ExecError> {
 fn run_job(
     plan: &LaunchPlan,
     spool: &Spool,
+    log: Option<OwnedFd>,
     signals: &Signals,
     taken: &mut Taken<'_>,
     pre: &mut Option<PreSpawned>,
 ) -> Result<JobResult, ExecError> {
-    let mut log = open_log(plan, "log")?;
+    // Given by the daemon when the job was launched before it was published (its directory
+    // is renamed from `staging/` meanwhile): nothing here opens a path of the job before its
+    // gate opens, which is after the publication.
+    let mut log = match log {
+        Some(fd) => File::from(fd),
+        None => open_log(plan, "log")?,
+    };
     for note in &plan.notes {
         let _ = writeln!(log, "{note}");
     }
@@ -2150,8 +2204,9 @@ impl Launcher {
         plan: &[u8],
         lock: Option<&OwnedFd>,
         gate: Option<&OwnedFd>,
+        log: Option<&OwnedFd>,
     ) -> io::Result<()> {
-        send_launch(&self.sock, plan, lock, gate)
+        send_launch(&self.sock, plan, lock, gate, log)
     }
 
     /// The launcher's answers, for the daemon's event loop (once).
@@ -2229,9 +2284,13 @@ mod tests {
                     let gate = (i % 2 == 1).then(|| {
                         OwnedFd::from(File::create(format!("{}.gate", path.display())).unwrap())
                     });
+                    // Every third one carries its log (a job launched before it is published).
+                    let log = (i % 3 == 2).then(|| {
+                        OwnedFd::from(File::create(format!("{}.log", path.display())).unwrap())
+                    });
                     // The last one is a prestart: a gate, no lock.
                     let lock = (i + 1 < plans.len()).then_some(&f);
-                    send_launch(&tx, plan, lock, gate.as_ref()).unwrap();
+                    send_launch(&tx, plan, lock, gate.as_ref(), log.as_ref()).unwrap();
                 }
             })
         };
@@ -2255,6 +2314,14 @@ mod tests {
                     assert_eq!(target, PathBuf::from(format!("{}.gate", path.display())));
                 }
                 (want, got) => panic!("launch {i}: gated {want}, gate received {got:?}"),
+            }
+            match (i % 3 == 2, &got.log) {
+                (false, None) => {}
+                (true, Some(l)) => {
+                    let target = fs::read_link(format!("/proc/self/fd/{}", l.as_raw_fd())).unwrap();
+                    assert_eq!(target, PathBuf::from(format!("{}.log", path.display())));
+                }
+                (want, got) => panic!("launch {i}: logged {want}, log received {got:?}"),
             }
         }
         sender.join().unwrap();

@@ -1388,6 +1388,28 @@ pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).at(&path)
 }
 
+/// Makes a job's empty `log` in `dir` (replacing whatever is there) and returns it opened
+/// for appending, as the supervisor opens it: for a job launched before it is published.
+pub fn create_log(dir: &Path) -> Result<File> {
+    let path = dir.join("log");
+    let open = || {
+        OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o644)
+            .open(&path)
+    };
+    match open() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            remove_if_present(&path).at(&path)?;
+            open()
+        }
+        r => r,
+    }
+    .at(&path)
+}
+
 /// Opens (creating, mode 0600, never truncating or following a link) one of the daemon's
 /// own files in `.skyspool/`.
 fn open_private_file(path: &Path) -> Result<File> {

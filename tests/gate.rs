@@ -3,7 +3,8 @@
 //!
 //! The daemon's fsyncs are held or failed from outside, by an `LD_PRELOAD` shim (built here
 //! with the system's C compiler) around `fsync`/`fdatasync` of paths under `spool/jobs`, while
-//! a marker file exists: the real binary, no test hook in it.
+//! a marker file exists; the same shim can hold the publication of a staged job (its
+//! `rename` from `staging/` into `jobs/`): the real binary, no test hook in it.
 mod common;
 use common::*;
 use std::fs;
@@ -51,6 +52,27 @@ int fdatasync(int fd) {
     if (before(fd)) return -1;
     if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
     return real(fd);
+}
+
+/* Whether a rename publishes a staged job while the file named by SKYSPOOL_SHIM_PUBLISH exists. */
+static int publishing(const char *from, const char *to) {
+    const char *marker = getenv("SKYSPOOL_SHIM_PUBLISH");
+    return marker && access(marker, F_OK) == 0 && strstr(from, "/staging/")
+        && strstr(to, "/spool/jobs/");
+}
+
+int rename(const char *from, const char *to) {
+    static int (*real)(const char *, const char *);
+    while (publishing(from, to)) usleep(2000);
+    if (!real) real = (int (*)(const char *, const char *))dlsym(RTLD_NEXT, "rename");
+    return real(from, to);
+}
+
+int renameat(int fromfd, const char *from, int tofd, const char *to) {
+    static int (*real)(int, const char *, int, const char *);
+    while (publishing(from, to)) usleep(2000);
+    if (!real) real = (int (*)(int, const char *, int, const char *))dlsym(RTLD_NEXT, "renameat");
+    return real(fromfd, from, tofd, to);
 }
 "#;
 
@@ -105,6 +127,35 @@ fn processes_with(needle: &str) -> Vec<u32> {
     found
 }
 
+/// Waits until the job that appends to `ran` has its bash up, held at its gate (the
+/// script's first line, with the job's commands after); returns those bash processes and
+/// their supervisors.
+fn wait_for_gated_bash(d: &Daemon, ran: &Path, what: &str) -> (Vec<u32>, Vec<u32>) {
+    let needle = format!("echo ran >> {}", ran.display());
+    let mut bash = Vec::new();
+    wait_until(
+        DEADLINE,
+        what,
+        || {
+            bash = processes_with(&needle);
+            !bash.is_empty()
+        },
+        || d.diagnostics(),
+    );
+    let supervisors = bash.iter().filter_map(|p| parent_of(*p)).collect();
+    (bash, supervisors)
+}
+
+/// Waits until the gated bash processes and their supervisors are gone.
+fn wait_gone(bash: &[u32], supervisors: &[u32]) {
+    wait_until(
+        DEADLINE,
+        "the gated bash and its supervisor to go",
+        || bash.iter().chain(supervisors).all(|p| !alive(*p)),
+        || format!("bash {bash:?}, supervisors {supervisors:?}"),
+    );
+}
+
 fn job_yaml(ran: &Path) -> String {
     format!(
         "name: gated\nrun: |\n  echo ran >> {}\n  echo done\n",
@@ -124,27 +175,10 @@ fn job_behind_its_gate_does_not_run_when_the_daemon_dies_and_runs_once_after() {
     let ran = d.scratch().join("ran");
     fs::write(&hold, b"").expect("hold the fsyncs");
     let id = d.submit("gated.yaml", &job_yaml(&ran));
-    // Its bash is up, at the gate (the script's first line), with the job's commands after.
-    let needle = format!("echo ran >> {}", ran.display());
-    let mut bash = Vec::new();
-    wait_until(
-        DEADLINE,
-        "the job's bash to wait at its gate",
-        || {
-            bash = processes_with(&needle);
-            !bash.is_empty()
-        },
-        || d.diagnostics(),
-    );
-    let supervisors: Vec<u32> = bash.iter().filter_map(|p| parent_of(*p)).collect();
+    let (bash, supervisors) = wait_for_gated_bash(&d, &ran, "the job's bash to wait at its gate");
     assert_eq!(d.status(id), "PENDING", "the supervisor said the job runs");
     d.kill9();
-    wait_until(
-        DEADLINE,
-        "the gated bash and its supervisor to go",
-        || bash.iter().chain(&supervisors).all(|p| !alive(*p)),
-        || format!("bash {bash:?}, supervisors {supervisors:?}"),
-    );
+    wait_gone(&bash, &supervisors);
     assert!(
         !ran.exists(),
         "the job ran before its admission was durable"
@@ -165,6 +199,47 @@ fn job_behind_its_gate_does_not_run_when_the_daemon_dies_and_runs_once_after() {
         d.diagnostics()
     );
     assert_eq!(d.log(id), "done\n");
+}
+
+/// A lone job is handed to its supervisor before its directory leaves `staging/` (its bash
+/// starts while the daemon stages and publishes it). A daemon SIGKILLed then, with the
+/// publication held: the job's bash, at its gate, and its supervisor go without running
+/// anything of the job, and the next daemon publishes the job and runs it, once.
+#[test]
+fn job_launched_before_its_publication_does_not_run_when_the_daemon_dies_then_and_runs_once_after()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((mut d, hold)) = shimmed_daemon(dir.path(), "PUBLISH") else {
+        return;
+    };
+    let ran = d.scratch().join("ran");
+    fs::write(&hold, b"").expect("hold the publication");
+    d.drop_yaml("early.yaml", &job_yaml(&ran));
+    let (bash, supervisors) = wait_for_gated_bash(
+        &d,
+        &ran,
+        "the job's bash to wait at its gate while the job is still staged",
+    );
+    assert!(
+        d.path(".skyspool/staging/1").is_dir() && !d.job(1).exists(),
+        "the job is not held in staging/ at its launch\n{}",
+        d.diagnostics()
+    );
+    d.kill9();
+    wait_gone(&bash, &supervisors);
+    assert!(!ran.exists(), "the job ran before it was published");
+
+    fs::remove_file(&hold).expect("release the publication");
+    d.spawn();
+    d.wait_done(1, "SUCCEEDED");
+    assert_eq!(
+        fs::read_to_string(&ran).unwrap_or_default(),
+        "ran\n",
+        "the job did not run exactly once\n{}",
+        d.diagnostics()
+    );
+    assert_eq!(d.log(1), "done\n");
+    assert_eq!(d.job_ids(), vec![1], "one submission, one job");
 }
 
 /// The admission's fsyncs fail: the job, already handed over, never runs; it fails with a
