@@ -18,7 +18,7 @@ use crate::watcher::{SpoolEvent, Watcher};
 use anyhow::Context;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -403,6 +403,10 @@ struct Daemon {
     /// The final `status` just read from the disk of jobs ending in this batch (their
     /// supervisor wrote it; nobody else writes it before the daemon settles them).
     final_seen: HashMap<JobId, Status>,
+    /// The ID whose `staging/<id>/` was made ahead (see [`Daemon::premake`]).
+    premade: Option<JobId>,
+    /// The ID whose `staging/<id>/` could not be made ahead: not tried again for it.
+    premake_failed: Option<JobId>,
 }
 
 /// How long a job waits in the queue before it is started ahead (see
@@ -610,6 +614,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         max_prestarts: cfg.prestart,
         prestart_at: None,
         final_seen: HashMap::new(),
+        premade: None,
+        premake_failed: None,
     };
     note!(
         "serving {} for cluster {} ({} node(s): {})",
@@ -813,7 +819,8 @@ impl Daemon {
             // The lock of a job launched before it was published (see
             // [`Daemon::launch_early`]): its gate opens only once the job is published and
             // durable, so nothing of it ran, and the dead daemon's end of the gate is closed.
-            let _ = std::fs::remove_file(claimed.dir.join(".sky").join("supervisor.lock"));
+            // Its log may hold its supervisor's notes: it starts again empty.
+            spool::forget_launch(&claimed.dir);
             if claimed.staged {
                 if let Err(e) = self.spool.publish(&claimed) {
                     note!("staged job {id}: {e}");
@@ -852,7 +859,9 @@ impl Daemon {
         self.finish_round();
         self.start_round(published, None);
         self.settle_records();
-        self.next_id = self.next_id.max(self.spool.next_id()?);
+        // From the disk as recovery left it: a directory prepared ahead (see
+        // [`Daemon::premake`]) and removed above does not use its ID up.
+        self.next_id = self.spool.next_id()?;
         let ids: Vec<JobId> = self.jobs.keys().copied().collect();
         for id in ids {
             if self.jobs.get(&id).is_some_and(|j| !j.status.is_terminal()) {
@@ -1231,6 +1240,7 @@ impl Daemon {
             return;
         }
         self.quiet = None;
+        self.premake();
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
         // must not re-render a 10,000-line table 1,000 times).
@@ -1446,8 +1456,12 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         // One round at a time: the last one's jobs are durable before new IDs are given.
         self.finish_round();
+        // The first claim of this batch used the prepared directory, if there was one.
+        let prepared = self.premade.take();
         let early = match (early, ready.as_slice()) {
-            (true, [(claimed, adm)]) => self.place_early(claimed, adm),
+            (true, [(claimed, adm)]) => {
+                self.place_early(claimed, adm, prepared == Some(claimed.id))
+            }
             _ => None,
         };
         let mut staged: Vec<(Claimed, JobInfo, Admission)> = Vec::new();
@@ -1488,9 +1502,11 @@ impl Daemon {
         if staged.is_empty() {
             if let Some(e) = &early {
                 // Its gate closes unopened: its supervisor (if it got the launch) kills the
-                // bash still at its first line. Its ID is not given again: the launch,
-                // answered later, names it.
+                // bash still at its first line.
                 self.abandon_early(e);
+            }
+            if early.as_ref().is_some_and(|e| e.launched.is_some()) {
+                // Its ID is not given again: the launch, answered later, names it.
             } else if let Some(first) = first_id {
                 // Nothing of this batch was published: its IDs were never seen, give them again.
                 if self.next_id > first && self.spool.next_id().is_ok_and(|n| n <= first) {
@@ -1566,6 +1582,29 @@ impl Daemon {
         Ok(())
     }
 
+    /// Makes the next ID's staging directory ahead, while nothing waits: the next lone
+    /// submission's early launch then creates no directory and no log on its way to its
+    /// supervisor (see [`spool::Spool::prepare_staging`]).
+    fn premake(&mut self) {
+        let id = self.next_id;
+        if self.premade == Some(id)
+            || self.premake_failed == Some(id)
+            || self.round.is_some()
+            || !self.to_admit.is_empty()
+            || self.sched.pending_len() > 0
+        {
+            return;
+        }
+        match self.spool.prepare_staging(id) {
+            Ok(()) => self.premade = Some(id),
+            Err(e) => {
+                // Only a head start lost: the claim makes what is missing (or says why not).
+                note!("could not prepare staging/{id} ahead: {e}");
+                self.premake_failed = Some(id);
+            }
+        }
+    }
+
     /// A lone submission on a queue where nothing waits: placed at once, before it is
     /// staged, and, if it fits now and its launch opens no path of the job before its gate
     /// opens ([`executor::launchable_unpublished`]), handed to a supervisor right away, its
@@ -1575,7 +1614,7 @@ impl Daemon {
     /// fsyncs start only after the publication, so the gate never opens on a job that is
     /// not published and durable. `None`: it did not fit now (it is queued as usual once
     /// published).
-    fn place_early(&mut self, claimed: &Claimed, adm: &Admission) -> Option<Early> {
+    fn place_early(&mut self, claimed: &Claimed, adm: &Admission, prepared: bool) -> Option<Early> {
         if claimed.has_workdir || self.sched.pending_len() > 0 || self.round.is_some() {
             return None;
         }
@@ -1601,7 +1640,7 @@ impl Daemon {
             placement,
             launched: None,
         };
-        match self.launch_early(claimed, adm, &early) {
+        match self.launch_early(claimed, adm, &early, prepared) {
             Ok(launched) => early.launched = launched,
             Err(e) => {
                 // Started the usual way once published (where this fails again, the job
@@ -1616,11 +1655,13 @@ impl Daemon {
     /// The hand-over of [`Daemon::place_early`]: the launch record's time and the
     /// placement, and the supervisor's pid if already known; `None` where the launch would
     /// open a path of the job before its gate opens (it is started once published).
+    /// `prepared`: its staging directory was made ahead (see [`Daemon::premake`]).
     fn launch_early(
         &mut self,
         claimed: &Claimed,
         adm: &Admission,
         early: &Early,
+        prepared: bool,
     ) -> anyhow::Result<Option<EarlyLaunch>> {
         let id = early.id;
         let assignments = self.assignments(&early.placement);
@@ -1628,8 +1669,10 @@ impl Daemon {
         if !executor::launchable_unpublished(&plan) {
             return Ok(None);
         }
-        self.make_private_dir(claimed)?;
-        let log = spool::create_log(&claimed.dir)?;
+        if !prepared {
+            spool::make_private_dir(&claimed.dir)?;
+        }
+        let log = spool::open_log(&claimed.dir)?;
         let started = spool::now_rfc3339();
         let record = spool::LaunchRecord {
             started: started.clone(),
@@ -1862,6 +1905,8 @@ impl Daemon {
             Ok(adm) => {
                 // IDs are given with no round in flight (see stage_and_publish).
                 self.finish_round();
+                // Its claim uses the prepared directory, if any, like any other.
+                self.premade = None;
                 let id = self.next_id;
                 match self
                     .spool
@@ -1959,7 +2004,7 @@ impl Daemon {
     ) -> anyhow::Result<JobInfo> {
         let spec = &adm.spec;
         if early.is_none() {
-            self.make_private_dir(c)?;
+            spool::make_private_dir(&c.dir)?;
         }
         if spec.secrets.is_empty() {
             spool::write_private(&c.dir, "job.yaml", &adm.yaml)?;
@@ -1969,7 +2014,9 @@ impl Daemon {
         }
         spool::write_private(&c.dir, "status", b"PENDING\n")?;
         if early.is_none() {
-            spool::write_private(&c.dir, "log", b"")?;
+            // Empty, or (a prepared directory's) empty already; start-up empties the log of
+            // a job it stages again.
+            spool::open_log(&c.dir)?;
         }
         let info = match early {
             Some(info) => info.clone(),
@@ -1984,21 +2031,6 @@ impl Daemon {
         bytes.push(b'\n');
         spool::write_private(&c.dir, "info.json", &bytes)?;
         Ok(info)
-    }
-
-    /// The staging directory's mode, and its `.sky/`: made before the owner can write in
-    /// the job directory (the ACL in [`Daemon::stage`]), so they can never plant a link in
-    /// its place.
-    fn make_private_dir(&self, c: &Claimed) -> anyhow::Result<()> {
-        std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o755))?;
-        let private = c.dir.join(".sky");
-        match std::fs::create_dir(&private) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e.into()),
-        }
-        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755))?;
-        Ok(())
     }
 
     /// A claimed job's record as admitted (PENDING, submitted now).

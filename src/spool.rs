@@ -557,6 +557,20 @@ impl Spool {
         })
     }
 
+    /// Makes `staging/<id>/` ahead of the claim that will use it: the directory, its `.sky/`
+    /// and an empty `log`, as staging makes them, so that a lone submission's launch does
+    /// not wait for them. A claim of `id` renames its submission into it; one left at
+    /// start-up holds no claimed entry and is removed like any such staging directory.
+    pub fn prepare_staging(&self, id: JobId) -> Result<()> {
+        let dir = self.staging().join(id.to_string());
+        match fs::create_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e).at(&dir),
+            _ => {}
+        }
+        make_private_dir(&dir)?;
+        open_log(&dir).map(drop)
+    }
+
     /// Undoes a claim: the submission goes back to `incoming/` under its own name, and the
     /// staging directory is removed.
     pub fn unclaim(&self, c: &Claimed) -> Result<()> {
@@ -1388,26 +1402,41 @@ pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes).at(&path)
 }
 
-/// Makes a job's empty `log` in `dir` (replacing whatever is there) and returns it opened
-/// for appending, as the supervisor opens it: for a job launched before it is published.
-pub fn create_log(dir: &Path) -> Result<File> {
-    let path = dir.join("log");
-    let open = || {
-        OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .mode(0o644)
-            .open(&path)
-    };
-    match open() {
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            remove_if_present(&path).at(&path)?;
-            open()
-        }
-        r => r,
+/// A staging directory's mode and its private `.sky/` (both 0755; either may exist
+/// already): made before the owner can write in the job directory, so they can never plant
+/// a link in its place.
+pub fn make_private_dir(dir: &Path) -> Result<()> {
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).at(dir)?;
+    let private = dir.join(".sky");
+    match fs::create_dir(&private) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e).at(&private),
+        _ => {}
     }
-    .at(&path)
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o755)).at(&private)
+}
+
+/// Undoes what a launch left in a staging directory `dir` (see the daemon's early launch):
+/// its `.sky/supervisor.lock` removed, its `log` emptied. Only for a launch whose gate never
+/// opened.
+pub fn forget_launch(dir: &Path) {
+    let _ = fs::remove_file(dir.join(".sky").join("supervisor.lock"));
+    if let Ok(log) = open_existing_for_write(&dir.join("log")) {
+        let _ = log.set_len(0);
+    }
+}
+
+/// A job's `log` in `dir`, opened for appending (as the supervisor opens it), made empty
+/// if it is not there; one that is there is kept as it is (a prepared one is empty; see
+/// [`Spool::prepare_staging`]).
+pub fn open_log(dir: &Path) -> Result<File> {
+    let path = dir.join("log");
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(&path)
+        .at(&path)
 }
 
 /// Opens (creating, mode 0600, never truncating or following a link) one of the daemon's

@@ -633,7 +633,7 @@ fn torture_sigkill_cycles() {
             .filter(|n| !n.starts_with('.') && !n.ends_with(".reason"))
             .count();
         let quiet = d.incoming_names().is_empty()
-            && numeric_dir(&staging).is_empty()
+            && staged_submissions(&staging).is_empty()
             && ids.iter().all(|id| is_final(&d.status(*id)));
         if !quiet {
             quiet_since = None;
@@ -656,7 +656,7 @@ fn torture_sigkill_cycles() {
             format!(
                 "live jobs {stuck:?}; incoming {:?}; staging {:?}\n{}",
                 d.incoming_names(),
-                names_in(&staging),
+                staged_submissions(&staging),
                 tail(&d.daemon_log(), 40)
             ),
         );
@@ -1625,7 +1625,7 @@ fn enospc() {
                 "the daemon used {:.2} s of CPU in 2 s with one submission it cannot stage \
                  (disk full); staging now {:?}, incoming {:?}",
                 (cpu1 - cpu0) as f64 / hz as f64,
-                names_in(&d.path(".skyspool/staging")),
+                staged_submissions(&d.path(".skyspool/staging")),
                 d.incoming_names()
             )
         },
@@ -1676,7 +1676,7 @@ fn enospc() {
             format!(
                 "c.yaml: incoming {:?}, staging {:?}, rejected {:?}",
                 d.incoming_names(),
-                names_in(&d.path(".skyspool/staging")),
+                staged_submissions(&d.path(".skyspool/staging")),
                 names_in(&d.path("rejected"))
             )
         },
@@ -1755,13 +1755,14 @@ fn enospc() {
         });
     }
     p.check(
-        d.incoming_names().is_empty() && names_in(&d.path(".skyspool/staging")).is_empty(),
+        d.incoming_names().is_empty()
+            && staged_submissions(&d.path(".skyspool/staging")).is_empty(),
         "submissions left behind",
         || {
             format!(
                 "incoming {:?} staging {:?}",
                 d.incoming_names(),
-                names_in(&d.path(".skyspool/staging"))
+                staged_submissions(&d.path(".skyspool/staging"))
             )
         },
     );
@@ -1820,7 +1821,7 @@ fn crash_inside_publish_loses_nothing() {
         "the submission x.yaml, staged as job {x} when the daemon died inside publish, is gone: \
          no jobs/{x}, no rejection, nothing in incoming/ ({:?}) or staging/ ({:?})\n{}",
         d.incoming_names(),
-        names_in(&d.path(".skyspool/staging")),
+        staged_submissions(&d.path(".skyspool/staging")),
         d.daemon_log()
     );
     d.wait_done(x, "SUCCEEDED");
@@ -1959,7 +1960,7 @@ fn crash_after_claim_keeps_the_submission_name() {
         let watch = staging.clone();
         let killer = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(20);
-            while numeric_dir(&watch).is_empty() && Instant::now() < deadline {
+            while staged_submissions(&watch).is_empty() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_micros(50));
             }
             sigkill(pid);

@@ -361,11 +361,7 @@ fn run_rejections(d: &mut Daemon, cases: &[Bad], rejection_time_limit: Duration)
         }
         still_serves(d, &format!("after{i}"));
     }
-    let staged: Vec<_> = fs::read_dir(d.path(".skyspool/staging"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let staged = staged_submissions(&d.path(".skyspool/staging"));
     if !staged.is_empty() {
         failures.push(format!("staging/ not empty: {staged:?}"));
     }

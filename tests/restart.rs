@@ -173,6 +173,33 @@ fn job_that_ends_while_daemon_is_down_is_settled() {
     assert_eq!(count(&ran, "held"), 1);
 }
 
+/// An idle daemon makes the next ID's staging directory ahead (the next lone submission's
+/// launch then waits for no directory to be made). A daemon killed with one prepared leaves
+/// no job and no gap behind: the next start removes it and gives its ID to the next
+/// submission, which runs once.
+#[test]
+fn staging_prepared_ahead_uses_no_id_across_a_restart() {
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "2"]);
+    let ran = d.scratch().join("ran");
+    let id = d.submit("one.yaml", &once_job("one", None, &ran));
+    d.wait_done(id, "SUCCEEDED");
+    let prepared = d.path(&format!(".skyspool/staging/{}", id + 1));
+    wait_until(
+        DEADLINE,
+        "the next ID's staging directory to be prepared",
+        || prepared.join(".sky").is_dir() && prepared.join("log").is_file(),
+        || d.diagnostics(),
+    );
+    d.kill9();
+    d.spawn();
+    let two = d.submit("two.yaml", &once_job("two", None, &ran));
+    assert_eq!(two, id + 1, "the prepared directory used an ID up");
+    d.wait_done(two, "SUCCEEDED");
+    assert_eq!(d.job_ids(), vec![id, two]);
+    assert_eq!(d.log(two), "two-ran\n");
+    assert_eq!(count(&ran, "two"), 1);
+}
+
 /// A cancel requested while no daemon runs is carried out by the next start.
 #[test]
 fn cancel_made_while_daemon_is_down_is_applied_at_start() {

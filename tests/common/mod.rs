@@ -666,3 +666,28 @@ impl Daemon {
         Some(st)
     }
 }
+
+/// The entries of a `staging/` directory that hold a submission: a claimed entry (`in--*`)
+/// or a staged job (`info.json`), by name. A directory the daemon made ahead for the next
+/// ID (`.sky/` and an empty `log`) holds none.
+pub fn staged_submissions(staging: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(staging)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    let dir = e.path();
+                    dir.join("info.json").exists()
+                        || fs::read_dir(&dir).is_ok_and(|inner| {
+                            inner
+                                .flatten()
+                                .any(|x| x.file_name().to_string_lossy().starts_with("in--"))
+                        })
+                        || !dir.is_dir()
+                })
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
