@@ -87,6 +87,38 @@ fn submit_by_cp_rsync_and_mv() {
 /// fact submitted, in about half the runs on an idle daemon. Here mv also runs under strace
 /// with each stat delayed by 3 ms (mv preempted between its rename and its stat), which the
 /// old daemon lost every time.
+/// A lone job on an idle queue is handed to its supervisor before it is staged only when its
+/// script can go to bash as an argument; one whose script is longer (read from
+/// `.sky/run.sh`, which exists only once the job is published) is placed at once and started
+/// right after its publication. Both run once, with their output and their script on record.
+#[test]
+fn lone_jobs_with_short_and_long_scripts_each_run_once() {
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "2"]);
+    let short = d.submit("short.yaml", "name: short\nrun: echo short-ran\n");
+    d.wait_done(short, "SUCCEEDED");
+    // Over 100 KiB of script: past what goes to bash as an argument.
+    let mut long = String::from("name: long\nrun: |\n");
+    for i in 0..4000 {
+        long.push_str(&format!(
+            "  : padding line {i} of a script longer than one argument\n"
+        ));
+    }
+    long.push_str("  echo long-ran\n");
+    let long_id = d.submit("long.yaml", &long);
+    d.wait_done(long_id, "SUCCEEDED");
+    assert_eq!(d.log(short), "short-ran\n");
+    assert_eq!(d.log(long_id), "long-ran\n", "{}", d.diagnostics());
+    let script = fs::read_to_string(d.job(long_id).join(".sky/run.sh")).unwrap_or_default();
+    assert!(
+        script.len() > 100 * 1024 && script.contains("echo long-ran"),
+        "the long script is not on record ({} bytes)",
+        script.len()
+    );
+    assert!(fs::read_to_string(d.job(short).join(".sky/run.sh"))
+        .unwrap_or_default()
+        .contains("echo short-ran"));
+}
+
 #[test]
 fn mv_of_several_files_into_incoming_succeeds() {
     let d = Daemon::start(&["--gpus", "H100:4", "--cpus", "8"]);
