@@ -9,6 +9,7 @@ use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use tokio::io::unix::AsyncFd;
 
@@ -18,11 +19,15 @@ pub enum SpoolEvent {
     /// A name in `incoming/` was completed: closed after writing (`false`), or moved in
     /// (`true`).
     Incoming(OsString, bool),
-    /// A name inside job `id`'s directory appeared or was replaced (`cancel`, `status`).
+    /// A name inside job `id`'s directory appeared or was replaced: one of [`JOB_SIGNALS`].
     JobFile(JobId, OsString),
     /// Events were lost (queue overflow): rescan everything.
     Overflow,
 }
+
+/// The names in a job's directory whose events are reported ([`SpoolEvent::JobFile`]): a new
+/// `status` (its supervisor's word) and a `cancel` request.
+pub const JOB_SIGNALS: [&[u8]; 2] = [b"status", b"cancel"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
@@ -122,7 +127,10 @@ impl Watcher {
                                     ev.mask.contains(EventMask::MOVED_TO),
                                 ));
                             }
-                            Some(Target::Job(id)) => {
+                            // Only `status` and `cancel` say something to the daemon; the
+                            // rest (its own `info.json` exchanges, `log` closed by the
+                            // supervisor) would wake it for a batch that changes nothing.
+                            Some(Target::Job(id)) if JOB_SIGNALS.contains(&name.as_bytes()) => {
                                 out.push(SpoolEvent::JobFile(*id, name.to_os_string()));
                             }
                             _ => {}
@@ -138,5 +146,49 @@ impl Watcher {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// A job directory's own bookkeeping (an `info.json` exchanged by rename, a `log`
+    /// written and closed) wakes nobody; a new `status` and a `cancel` do, in order.
+    #[test]
+    fn only_status_and_cancel_in_a_job_directory_are_reported() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let tmp = tempfile::tempdir().unwrap();
+            let incoming = tmp.path().join("incoming");
+            let job = tmp.path().join("7");
+            fs::create_dir(&incoming).unwrap();
+            fs::create_dir(&job).unwrap();
+            let mut w = Watcher::new(&incoming).unwrap();
+            w.watch_job(7, &job).unwrap();
+            fs::write(job.join("info.json.new"), b"{}").unwrap();
+            fs::rename(job.join("info.json.new"), job.join("info.json")).unwrap();
+            fs::write(job.join("log"), b"output\n").unwrap();
+            fs::write(job.join("status.new"), b"RUNNING\n").unwrap();
+            fs::rename(job.join("status.new"), job.join("status")).unwrap();
+            fs::write(job.join("cancel"), b"").unwrap();
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                let batch = tokio::time::timeout(std::time::Duration::from_secs(5), w.next_batch())
+                    .await
+                    .expect("events within 5 s")
+                    .unwrap();
+                got.extend(batch.into_iter().map(|e| match e {
+                    SpoolEvent::JobFile(id, name) => format!("{id}/{}", name.to_string_lossy()),
+                    other => format!("{other:?}"),
+                }));
+            }
+            // `cancel` comes as a creation and as a close after writing.
+            assert_eq!(got, ["7/status", "7/cancel", "7/cancel"]);
+        });
     }
 }
