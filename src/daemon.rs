@@ -185,6 +185,26 @@ async fn round_through(ready: &RoundReady) {
     }
 }
 
+/// Takes a job's launch lock, `supervisor.lock` in its private directory `private`, with the
+/// launch record (started now, on `assignments`): the time recorded, the lock's path and its
+/// descriptor (for the supervisor). No fsync: after a power loss nothing of the job runs,
+/// and a launch without the supervisor's record goes back to pending (the result, when
+/// there is one, is synced with its directory by the supervisor).
+fn launch_lock(
+    private: &Path,
+    assignments: &[NodeAssignment],
+) -> anyhow::Result<(String, PathBuf, std::os::fd::OwnedFd)> {
+    let started = spool::now_rfc3339();
+    let record = spool::LaunchRecord {
+        started: started.clone(),
+        placement: assignments.to_vec(),
+    };
+    let lock_path = private.join("supervisor.lock");
+    let lock =
+        executor::take_launch_lock(&lock_path, &record).context("taking the job's launch lock")?;
+    Ok((started, lock_path, lock))
+}
+
 /// [`spool::Durable`]s of `(path, is a directory)` pairs.
 fn durables(paths: &[(PathBuf, bool)]) -> Vec<spool::Durable<'_>> {
     paths
@@ -1516,7 +1536,8 @@ impl Daemon {
             return Ok(());
         }
         let mut ids = BTreeSet::new();
-        let mut early_start = None;
+        // The early job once published, and its spec if it was launched already.
+        let mut early_published = None;
         for (claimed, info, adm) in staged {
             let id = claimed.id;
             let this_early = early.as_ref().filter(|e| e.id == id);
@@ -1544,24 +1565,30 @@ impl Daemon {
             self.touched.insert(id);
             let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
             self.dirty = true;
-            if let Some(e) = this_early {
+            let launched = this_early.is_some_and(|e| e.launched.is_some());
+            let spec = if launched {
+                Some(adm.spec)
+            } else {
+                if adm.spec.secrets.is_empty() {
+                    // `job.yaml` holds exactly the bytes this was parsed from.
+                    self.fresh.insert(id, adm.spec, adm.yaml.len());
+                }
+                None
+            };
+            if this_early.is_some() {
                 // Placed already: started below, or launched already.
-                early_start = Some((e.placement.clone(), adm.spec, adm.yaml.len()));
+                early_published = Some(spec);
                 continue;
-            }
-            if adm.spec.secrets.is_empty() {
-                // `job.yaml` holds exactly the bytes this was parsed from.
-                self.fresh.insert(id, adm.spec, adm.yaml.len());
             }
             self.enqueue(id);
             // A cancel may already be waiting (made between publish and watch).
             self.handle_cancel(id);
         }
         self.start_round(ids, last_id);
-        if let (Some(e), Some((placement, spec, size))) = (early, early_start) {
+        if let (Some(e), Some(spec)) = (early, early_published) {
             let id = e.id;
-            match e.launched {
-                Some((started, assignments, answered)) => {
+            match (e.launched, spec) {
+                (Some((started, assignments, answered)), Some(spec)) => {
                     // Its lock moved with its directory.
                     let lock_path = self.spool.job_private(id).join("supervisor.lock");
                     if let Some(l) = self.launching.iter_mut().find(|l| l.id == id) {
@@ -1571,11 +1598,8 @@ impl Daemon {
                     // A cancel made meanwhile: its supervisor is signalled once known.
                     self.handle_cancel(id);
                 }
-                None => {
-                    if spec.secrets.is_empty() {
-                        self.fresh.insert(id, spec, size);
-                    }
-                    self.start(id, placement);
+                _ => {
+                    self.start(id, e.placement);
                 }
             }
         }
@@ -1623,17 +1647,17 @@ impl Daemon {
         self.sched
             .enqueue_at(id, info.demand.clone(), epoch_ms(&info.submitted));
         let mut placed = self.sched.schedule_at(now_ms());
-        let Some(at) = placed.iter().position(|(j, _)| *j == id) else {
-            self.sched.dequeue(id);
-            for (other, placement) in placed {
-                self.start(other, placement);
-            }
-            return None;
-        };
-        let (_, placement) = placed.remove(at);
+        let mine = placed
+            .iter()
+            .position(|(j, _)| *j == id)
+            .map(|at| placed.remove(at).1);
         for (other, p) in placed {
             self.start(other, p);
         }
+        let Some(placement) = mine else {
+            self.sched.dequeue(id);
+            return None;
+        };
         let mut early = Early {
             id,
             info,
@@ -1672,15 +1696,8 @@ impl Daemon {
         if !prepared {
             spool::make_private_dir(&claimed.dir)?;
         }
-        let log = spool::open_log(&claimed.dir)?;
-        let started = spool::now_rfc3339();
-        let record = spool::LaunchRecord {
-            started: started.clone(),
-            placement: assignments.clone(),
-        };
-        let lock_path = claimed.dir.join(".sky").join("supervisor.lock");
-        let lock = executor::take_launch_lock(&lock_path, &record)
-            .context("taking the job's launch lock")?;
+        let log = spool::open_log(&claimed.dir, "log")?;
+        let (started, lock_path, lock) = launch_lock(&claimed.dir.join(".sky"), &assignments)?;
         let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
         // The job's round, made now for its gate; its fsyncs are set once it is published.
         self.round = Some(AdmissionRound {
@@ -2016,7 +2033,7 @@ impl Daemon {
         if early.is_none() {
             // Empty, or (a prepared directory's) empty already; start-up empties the log of
             // a job it stages again.
-            spool::open_log(&c.dir)?;
+            spool::open_log(&c.dir, "log")?;
         }
         let info = match early {
             Some(info) => info.clone(),
@@ -2100,17 +2117,7 @@ impl Daemon {
         if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
             anyhow::bail!("jobs/{id}/.sky is not the daemon's directory");
         }
-        let started = spool::now_rfc3339();
-        let record = spool::LaunchRecord {
-            started: started.clone(),
-            placement: assignments.clone(),
-        };
-        // No fsync: after a power loss nothing of the job runs, and a launch without the
-        // supervisor's record goes back to pending (the result, when there is one, is synced
-        // with its directory by the supervisor).
-        let lock_path = private.join("supervisor.lock");
-        let lock = executor::take_launch_lock(&lock_path, &record)
-            .context("taking the job's launch lock")?;
+        let (started, lock_path, lock) = launch_lock(&private, &assignments)?;
         // The job goes first; the records follow while it starts on another core. From here
         // only the supervisor writes `status`; a daemon that dies before `info.json` says
         // RUNNING finds the placement in the launch record. The launcher's answer (the

@@ -1426,15 +1426,7 @@ fn filesystem_full(dir: &Path) -> bool {
 
 fn open_log(plan: &LaunchPlan, name: &str) -> Result<File, ExecError> {
     let dir = Spool::at(&plan.spool).job_dir(plan.job_id);
-    let path = dir.join(name);
-    let f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .mode(0o644)
-        .open(&path)
-        .map_err(|e| ExecError::Io(path.display().to_string(), e))?;
-    Ok(f)
+    Ok(spool::open_log(&dir, name)?)
 }
 
 /// Runs setup (if any) then run (if any) on every node; returns the outcome.

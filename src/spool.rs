@@ -302,11 +302,7 @@ impl Spool {
             (".skyspool/secrets", 0o700),
         ] {
             let p = spool.root.join(dir);
-            match fs::create_dir(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e).at(&p),
-            }
+            create_dir_if_missing(&p)?;
             let meta = fs::symlink_metadata(&p).at(&p)?;
             if !meta.is_dir() {
                 return Err(SpoolError::Corrupt {
@@ -499,12 +495,7 @@ impl Spool {
     pub fn claim(&self, name: &OsStr, kind: &Incoming, id: JobId) -> Result<Claimed> {
         let src = self.incoming().join(name);
         let meta = fs::symlink_metadata(&src).at(&src)?;
-        let dir = self.staging().join(id.to_string());
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).at(&dir),
-        }
+        let dir = self.make_staging_dir(id)?;
         let mut target_name = std::ffi::OsString::from(CLAIM_PREFIX);
         target_name.push(name);
         fs::rename(&src, dir.join(&target_name)).at(&src)?;
@@ -531,12 +522,7 @@ impl Spool {
         gid: u32,
         id: JobId,
     ) -> Result<Claimed> {
-        let dir = self.staging().join(id.to_string());
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).at(&dir),
-        }
+        let dir = self.make_staging_dir(id)?;
         let content_name = format!("{CLAIM_PREFIX}{name}");
         write_atomic(&dir, &content_name, bytes, false)?;
         let content = dir.join(&content_name);
@@ -562,13 +548,16 @@ impl Spool {
     /// not wait for them. A claim of `id` renames its submission into it; one left at
     /// start-up holds no claimed entry and is removed like any such staging directory.
     pub fn prepare_staging(&self, id: JobId) -> Result<()> {
-        let dir = self.staging().join(id.to_string());
-        match fs::create_dir(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e).at(&dir),
-            _ => {}
-        }
+        let dir = self.make_staging_dir(id)?;
         make_private_dir(&dir)?;
-        open_log(&dir).map(drop)
+        open_log(&dir, "log").map(drop)
+    }
+
+    /// `staging/<id>/`, made if it is not there yet (made ahead, or by a claim undone).
+    fn make_staging_dir(&self, id: JobId) -> Result<PathBuf> {
+        let dir = self.staging().join(id.to_string());
+        create_dir_if_missing(&dir)?;
+        Ok(dir)
     }
 
     /// Undoes a claim: the submission goes back to `incoming/` under its own name, and the
@@ -1408,11 +1397,16 @@ pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 pub fn make_private_dir(dir: &Path) -> Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).at(dir)?;
     let private = dir.join(".sky");
-    match fs::create_dir(&private) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e).at(&private),
-        _ => {}
-    }
+    create_dir_if_missing(&private)?;
     fs::set_permissions(&private, fs::Permissions::from_mode(0o755)).at(&private)
+}
+
+/// Makes directory `path` unless something is there already.
+fn create_dir_if_missing(path: &Path) -> Result<()> {
+    match fs::create_dir(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e).at(path),
+        _ => Ok(()),
+    }
 }
 
 /// Undoes what a launch left in a staging directory `dir` (see the daemon's early launch):
@@ -1425,11 +1419,12 @@ pub fn forget_launch(dir: &Path) {
     }
 }
 
-/// A job's `log` in `dir`, opened for appending (as the supervisor opens it), made empty
-/// if it is not there; one that is there is kept as it is (a prepared one is empty; see
-/// [`Spool::prepare_staging`]).
-pub fn open_log(dir: &Path) -> Result<File> {
-    let path = dir.join("log");
+/// A job's log `name` (`log`, `log.rank<N>`) in its directory `dir`, opened for appending
+/// (by the daemon for an early launch, by the supervisor otherwise), made empty if it is not
+/// there; one that is there is kept as it is (a prepared one is empty; see
+/// [`Spool::prepare_staging`]). No link is followed.
+pub fn open_log(dir: &Path, name: &str) -> Result<File> {
+    let path = dir.join(name);
     OpenOptions::new()
         .append(true)
         .create(true)

@@ -324,13 +324,7 @@ fn other_jobs_are_served_while_a_round_hangs_and_its_job_waits_at_its_gate() {
         return;
     };
     let d = &w.d;
-    let needle = format!("echo ran >> {}", w.ran.display());
-    wait_until(
-        DEADLINE,
-        "the job's bash to wait at its gate",
-        || !processes_with(&needle).is_empty(),
-        || d.diagnostics(),
-    );
+    wait_for_gated_bash(d, &w.ran, "the job's bash to wait at its gate");
     w.gate.open();
     d.wait_done(w.blocker, "SUCCEEDED");
     assert!(
