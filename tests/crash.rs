@@ -632,9 +632,14 @@ fn torture_sigkill_cycles() {
             .into_iter()
             .filter(|n| !n.starts_with('.') && !n.ends_with(".reason"))
             .count();
+        // Final as the supervisor wrote it, and recorded by the daemon (its link in done/):
+        // the records below are checked once the daemon has settled every job, not in the
+        // moment between a supervisor's final `status` and the daemon's settling of it.
         let quiet = d.incoming_names().is_empty()
             && staged_submissions(&staging).is_empty()
-            && ids.iter().all(|id| is_final(&d.status(*id)));
+            && ids
+                .iter()
+                .all(|id| is_final(&d.status(*id)) && links(&d.spool, *id).contains(&"done"));
         if !quiet {
             quiet_since = None;
         } else if quiet_since.is_none() {
