@@ -130,9 +130,24 @@ struct AdmissionRound {
     /// The start gate of those handed over meanwhile: the pipe's read end (a copy travels
     /// with each launch) and its write end, made when the first of them starts.
     gate: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
-    /// `staging/` and `.skyspool/last-id`, synced once the gate is open (without waiting:
-    /// see [`Daemon::lazy_sync`]).
+    /// What is synced once the gate is open, without waiting (see [`Daemon::lazy_sync`]):
+    /// `staging/` and `.skyspool/last-id`, and the jobs' own files when the round went
+    /// through the journal.
     later: Vec<(PathBuf, bool)>,
+    /// The highest ID the round wrote to the journal, if it did: once `later` is synced,
+    /// those records are no longer needed.
+    journaled: Option<JobId>,
+}
+
+/// The fsyncs nothing waits for (see [`Daemon::lazy_sync`]): one batch in flight, and the
+/// paths that came meanwhile, synced together once it is through.
+#[derive(Default)]
+struct LazySyncs {
+    /// The batch in flight, and the highest journaled ID whose job files it makes durable.
+    inflight: Option<(spool::SyncRound, Option<JobId>)>,
+    next: Vec<(PathBuf, bool)>,
+    next_set: HashSet<PathBuf>,
+    next_through: Option<JobId>,
 }
 
 /// How an admission round's outcome comes: waited for by the daemon in line, or taken when
@@ -149,6 +164,10 @@ enum RoundSync {
     /// made for its gate while the job is staged: its paths are set once it is published.
     /// Never synced as it is: a round taken in this state closes its gate unopened.
     Unstaged,
+    /// A journaled round's one fsync, started as soon as its records were appended (while
+    /// the daemon still places and hands over the batch), the eventfd to be counted when it
+    /// is through; it becomes [`RoundSync::Inline`] or [`RoundSync::Polled`] like any round.
+    Started(spool::SyncRound),
     Inline(spool::SyncRound),
     Polled(spool::SyncRound),
 }
@@ -402,9 +421,13 @@ struct Daemon {
     /// Jobs handed over whose admission could not be made durable (a failed fsync), and why:
     /// they fail instead of starting again when their supervisor gives them back.
     undurable: HashMap<JobId, String>,
-    /// The last fsyncs of `staging/` and `last-id`, if not awaited yet
-    /// ([`Daemon::lazy_sync`]).
-    lazy: Option<spool::SyncRound>,
+    /// The fsyncs nothing waits for ([`Daemon::lazy_sync`]), and what wakes the event loop
+    /// when a batch of them is through.
+    lazy: LazySyncs,
+    lazy_ready: RoundReady,
+    /// The admission journal (`None` where it could not be opened: every round then syncs
+    /// the job files themselves).
+    journal: Option<crate::journal::Journal>,
     /// The parsed specs of queued jobs (without secrets), kept from their admission for
     /// their start (or prestart), which then does not read and parse `job.yaml` again.
     fresh: SpecCache,
@@ -555,6 +578,13 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         .with_context(|| format!("preparing the spool at {}", cfg.spool.display()))?;
     let _lock = spool.lock()?;
     let spool_id = spool.instance_id()?;
+    let journal = match crate::journal::Journal::open(&spool.private()) {
+        Ok(j) => Some(j),
+        Err(e) => {
+            note!("no admission journal ({e}): each round syncs its jobs' files");
+            None
+        }
+    };
     let inventory = inventory::detect(
         cfg.config.as_deref(),
         cfg.gpus.as_deref(),
@@ -621,7 +651,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         to_admit_names: HashSet::new(),
         round_ready: round_ready(),
         undurable: HashMap::new(),
-        lazy: None,
+        lazy: LazySyncs::default(),
+        lazy_ready: round_ready(),
+        journal,
         fresh: SpecCache::default(),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
@@ -688,6 +720,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             _ = std::future::ready(()), if d.admission_waiting() => {}
             // The round in flight is through (after_batch takes its outcome).
             _ = round_through(&d.round_ready), if d.round_polled() => {}
+            // Fsyncs nothing waited for are through (after_batch starts the next ones).
+            _ = round_through(&d.lazy_ready), if d.lazy.inflight.is_some() => {}
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
                 d.retry_at = None;
                 d.deferred.clear();
@@ -728,6 +762,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     // The jobs handed over while the last round ran start (or, if it failed, do not).
     d.finish_round();
+    d.finish_lazy();
     if let Some(m) = mounted {
         m.unmount();
     }
@@ -795,6 +830,7 @@ impl Daemon {
     /// Rebuilds state from the spool: finishes staged admissions, re-adopts or settles
     /// jobs whose supervisor ran while no daemon watched, re-queues pending jobs in order.
     fn recover(&mut self) -> anyhow::Result<()> {
+        self.replay_journal();
         for id in self.spool.job_ids()? {
             let info = match self.spool.read_info(id) {
                 Ok(i) => i,
@@ -890,6 +926,58 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// First thing at start-up: each job in the admission journal (see [`crate::journal`])
+    /// gets back what a power cut lost of its admission (nothing, after a crash or a kill:
+    /// the files were written), made durable at once; then the journal is emptied. A job
+    /// that cannot be restored keeps its record for the next start.
+    fn replay_journal(&mut self) {
+        let Some(journal) = self.journal.as_ref() else {
+            return;
+        };
+        let records = journal.records();
+        let mut complete = true;
+        let mut paths: Vec<(PathBuf, bool)> = Vec::new();
+        for r in &records {
+            match self.spool.restore_admission(r) {
+                Ok((dir, written)) if !written.is_empty() => {
+                    note!(
+                        "job {} ({}): restored from the admission journal ({} path(s) rewritten or synced)",
+                        r.id,
+                        r.info.source,
+                        written.len()
+                    );
+                    if self.am_root && r.info.uid != 0 {
+                        if let Err(e) = spool::grant_create(&dir, r.info.uid) {
+                            note!("job {}: {e}", r.id);
+                        }
+                    }
+                    for p in written {
+                        if !paths.contains(&p) {
+                            paths.push(p);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    complete = false;
+                    note!(
+                        "job {}: cannot be restored from the admission journal: {e}",
+                        r.id
+                    );
+                }
+            }
+        }
+        if let Err(e) = spool::sync_all(&durables(&paths)) {
+            complete = false;
+            note!("admission journal: restored jobs not synced: {e}");
+        }
+        if complete {
+            if let Some(Err(e)) = self.journal.as_mut().map(|j| j.clear()) {
+                note!("admission journal: cannot empty it: {e}");
+            }
+        }
     }
 
     /// A job whose launch was recorded: its supervisor is alive (re-adopt), finished
@@ -1227,6 +1315,7 @@ impl Daemon {
     /// After each batch: start what fits, then refresh `queue` and `nodes` once.
     fn after_batch(&mut self) {
         self.poll_round();
+        self.poll_lazy();
         self.admit_some();
         // A start that fails frees its resources again: keep placing until a pass starts
         // everything it picked.
@@ -1705,6 +1794,7 @@ impl Daemon {
             ids: BTreeSet::from([id]),
             gate: None,
             later: Vec::new(),
+            journaled: None,
         });
         let gate = self.gate_for(id).context("making the job's start gate")?;
         let answered = self
@@ -1739,23 +1829,70 @@ impl Daemon {
             return;
         }
         let jobs = self.spool.jobs();
-        let mut paths = vec![(jobs, true)];
+        let mut files = vec![(jobs, true)];
         for id in &ids {
             let dir = self.spool.job_dir(*id);
-            paths.push((dir.join("job.yaml"), false));
-            paths.push((dir.join("info.json"), false));
-            paths.push((dir, true));
+            files.push((dir.join("job.yaml"), false));
+            files.push((dir.join("info.json"), false));
+            files.push((dir, true));
         }
+        let lazy = std::iter::once((self.spool.staging(), true)).chain(last_id.map(|p| (p, false)));
+        // Through the journal: one fsync now, the job files once the gate is open.
+        let (paths, later, journaled) = match self.journal_round(&ids) {
+            Some(journal) => (
+                vec![(journal, false)],
+                files.into_iter().chain(lazy).collect(),
+                ids.last().copied(),
+            ),
+            None => (files, lazy.collect(), None),
+        };
+        // A journaled round's single fsync waits for no hand-over: it is mostly the
+        // device's wait, and it starts now.
+        let sync = match journaled {
+            Some(_) => RoundSync::Started(spool::SyncRound::start_notify(
+                &durables(&paths),
+                self.round_ready
+                    .as_ref()
+                    .map(|fd| std::sync::Arc::clone(fd.get_ref())),
+            )),
+            None => RoundSync::Due(paths),
+        };
         // An early launch's round (see [`Daemon::launch_early`]) keeps its gate.
         let gate = self.round.take().and_then(|r| r.gate);
         self.round = Some(AdmissionRound {
-            sync: RoundSync::Due(paths),
+            sync,
             ids,
             gate,
-            later: std::iter::once((self.spool.staging(), true))
-                .chain(last_id.map(|p| (p, false)))
-                .collect(),
+            later,
+            journaled,
         });
+    }
+
+    /// Appends the records of the round's jobs to the admission journal (see
+    /// [`crate::journal`]) and returns the file to fsync; `None` (the round then syncs the
+    /// job files themselves) without a journal, for a round with a directory submission
+    /// (its files are not in a record), or when the append fails.
+    fn journal_round(&mut self, ids: &BTreeSet<JobId>) -> Option<PathBuf> {
+        self.journal.as_ref()?;
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let info = self.jobs.get(id).filter(|i| !i.has_workdir)?.clone();
+            // As written (redacted where the job has secrets): read back from the cache.
+            let yaml = std::fs::read(self.spool.job_dir(*id).join("job.yaml")).ok()?;
+            let yaml = String::from_utf8(yaml).ok()?;
+            records.push(crate::journal::Record {
+                id: *id,
+                info,
+                yaml,
+            });
+        }
+        match self.journal.as_mut()?.append(&records) {
+            Ok(path) => Some(path),
+            Err(e) => {
+                note!("admission journal: cannot append ({e}); this round syncs its jobs' files");
+                None
+            }
+        }
     }
 
     /// The start gate for job `id`'s launch: a copy of the round's gate when the job's
@@ -1776,16 +1913,72 @@ impl Daemon {
         }
     }
 
-    /// Starts fsyncs of `paths` (true: a directory) that nothing waits for now: the ones
-    /// before are awaited first (so at most one such round is in flight), and a failure is
-    /// only noted.
-    fn lazy_sync(&mut self, paths: &[(PathBuf, bool)]) {
-        if let Some(before) = self.lazy.take() {
-            if let Err(e) = before.wait() {
-                note!("cannot sync staging/ or last-id: {e}");
+    /// Fsyncs `paths` (true: a directory) in the background, nothing waiting for them: with
+    /// the batch in flight if none is, else with the next one, which starts once the one in
+    /// flight is through ([`Daemon::poll_lazy`]). `through`: the highest journaled ID whose
+    /// job files are among them. A failure is only noted (and the journal keeps the
+    /// records).
+    fn lazy_sync(&mut self, paths: &[(PathBuf, bool)], through: Option<JobId>) {
+        let lazy = &mut self.lazy;
+        for p in paths {
+            if lazy.next_set.insert(p.0.clone()) {
+                lazy.next.push(p.clone());
             }
         }
-        self.lazy = Some(spool::SyncRound::start(&durables(paths)));
+        lazy.next_through = lazy.next_through.max(through);
+        self.poll_lazy();
+    }
+
+    /// Takes the outcome of the background fsyncs in flight, if through (the journal drops
+    /// the records they made durable), and starts the next batch.
+    fn poll_lazy(&mut self) {
+        if let Some((sync, through)) = self.lazy.inflight.as_mut() {
+            let Some(result) = sync.try_wait() else {
+                return;
+            };
+            match result {
+                Ok(()) => {
+                    if let (Some(journal), Some(id)) = (self.journal.as_mut(), *through) {
+                        journal.durable_through(id);
+                    }
+                }
+                Err(e) => {
+                    note!("background fsync failed: {e} (the admission journal keeps its records)")
+                }
+            }
+            self.lazy.inflight = None;
+        }
+        if self.lazy.next.is_empty() {
+            return;
+        }
+        let paths = std::mem::take(&mut self.lazy.next);
+        self.lazy.next_set.clear();
+        let through = self.lazy.next_through.take();
+        let notify = self
+            .lazy_ready
+            .as_ref()
+            .map(|fd| std::sync::Arc::clone(fd.get_ref()));
+        self.lazy.inflight = Some((
+            spool::SyncRound::start_notify(&durables(&paths), notify),
+            through,
+        ));
+    }
+
+    /// At shutdown: waits for the background fsyncs, and makes the waiting ones now.
+    fn finish_lazy(&mut self) {
+        for _ in 0..2 {
+            if let Some((sync, through)) = self.lazy.inflight.take() {
+                match sync.wait() {
+                    Ok(()) => {
+                        if let (Some(journal), Some(id)) = (self.journal.as_mut(), through) {
+                            journal.durable_through(id);
+                        }
+                    }
+                    Err(e) => note!("background fsync failed: {e}"),
+                }
+            }
+            self.poll_lazy();
+        }
     }
 
     /// Waits for the admission round in flight, if any, then opens its gate: the jobs
@@ -1807,6 +2000,11 @@ impl Daemon {
                 return;
             }
             RoundSync::Due(paths) => spool::SyncRound::start(&durables(paths)).wait(),
+            RoundSync::Started(sync) => {
+                let result = std::mem::take(sync).wait();
+                self.reset_round_ready();
+                result
+            }
             RoundSync::Inline(sync) | RoundSync::Polled(sync) => std::mem::take(sync).wait(),
         };
         self.round_done(round, result);
@@ -1824,7 +2022,7 @@ impl Daemon {
         let Some(round) = self.round.as_mut() else {
             return;
         };
-        if let RoundSync::Due(paths) = &round.sync {
+        if matches!(round.sync, RoundSync::Due(_) | RoundSync::Started(_)) {
             let own = round
                 .ids
                 .iter()
@@ -1838,10 +2036,19 @@ impl Daemon {
                 .as_ref()
                 .filter(|_| busy)
                 .map(|fd| std::sync::Arc::clone(fd.get_ref()));
-            let paths = durables(paths);
-            round.sync = match notify {
-                Some(fd) => RoundSync::Polled(spool::SyncRound::start_notify(&paths, Some(fd))),
-                None => RoundSync::Inline(spool::SyncRound::start(&paths)),
+            round.sync = match (
+                std::mem::replace(&mut round.sync, RoundSync::Unstaged),
+                notify,
+            ) {
+                (RoundSync::Started(sync), Some(_)) => RoundSync::Polled(sync),
+                (RoundSync::Due(paths), Some(fd)) => {
+                    RoundSync::Polled(spool::SyncRound::start_notify(&durables(&paths), Some(fd)))
+                }
+                (RoundSync::Due(paths), None) => {
+                    RoundSync::Inline(spool::SyncRound::start(&durables(&paths)))
+                }
+                // Waited for in line (finish_round), its count on the eventfd taken then.
+                (other, _) => other,
             };
         }
         match round.sync {
@@ -1856,6 +2063,15 @@ impl Daemon {
             self.round.as_ref().map(|r| &r.sync),
             Some(RoundSync::Polled(_))
         )
+    }
+
+    /// Takes back what a round waited for in line added to the eventfd (see
+    /// [`RoundSync::Started`]), so that the next polled round is not woken for it.
+    fn reset_round_ready(&self) {
+        if let Some(fd) = &self.round_ready {
+            let mut count = [0u8; 8];
+            let _ = nix::unistd::read(&**fd.get_ref(), &mut count);
+        }
     }
 
     /// Takes the outcome of a polled round, if it is through.
@@ -1886,7 +2102,7 @@ impl Daemon {
                     let _ = nix::unistd::write(w, &[1]);
                 }
                 drop(round.gate);
-                self.lazy_sync(&round.later);
+                self.lazy_sync(&round.later, round.journaled);
             }
             Err(e) => {
                 let why = format!(

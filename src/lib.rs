@@ -6,6 +6,7 @@
 //! - [`scheduler`]: pure placement logic (no I/O).
 //! - [`inventory`]: nodes and GPUs (NVML, flags or a cluster file).
 //! - [`spool`]: every on-disk file and atomic move (`spool-layout.md` is its contract).
+//! - [`journal`]: the admission journal (a batch made durable with one fsync).
 //! - [`executor`]: the per-job supervisor that runs setup/run and records the outcome.
 //! - [`spawn`]: starts a job's process as its user without copying the supervisor.
 //! - [`watcher`]: inotify on the spool.
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod executor;
 pub mod fuse;
 pub mod inventory;
+pub mod journal;
 pub mod queue;
 pub mod recheck;
 pub mod remote;

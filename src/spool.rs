@@ -553,6 +553,64 @@ impl Spool {
         open_log(&dir, "log").map(drop)
     }
 
+    /// Gives a job admitted through the journal (see [`crate::journal`]) back whatever of
+    /// its admission a power cut lost: its directory (in `staging/`, to be published like
+    /// any staged job, when neither `jobs/<id>` nor `staging/<id>` is there), `job.yaml`
+    /// (missing, or not the recorded length), `info.json` (missing or unreadable),
+    /// `status`, `log` and `.sky/`. A job found whole is left as it is. Returns the
+    /// directory the job is in and the paths to sync (`true`: a directory), none when
+    /// nothing was written.
+    pub fn restore_admission(
+        &self,
+        r: &crate::journal::Record,
+    ) -> Result<(PathBuf, Vec<(PathBuf, bool)>)> {
+        let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+        let published = self.job_dir(r.id);
+        let staged = self.staging().join(r.id.to_string());
+        let (dir, parent, made) = if is_dir(&published) {
+            (published, self.jobs(), false)
+        } else if is_dir(&staged) {
+            (staged, self.staging(), false)
+        } else {
+            let dir = self.make_staging_dir(r.id)?;
+            make_private_dir(&dir)?;
+            (dir, self.staging(), true)
+        };
+        let mut written = Vec::new();
+        let yaml = dir.join("job.yaml");
+        let yaml_whole = fs::symlink_metadata(&yaml)
+            .is_ok_and(|m| m.is_file() && m.len() == r.yaml.len() as u64);
+        if !yaml_whole {
+            write_private(&dir, "job.yaml", r.yaml.as_bytes())?;
+            written.push((yaml, false));
+        }
+        let info = dir.join("info.json");
+        let info_whole = fs::read(&info)
+            .ok()
+            .is_some_and(|b| serde_json::from_slice::<JobInfo>(&b).is_ok());
+        if !info_whole {
+            let mut bytes =
+                serde_json::to_vec_pretty(&r.info).map_err(|e| SpoolError::Corrupt {
+                    path: info.clone(),
+                    message: e.to_string(),
+                })?;
+            bytes.push(b'\n');
+            write_private(&dir, "info.json", &bytes)?;
+            written.push((info, false));
+        }
+        if fs::symlink_metadata(dir.join("status")).is_err() {
+            write_private(&dir, "status", format!("{}\n", r.info.status).as_bytes())?;
+            written.push((dir.join("status"), false));
+        }
+        open_log(&dir, "log")?;
+        create_dir_if_missing(&dir.join(".sky"))?;
+        if !written.is_empty() || made {
+            written.push((dir.clone(), true));
+            written.push((parent, true));
+        }
+        Ok((dir, written))
+    }
+
     /// `staging/<id>/`, made if it is not there yet (made ahead, or by a claim undone).
     fn make_staging_dir(&self, id: JobId) -> Result<PathBuf> {
         let dir = self.staging().join(id.to_string());
@@ -1651,8 +1709,19 @@ type SyncTask = (
 
 /// The threads [`sync_all`] hands fsyncs to: started once, on first use, and kept (a thread
 /// made per batch cost the daemon two clones and two exits per admission).
+///
+/// Each worker has a channel of its own and says when it waits on it (`idle`): a task goes
+/// straight to a waiting worker, so the fsyncs of a round are picked up at once, each by a
+/// thread the daemon wakes itself. (With one receiver shared behind a mutex, the worker that
+/// took a task woke the next one only as it let go of the receiver: the fsyncs of a round
+/// started one scheduling hop after another, ~0.1 ms each and up to ~1 ms each while both
+/// CPUs were busy with the job's `bash`.)
 struct SyncPool {
-    tasks: std::sync::Mutex<std::sync::mpsc::Sender<SyncTask>>,
+    workers: Vec<std::sync::mpsc::Sender<SyncTask>>,
+    /// The workers waiting for a task, most recently idle last.
+    idle: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    /// Where a task goes when no worker waits: the next worker in turn.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl SyncPool {
@@ -1662,49 +1731,73 @@ impl SyncPool {
     fn get() -> Option<&'static SyncPool> {
         static POOL: std::sync::OnceLock<Option<SyncPool>> = std::sync::OnceLock::new();
         POOL.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<SyncTask>();
-            let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
-            let mut started = 0;
+            let idle = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut workers = Vec::new();
             for i in 0..Self::THREADS {
-                let rx = rx.clone();
+                let (tx, rx) = std::sync::mpsc::channel::<SyncTask>();
+                let index = workers.len();
+                let idle_list = idle.clone();
                 let worker = std::thread::Builder::new()
                     .name(format!("fsync-{i}"))
                     .stack_size(64 * 1024)
                     .spawn(move || loop {
-                        let task = match rx.lock() {
-                            Ok(rx) => rx.recv(),
-                            Err(_) => return,
+                        // Idle once nothing is queued for it (a task sent to a busy worker
+                        // is taken here first).
+                        let task = match rx.try_recv() {
+                            Ok(task) => task,
+                            Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                                if let Ok(mut list) = idle_list.lock() {
+                                    if !list.contains(&index) {
+                                        list.push(index);
+                                    }
+                                }
+                                match rx.recv() {
+                                    Ok(task) => task,
+                                    Err(_) => return,
+                                }
+                            }
                         };
-                        let Ok((what, done, countdown)) = task else {
-                            return;
-                        };
+                        let (what, done, countdown) = task;
                         let _ = done.send(what.sync());
                         if let Some(c) = countdown {
                             c.done();
                         }
                     });
                 if worker.is_ok() {
-                    started += 1;
+                    workers.push(tx);
                 }
             }
-            (started > 0).then(|| SyncPool {
-                tasks: std::sync::Mutex::new(tx),
+            (!workers.is_empty()).then(|| SyncPool {
+                workers,
+                idle,
+                next: std::sync::atomic::AtomicUsize::new(0),
             })
         })
         .as_ref()
     }
 
-    /// Queues one fsync; gives the path back when the pool cannot take it.
+    /// Queues one fsync: on a waiting worker if any, else on the next one in turn (it takes
+    /// the task after its current fsync). Gives the path back when no worker can take it.
     fn send(
         &self,
         what: DurablePath,
         done: std::sync::mpsc::Sender<Result<()>>,
         countdown: Option<std::sync::Arc<Countdown>>,
     ) -> std::result::Result<(), DurablePath> {
-        match self.tasks.lock() {
-            Ok(tx) => tx.send((what, done, countdown)).map_err(|e| e.0 .0),
-            Err(_) => Err(what),
+        let waiting = self.idle.lock().ok().and_then(|mut list| list.pop());
+        let mut task = (what, done, countdown);
+        let first =
+            waiting.unwrap_or_else(|| self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        // A worker whose thread is gone refuses the task: the next one is tried.
+        for k in 0..self.workers.len() {
+            let i = (first + k) % self.workers.len();
+            match self.workers[i].send(task) {
+                Ok(()) => return Ok(()),
+                Err(std::sync::mpsc::SendError(back)) => task = back,
+            }
         }
+        Err(task.0)
     }
 }
 

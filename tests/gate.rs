@@ -2,8 +2,9 @@
 //! while the batch's fsyncs still run, but nothing of the job may run before they are through.
 //!
 //! The daemon's fsyncs are held or failed from outside, by an `LD_PRELOAD` shim (built here
-//! with the system's C compiler) around `fsync`/`fdatasync` of paths under `spool/jobs`, while
-//! a marker file exists; the same shim can hold the publication of a staged job (its
+//! with the system's C compiler) around `fsync`/`fdatasync` of the admission journal
+//! (`spool/.skyspool/journal.*`, what a round syncs) and of paths under `spool/jobs` (what it
+//! syncs without a journal, and what is synced after it), while a marker file exists; the same shim can hold the publication of a staged job (its
 //! `rename` from `staging/` into `jobs/`): the real binary, no test hook in it.
 mod common;
 use common::*;
@@ -21,7 +22,8 @@ const SHIM: &str = r#"
 #include <string.h>
 #include <unistd.h>
 
-/* Whether fd names a path under spool/jobs while the file named by $var exists. */
+/* Whether fd names the admission journal or a path under spool/jobs while the file named
+   by $var exists. */
 static int armed(int fd, const char *var) {
     const char *marker = getenv(var);
     char link[64], path[PATH_MAX];
@@ -31,7 +33,7 @@ static int armed(int fd, const char *var) {
     n = readlink(link, path, sizeof path - 1);
     if (n < 0) return 0;
     path[n] = 0;
-    return strstr(path, "/spool/jobs") != NULL;
+    return strstr(path, "/spool/jobs") != NULL || strstr(path, "/spool/.skyspool/journal.") != NULL;
 }
 
 static int before(int fd) {

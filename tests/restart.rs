@@ -36,14 +36,6 @@ fn wait_held_running(d: &Daemon, id: u64, what: &str) {
     );
 }
 
-fn count(ran: &Path, name: &str) -> usize {
-    fs::read_to_string(ran)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| *l == name)
-        .count()
-}
-
 /// The job1 of this test holds the only GPU when the daemon is SIGKILLed; jobs 2 and 3 wait.
 #[test]
 fn running_job_survives_and_is_readopted() {
@@ -92,7 +84,7 @@ fn running_job_survives_and_is_readopted() {
         d.diagnostics()
     );
     assert_eq!(d.status(id3), "PENDING", "{}", d.diagnostics());
-    assert_eq!(count(&ran, "two"), 0);
+    assert_eq!(count_lines(&ran, "two"), 0);
     assert!(alive(supervisor));
 
     gate.open();
@@ -103,10 +95,10 @@ fn running_job_survives_and_is_readopted() {
     d.wait_done(id3, "SUCCEEDED");
     for name in ["held", "two", "three", "four"] {
         assert_eq!(
-            count(&ran, name),
+            count_lines(&ran, name),
             1,
             "{name} ran {} times\n{}",
-            count(&ran, name),
+            count_lines(&ran, name),
             fs::read_to_string(&ran).unwrap_or_default()
         );
     }
@@ -169,8 +161,8 @@ fn job_that_ends_while_daemon_is_down_is_settled() {
         "{problems:#?}\n{info:#}\n{}",
         d.diagnostics()
     );
-    assert_eq!(count(&ran, "two"), 1);
-    assert_eq!(count(&ran, "held"), 1);
+    assert_eq!(count_lines(&ran, "two"), 1);
+    assert_eq!(count_lines(&ran, "held"), 1);
 }
 
 /// An idle daemon makes the next ID's staging directory ahead (the next lone submission's
@@ -197,7 +189,7 @@ fn staging_prepared_ahead_uses_no_id_across_a_restart() {
     d.wait_done(two, "SUCCEEDED");
     assert_eq!(d.job_ids(), vec![id, two]);
     assert_eq!(d.log(two), "two-ran\n");
-    assert_eq!(count(&ran, "two"), 1);
+    assert_eq!(count_lines(&ran, "two"), 1);
 }
 
 /// A cancel requested while no daemon runs is carried out by the next start.
@@ -217,7 +209,7 @@ fn cancel_made_while_daemon_is_down_is_applied_at_start() {
     d.spawn();
     d.wait_done(id1, "CANCELLED");
     d.wait_done(id2, "CANCELLED");
-    assert_eq!(count(&ran, "two"), 0, "the pending job ran");
+    assert_eq!(count_lines(&ran, "two"), 0, "the pending job ran");
     assert!(!d.log(id1).contains("after"));
 }
 
@@ -298,7 +290,7 @@ fn killed_launcher_is_replaced() {
     let id = d.submit_new("echo.yaml", &once_job("echo", Some("H100:1"), &ran));
     d.wait_done(id, "SUCCEEDED");
     assert_eq!(d.log(id), "echo-ran\n", "{}", d.diagnostics());
-    assert_eq!(count(&ran, "echo"), 1);
+    assert_eq!(count_lines(&ran, "echo"), 1);
     let sup = d.supervisor_pid(id).expect("the job's supervisor record");
     assert_ne!(
         sup, old,
@@ -331,7 +323,7 @@ fn killed_launcher_is_replaced() {
     );
     gate.open();
     d.wait_done(id2, "SUCCEEDED");
-    assert_eq!(count(&ran, "two"), 1);
+    assert_eq!(count_lines(&ran, "two"), 1);
     assert_eq!(d.daemon_log().matches("failed (").count(), 1);
 }
 
@@ -356,7 +348,7 @@ fn launcher_that_stops_answering_is_replaced() {
         },
         || d.diagnostics(),
     );
-    assert_eq!(count(&ran, "late"), 1, "{}", d.diagnostics());
+    assert_eq!(count_lines(&ran, "late"), 1, "{}", d.diagnostics());
     assert!(!alive(old), "the stopped launcher was not killed");
     assert!(
         d.daemon_log()
@@ -437,7 +429,7 @@ fn free_supervisor_takes_the_next_job_and_leaves_with_the_launcher() {
     gate.open();
     d.wait_done(two, "SUCCEEDED");
     assert_eq!(d.log(two), "before\nafter\n", "{}", d.diagnostics());
-    assert_eq!((count(&ran, "one"), count(&ran, "two")), (1, 1));
+    assert_eq!((count_lines(&ran, "one"), count_lines(&ran, "two")), (1, 1));
     let l = launcher(&d).expect("the launcher");
     assert_eq!(parent_of(sup), Some(l));
     d.stop();
@@ -488,7 +480,7 @@ fn job_given_to_a_supervisor_that_dies_before_reading_it_runs_on_another() {
     send_signal(sup, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL the supervisor");
     d.wait_done(two, "SUCCEEDED");
     assert_eq!(d.log(two), "two-ran\n", "{}", d.diagnostics());
-    assert_eq!((count(&ran, "one"), count(&ran, "two")), (1, 1));
+    assert_eq!((count_lines(&ran, "one"), count_lines(&ran, "two")), (1, 1));
     let requeued = format!("job {two}: its supervisor (pid {sup}) exited before it took the job");
     assert!(d.daemon_log().contains(&requeued), "{}", d.diagnostics());
     let again = d.supervisor_pid(two).expect("job two's supervisor record");
@@ -574,7 +566,12 @@ fn crash_after_hand_over_before_info_is_readopted() {
         d.diagnostics()
     );
     assert_eq!(d.status(b), "PENDING", "{}", d.diagnostics());
-    assert_eq!(count(&ran, "b"), 0, "B ran on A's GPU\n{}", d.diagnostics());
+    assert_eq!(
+        count_lines(&ran, "b"),
+        0,
+        "B ran on A's GPU\n{}",
+        d.diagnostics()
+    );
     assert!(alive(sup));
 
     gate.open();
@@ -583,6 +580,11 @@ fn crash_after_hand_over_before_info_is_readopted() {
     assert_eq!(d.log(a), "before\nafter\n", "{}", d.diagnostics());
     assert_eq!(d.log(b), "b-ran\n", "{}", d.diagnostics());
     assert_eq!(d.info(a)["exit_codes"], serde_json::json!([0]));
-    assert_eq!(count(&ran, "a"), 1, "A ran {} times", count(&ran, "a"));
-    assert_eq!(count(&ran, "b"), 1);
+    assert_eq!(
+        count_lines(&ran, "a"),
+        1,
+        "A ran {} times",
+        count_lines(&ran, "a")
+    );
+    assert_eq!(count_lines(&ran, "b"), 1);
 }

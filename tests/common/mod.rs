@@ -407,6 +407,16 @@ impl Drop for Daemon {
     }
 }
 
+/// How many lines of the file at `path` are exactly `line` (0 if it is missing): jobs that
+/// append their name to a scratch file say how many times they ran.
+pub fn count_lines(path: &Path, line: &str) -> usize {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == line)
+        .count()
+}
+
 /// A gate a job waits on: the job blocks until the test calls [`Gate::open`].
 pub struct Gate {
     pub path: PathBuf,

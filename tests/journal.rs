@@ -1,0 +1,177 @@
+//! The admission journal: a round is durable once its records are, and the job files follow
+//! in the background. A power cut cannot be made in a test, so these tests make what one
+//! leaves behind (a job whose files never reached the disk, a job whose files are torn) and
+//! check that the next start gives each job back its admission, runs it once, and leaves
+//! whole jobs alone.
+mod common;
+use common::*;
+use std::fs;
+use std::io::Write;
+
+/// The journal's files, as `spool-layout.md` names them.
+fn journal_files(d: &Daemon) -> [std::path::PathBuf; 2] {
+    [d.path(".skyspool/journal.0"), d.path(".skyspool/journal.1")]
+}
+
+fn journal_bytes(d: &Daemon) -> u64 {
+    journal_files(d)
+        .iter()
+        .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+/// Appends one record (the line the daemon writes) to `journal.0`.
+fn append_record(d: &Daemon, id: u64, info: &serde_json::Value, yaml: &str) {
+    let line = serde_json::json!({ "id": id, "info": info, "yaml": yaml });
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(d.path(".skyspool/journal.0"))
+        .expect("journal.0");
+    writeln!(f, "{line}").expect("append a record");
+}
+
+/// Job `id`'s record as it was admitted: PENDING, never started.
+fn admitted_info(mut info: serde_json::Value, id: u64, name: &str) -> serde_json::Value {
+    info["id"] = id.into();
+    info["name"] = name.into();
+    info["source"] = format!("incoming/{name}.yaml").into();
+    info["status"] = "PENDING".into();
+    for k in ["started", "ended", "reason"] {
+        info[k] = serde_json::Value::Null;
+    }
+    info["placement"] = serde_json::json!([]);
+    info["exit_codes"] = serde_json::json!([]);
+    info
+}
+
+fn waits_for_journal_to_empty(d: &Daemon) {
+    wait_until(
+        DEADLINE,
+        "the journal to be emptied once the jobs' files are durable",
+        || journal_bytes(d) == 0,
+        || d.diagnostics(),
+    );
+}
+
+#[test]
+fn a_job_whose_files_a_power_cut_lost_is_restored_from_its_record_and_runs_once() {
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "4"]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let yaml = |name: &str| {
+        format!(
+            "name: {name}\nrun: |\n  echo {name} >> '{}'\n  echo {name}-ran\n",
+            ran.display()
+        )
+    };
+    let first = d.submit("first.yaml", &yaml("first"));
+    d.wait_done(first, "SUCCEEDED");
+    // Once the job's own files are durable, its record is dropped.
+    waits_for_journal_to_empty(&d);
+    d.stop();
+
+    // What a power cut right after job 2's round leaves: its record in the journal, and
+    // nothing of job 2 on disk (its staging, publication and files were still in memory).
+    // Job 1, whole and done, also still has a record (the emptying was not on disk yet).
+    let info = d.info(first);
+    let lost = first + 1;
+    append_record(
+        &d,
+        lost,
+        &admitted_info(info.clone(), lost, "lost"),
+        &yaml("lost"),
+    );
+    append_record(
+        &d,
+        first,
+        &admitted_info(info, first, "first"),
+        &fs::read_to_string(d.job(first).join("job.yaml")).expect("job.yaml"),
+    );
+    assert!(!d.job(lost).exists());
+
+    d.spawn();
+    d.wait_done(lost, "SUCCEEDED");
+    assert_eq!(count_lines(&ran, "lost"), 1, "the restored job runs once");
+    assert_eq!(
+        count_lines(&ran, "first"),
+        1,
+        "a whole job is not run again by its old record"
+    );
+    assert_eq!(d.status(first), "SUCCEEDED");
+    assert!(d.log(lost).contains("lost-ran"), "{}", d.log(lost));
+    assert_eq!(
+        fs::read_to_string(d.job(lost).join("job.yaml")).expect("job.yaml"),
+        yaml("lost")
+    );
+    assert_eq!(d.info(lost)["source"], "incoming/lost.yaml");
+    let log = d.daemon_log();
+    assert!(
+        log.contains(&format!(
+            "job {lost} (incoming/lost.yaml): restored from the admission journal"
+        )),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("job {first} (incoming/first.yaml): restored")),
+        "{log}"
+    );
+    waits_for_journal_to_empty(&d);
+    // The restored job's ID is used: the next submission gets the one after it.
+    let next = d.submit_new("next.yaml", &yaml("next"));
+    assert_eq!(next, lost + 1);
+    d.wait_done(next, "SUCCEEDED");
+    d.stop();
+}
+
+#[test]
+fn a_pending_job_with_torn_files_gets_them_back_from_its_record() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "4"]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let gate = Gate::new(&s, "hold");
+    let holder = d.submit(
+        "holder.yaml",
+        &format!(
+            "name: holder\nresources:\n  accelerators: H100:1\nrun: |\n  {}\n",
+            gate.wait_cmd()
+        ),
+    );
+    let waiting_yaml = format!(
+        "name: waiting\nresources:\n  accelerators: H100:1\nrun: |\n  echo waiting >> '{}'\n  echo waiting-ran\n",
+        ran.display()
+    );
+    let waiting = d.submit("waiting.yaml", &waiting_yaml);
+    d.wait_queue_status(waiting, "PENDING");
+    d.wait_status(holder, "RUNNING");
+    let info = d.info(waiting);
+    assert_eq!(info["status"], "PENDING");
+    d.kill9();
+
+    // A power cut tore the waiting job's files (sizes on disk, data not), and its record
+    // is still in the journal.
+    append_record(&d, waiting, &info, &waiting_yaml);
+    for f in ["job.yaml", "info.json"] {
+        fs::write(d.job(waiting).join(f), b"").expect("tear a file");
+    }
+
+    d.spawn();
+    d.wait_admitted(waiting);
+    assert_eq!(
+        fs::read_to_string(d.job(waiting).join("job.yaml")).expect("job.yaml"),
+        waiting_yaml
+    );
+    assert_eq!(d.info(waiting)["name"], "waiting");
+    gate.open();
+    d.wait_done(holder, "SUCCEEDED");
+    d.wait_done(waiting, "SUCCEEDED");
+    assert_eq!(count_lines(&ran, "waiting"), 1);
+    assert!(
+        d.daemon_log().contains(&format!(
+            "job {waiting} (incoming/waiting.yaml): restored from the admission journal"
+        )),
+        "{}",
+        d.daemon_log()
+    );
+    waits_for_journal_to_empty(&d);
+    d.stop();
+}
