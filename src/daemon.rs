@@ -137,6 +137,9 @@ struct AdmissionRound {
     /// The highest ID the round wrote to the journal, if it did: once `later` is synced,
     /// those records are no longer needed.
     journaled: Option<JobId>,
+    /// An early-launched job's journal fsync, started before the job is staged (see
+    /// [`Daemon::journal_early`]); it becomes the round's once the job is published.
+    prejournal: Option<spool::SyncRound>,
 }
 
 /// The fsyncs nothing waits for (see [`Daemon::lazy_sync`]): one batch in flight, and the
@@ -148,7 +151,20 @@ struct LazySyncs {
     next: Vec<(PathBuf, bool)>,
     next_set: HashSet<PathBuf>,
     next_through: Option<JobId>,
+    /// When the waiting paths go (see [`LAZY_DELAY`]).
+    due: Option<std::time::Instant>,
 }
+
+/// How long fsyncs nothing waits for are held back before they start: the gate of the round
+/// that queued them has just opened, and a dozen fsync threads waking and submitting their
+/// writes right then delayed the job's first command by ~0.2 ms (`bench-ab --interleaved`).
+/// Held back, they go once the job is under way, and rounds that come meanwhile share the
+/// batch.
+const LAZY_DELAY: Duration = Duration::from_millis(5);
+
+/// A batch of waiting paths this large goes at once (a round of 21 jobs or more: a bulk
+/// admission's, where no job waits alone for its first command).
+const LAZY_BATCH_NOW: usize = 64;
 
 /// How an admission round's outcome comes: waited for by the daemon in line, or taken when
 /// the round's last fsync wakes the event loop (through an eventfd, see
@@ -716,12 +732,16 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.prestart_at.unwrap_or_else(std::time::Instant::now))), if d.prestart_at.is_some() => {
                 d.prestart_at = None;
             }
-            // The next chunk of a large admission (after_batch takes it).
-            _ = std::future::ready(()), if d.admission_waiting() => {}
+            // The next chunk of a large admission (after_batch takes it). Through the
+            // runtime, not at once: it polls the I/O driver first, so the events of the jobs
+            // already running (an end, a cancel) are seen between chunks even when each
+            // chunk's round is through before the next one is due.
+            _ = tokio::task::yield_now(), if d.admission_waiting() => {}
             // The round in flight is through (after_batch takes its outcome).
             _ = round_through(&d.round_ready), if d.round_polled() => {}
             // Fsyncs nothing waited for are through (after_batch starts the next ones).
             _ = round_through(&d.lazy_ready), if d.lazy.inflight.is_some() => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.lazy.due.unwrap_or_else(std::time::Instant::now))), if d.lazy.due.is_some() && d.lazy.inflight.is_none() => {}
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
                 d.retry_at = None;
                 d.deferred.clear();
@@ -1573,6 +1593,13 @@ impl Daemon {
             }
             _ => None,
         };
+        // A job handed over already: its record is journaled before it is staged.
+        let journaled_early = match (&early, ready.as_slice()) {
+            (Some(e), [(_, adm)]) if e.launched.is_some() => {
+                self.journal_early(e, adm).then_some(e.id)
+            }
+            _ => None,
+        };
         let mut staged: Vec<(Claimed, JobInfo, Admission)> = Vec::new();
         let first_id = ready.iter().map(|(c, _)| c.id).min();
         for (claimed, adm) in ready {
@@ -1582,6 +1609,7 @@ impl Daemon {
                 .map(|e| &e.info);
             match self.stage(&claimed, &adm, launched) {
                 Ok(info) => staged.push((claimed, info, adm)),
+                Err(_) if !self.unjournal(claimed.id, journaled_early) => {}
                 Err(e) if is_out_of_space(&e) => self.defer(&claimed, &e),
                 Err(e) => {
                     let reason = format!("{}: could not be admitted: {e}", claimed.source);
@@ -1600,7 +1628,9 @@ impl Daemon {
                     // incoming/ and try again later.
                     let err = anyhow::Error::from(e);
                     for (claimed, _, _) in &staged {
-                        self.defer(claimed, &err);
+                        if self.unjournal(claimed.id, journaled_early) {
+                            self.defer(claimed, &err);
+                        }
                     }
                     staged.clear();
                     None
@@ -1795,6 +1825,7 @@ impl Daemon {
             gate: None,
             later: Vec::new(),
             journaled: None,
+            prejournal: None,
         });
         let gate = self.gate_for(id).context("making the job's start gate")?;
         let answered = self
@@ -1837,35 +1868,110 @@ impl Daemon {
             files.push((dir, true));
         }
         let lazy = std::iter::once((self.spool.staging(), true)).chain(last_id.map(|p| (p, false)));
-        // Through the journal: one fsync now, the job files once the gate is open.
-        let (paths, later, journaled) = match self.journal_round(&ids) {
-            Some(journal) => (
-                vec![(journal, false)],
+        // An early launch's round (see [`Daemon::launch_early`]) keeps its gate, and its
+        // journal fsync if that started already.
+        let (gate, prejournal) = match self.round.take() {
+            Some(r) => (r.gate, r.prejournal.filter(|_| r.ids == ids)),
+            None => (None, None),
+        };
+        let journaled = match prejournal {
+            Some(sync) => Some(sync),
+            // Through the journal: one fsync, the job files once the gate is open. It waits
+            // for no hand-over (it is mostly the device's wait): it starts now.
+            None => self.journal_round(&ids).map(|journal| {
+                spool::SyncRound::start_notify(
+                    &[spool::Durable::File(&journal)],
+                    self.round_notify(),
+                )
+            }),
+        };
+        let (sync, later, journaled) = match journaled {
+            Some(sync) => (
+                RoundSync::Started(sync),
                 files.into_iter().chain(lazy).collect(),
                 ids.last().copied(),
             ),
-            None => (files, lazy.collect(), None),
+            None => (RoundSync::Due(files), lazy.collect(), None),
         };
-        // A journaled round's single fsync waits for no hand-over: it is mostly the
-        // device's wait, and it starts now.
-        let sync = match journaled {
-            Some(_) => RoundSync::Started(spool::SyncRound::start_notify(
-                &durables(&paths),
-                self.round_ready
-                    .as_ref()
-                    .map(|fd| std::sync::Arc::clone(fd.get_ref())),
-            )),
-            None => RoundSync::Due(paths),
-        };
-        // An early launch's round (see [`Daemon::launch_early`]) keeps its gate.
-        let gate = self.round.take().and_then(|r| r.gate);
         self.round = Some(AdmissionRound {
             sync,
             ids,
             gate,
             later,
             journaled,
+            prejournal: None,
         });
+    }
+
+    /// The eventfd a round's last fsync counts on, for [`spool::SyncRound::start_notify`].
+    fn round_notify(&self) -> Option<std::sync::Arc<std::os::fd::OwnedFd>> {
+        self.round_ready
+            .as_ref()
+            .map(|fd| std::sync::Arc::clone(fd.get_ref()))
+    }
+
+    /// An early-launched job's record goes to the journal before the job is staged, and its
+    /// fsync starts at once: the round's one flush then runs while the job is staged and
+    /// published, instead of after. The round still goes through only once the job is
+    /// published (see [`Daemon::start_round`]); a job that cannot be staged gets its record
+    /// taken back ([`Daemon::unjournal`]) before its submission is handed back. Returns
+    /// whether the record was written.
+    fn journal_early(&mut self, early: &Early, adm: &Admission) -> bool {
+        if self.journal.is_none() || self.round.as_ref().is_none_or(|r| r.ids.len() != 1) {
+            return false;
+        }
+        let yaml = if adm.spec.secrets.is_empty() {
+            String::from_utf8(adm.yaml.clone()).ok()
+        } else {
+            Some(adm.spec.to_redacted_yaml())
+        };
+        let Some(yaml) = yaml else {
+            return false;
+        };
+        let record = crate::journal::Record {
+            id: early.id,
+            info: early.info.clone(),
+            yaml,
+        };
+        let Some(journal) = self.journal.as_mut() else {
+            return false;
+        };
+        match journal.append(&[record]) {
+            Ok(path) => {
+                let sync = spool::SyncRound::start_notify(
+                    &[spool::Durable::File(&path)],
+                    self.round_notify(),
+                );
+                if let Some(round) = self.round.as_mut() {
+                    round.prejournal = Some(sync);
+                }
+                true
+            }
+            Err(e) => {
+                note!(
+                    "admission journal: cannot append ({e}); job {} is synced after its staging",
+                    early.id
+                );
+                false
+            }
+        }
+    }
+
+    /// Before an early job's submission is handed back or rejected (its staging failed):
+    /// takes back its record, if it was journaled early. `false`: the record could not be
+    /// taken back, so the claim must stay where it is (start-up finishes it as the job the
+    /// record says).
+    fn unjournal(&mut self, id: JobId, journaled_early: Option<JobId>) -> bool {
+        if journaled_early != Some(id) {
+            return true;
+        }
+        match self.journal.as_mut().map(|j| j.void(id)) {
+            Some(Err(e)) => {
+                note!("job {id}: its journal record cannot be taken back ({e}); its claim stays in staging/ for the next start");
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Appends the records of the round's jobs to the admission journal (see
@@ -1926,6 +2032,9 @@ impl Daemon {
             }
         }
         lazy.next_through = lazy.next_through.max(through);
+        if lazy.due.is_none() && !lazy.next.is_empty() {
+            lazy.due = Some(std::time::Instant::now() + LAZY_DELAY);
+        }
         self.poll_lazy();
     }
 
@@ -1948,9 +2057,14 @@ impl Daemon {
             }
             self.lazy.inflight = None;
         }
-        if self.lazy.next.is_empty() {
+        let due = self
+            .lazy
+            .due
+            .is_some_and(|t| t <= std::time::Instant::now());
+        if self.lazy.next.is_empty() || !(due || self.lazy.next.len() >= LAZY_BATCH_NOW) {
             return;
         }
+        self.lazy.due = None;
         let paths = std::mem::take(&mut self.lazy.next);
         self.lazy.next_set.clear();
         let through = self.lazy.next_through.take();
@@ -1966,6 +2080,7 @@ impl Daemon {
 
     /// At shutdown: waits for the background fsyncs, and makes the waiting ones now.
     fn finish_lazy(&mut self) {
+        self.lazy.due = Some(std::time::Instant::now());
         for _ in 0..2 {
             if let Some((sync, through)) = self.lazy.inflight.take() {
                 match sync.wait() {
@@ -1977,6 +2092,7 @@ impl Daemon {
                     Err(e) => note!("background fsync failed: {e}"),
                 }
             }
+            self.lazy.due = Some(std::time::Instant::now());
             self.poll_lazy();
         }
     }

@@ -36,6 +36,13 @@ pub struct Record {
     pub yaml: String,
 }
 
+/// A line that takes back the record of a job whose admission did not go through after all
+/// (see [`Journal::void`]).
+#[derive(Serialize, Deserialize)]
+struct Void {
+    void: JobId,
+}
+
 /// One of the two journal files.
 struct Part {
     path: PathBuf,
@@ -79,8 +86,10 @@ impl Journal {
 
     /// Every intact record in both files (a line that does not parse, such as one a power
     /// cut tore, is skipped: its round was never through, so nothing of its jobs ran).
+    /// Records taken back by a later void line are left out.
     pub fn records(&self) -> Vec<Record> {
         let mut out = Vec::new();
+        let mut void = std::collections::HashSet::new();
         for part in &self.parts {
             let Ok(f) = File::open(&part.path) else {
                 continue;
@@ -88,9 +97,12 @@ impl Journal {
             for line in io::BufReader::new(f).split(b'\n').map_while(|l| l.ok()) {
                 if let Ok(r) = serde_json::from_slice::<Record>(&line) {
                     out.push(r);
+                } else if let Ok(v) = serde_json::from_slice::<Void>(&line) {
+                    void.insert(v.void);
                 }
             }
         }
+        out.retain(|r| !void.contains(&r.id));
         out
     }
 
@@ -118,6 +130,19 @@ impl Journal {
         let max = records.iter().map(|r| r.id).max();
         part.last_id = part.last_id.max(max);
         Ok(part.path.clone())
+    }
+
+    /// Takes back job `id`'s record, durably (appended and synced before this returns): its
+    /// admission did not go through (it could not be staged), and its submission is about
+    /// to be handed back or rejected, so the record must never make it a job.
+    pub fn void(&mut self, id: JobId) -> io::Result<()> {
+        let mut line = serde_json::to_vec(&Void { void: id }).map_err(io::Error::other)?;
+        line.push(b'\n');
+        let part = &mut self.parts[self.current];
+        part.file.write_all(&line)?;
+        part.len += line.len() as u64;
+        part.last_id = part.last_id.max(Some(id));
+        part.file.sync_data()
     }
 
     /// The files of every job up to `id` are durable: a file whose records are all of such
@@ -262,6 +287,17 @@ mod tests {
         assert_eq!(j.append(&[record(5)]).unwrap(), second);
         j.durable_through(5);
         assert!(!j.holds_records());
+    }
+
+    #[test]
+    fn a_voided_record_is_not_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(&[record(1)]).unwrap();
+        j.append(&[record(2)]).unwrap();
+        j.void(1).unwrap();
+        let ids: Vec<JobId> = j.records().iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![2]);
     }
 
     #[test]
