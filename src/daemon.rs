@@ -444,6 +444,8 @@ struct Daemon {
     /// The admission journal (`None` where it could not be opened: every round then syncs
     /// the job files themselves).
     journal: Option<crate::journal::Journal>,
+    /// The files claimed from `incoming/` for jobs published but not journaled yet.
+    claimed_files: HashMap<JobId, spool::FileIdent>,
     /// The parsed specs of queued jobs (without secrets), kept from their admission for
     /// their start (or prestart), which then does not read and parse `job.yaml` again.
     fresh: SpecCache,
@@ -670,6 +672,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         lazy: LazySyncs::default(),
         lazy_ready: round_ready(),
         journal,
+        claimed_files: HashMap::new(),
         fresh: SpecCache::default(),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
@@ -1595,8 +1598,8 @@ impl Daemon {
         };
         // A job handed over already: its record is journaled before it is staged.
         let journaled_early = match (&early, ready.as_slice()) {
-            (Some(e), [(_, adm)]) if e.launched.is_some() => {
-                self.journal_early(e, adm).then_some(e.id)
+            (Some(e), [(claimed, adm)]) if e.launched.is_some() => {
+                self.journal_early(e, adm, claimed.file).then_some(e.id)
             }
             _ => None,
         };
@@ -1673,6 +1676,9 @@ impl Daemon {
                 continue;
             }
             ids.insert(id);
+            if let Some(f) = claimed.file {
+                self.claimed_files.insert(id, f);
+            }
             note!(
                 "job {id} ({}) admitted from {} for {}, needs {}",
                 info.name,
@@ -1916,7 +1922,12 @@ impl Daemon {
     /// published (see [`Daemon::start_round`]); a job that cannot be staged gets its record
     /// taken back ([`Daemon::unjournal`]) before its submission is handed back. Returns
     /// whether the record was written.
-    fn journal_early(&mut self, early: &Early, adm: &Admission) -> bool {
+    fn journal_early(
+        &mut self,
+        early: &Early,
+        adm: &Admission,
+        file: Option<spool::FileIdent>,
+    ) -> bool {
         if self.journal.is_none() || self.round.as_ref().is_none_or(|r| r.ids.len() != 1) {
             return false;
         }
@@ -1932,6 +1943,7 @@ impl Daemon {
             id: early.id,
             info: early.info.clone(),
             yaml,
+            file,
         };
         let Some(journal) = self.journal.as_mut() else {
             return false;
@@ -1979,6 +1991,10 @@ impl Daemon {
     /// job files themselves) without a journal, for a round with a directory submission
     /// (its files are not in a record), or when the append fails.
     fn journal_round(&mut self, ids: &BTreeSet<JobId>) -> Option<PathBuf> {
+        let mut files: HashMap<JobId, spool::FileIdent> = ids
+            .iter()
+            .filter_map(|id| self.claimed_files.remove(id).map(|f| (*id, f)))
+            .collect();
         self.journal.as_ref()?;
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
@@ -1990,6 +2006,7 @@ impl Daemon {
                 id: *id,
                 info,
                 yaml,
+                file: files.remove(id),
             });
         }
         match self.journal.as_mut()?.append(&records) {

@@ -34,6 +34,10 @@ pub struct Record {
     pub info: JobInfo,
     /// The job's `job.yaml`, byte for byte (it is UTF-8: it parsed as YAML).
     pub yaml: String,
+    /// The file claimed from `incoming/` for it, if it was one (see
+    /// [`crate::spool::Spool::restore_admission`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<crate::spool::FileIdent>,
 }
 
 /// A line that takes back the record of a job whose admission did not go through after all
@@ -243,6 +247,7 @@ mod tests {
                 reason: None,
             },
             yaml: format!("name: j{id}\nrun: echo {id}\n"),
+            file: None,
         }
     }
 

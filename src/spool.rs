@@ -243,6 +243,27 @@ pub struct Claimed {
     pub has_workdir: bool,
     /// Its `info.json` is written: only publishing is left.
     pub staged: bool,
+    /// Which file was claimed from `incoming/` (a file submission claimed by rename).
+    pub file: Option<FileIdent>,
+}
+
+/// What tells a claimed file apart from any later file of the same name: its inode, size
+/// and modification time (a rename keeps all three).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileIdent {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileIdent {
+    pub fn of(meta: &fs::Metadata) -> FileIdent {
+        FileIdent {
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
 }
 
 /// Prefix of a claimed submission's name inside its staging directory.
@@ -509,6 +530,7 @@ impl Spool {
             gid: meta.gid(),
             has_workdir,
             staged: false,
+            file: (!has_workdir).then(|| FileIdent::of(&meta)),
         })
     }
 
@@ -540,6 +562,8 @@ impl Spool {
             gid,
             has_workdir: false,
             staged: false,
+            // Written here, never in `incoming/`.
+            file: None,
         })
     }
 
@@ -567,6 +591,20 @@ impl Spool {
         let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
         let published = self.job_dir(r.id);
         let staged = self.staging().join(r.id.to_string());
+        // A power cut can lose the claim's rename out of `incoming/` while the journal line
+        // is durable: the submission is back there under its name. It is this job's (same
+        // inode, size and modification time), not a new one: it must not become a second
+        // job.
+        let mut written = Vec::new();
+        if let (Some(ident), Some(name)) = (r.file, r.info.source.strip_prefix("incoming/")) {
+            let back = self.incoming().join(name);
+            let same = fs::symlink_metadata(&back)
+                .is_ok_and(|m| m.is_file() && FileIdent::of(&m) == ident);
+            if same {
+                fs::remove_file(&back).at(&back)?;
+                written.push((self.incoming(), true));
+            }
+        }
         let (dir, parent, made) = if is_dir(&published) {
             (published, self.jobs(), false)
         } else if is_dir(&staged) {
@@ -576,7 +614,6 @@ impl Spool {
             make_private_dir(&dir)?;
             (dir, self.staging(), true)
         };
-        let mut written = Vec::new();
         let yaml = dir.join("job.yaml");
         let yaml_whole = fs::symlink_metadata(&yaml)
             .is_ok_and(|m| m.is_file() && m.len() == r.yaml.len() as u64);
@@ -655,6 +692,7 @@ impl Spool {
                     gid: info.gid,
                     has_workdir: info.has_workdir,
                     staged: true,
+                    file: None,
                     dir,
                 }),
                 (Some(content), None) => {
@@ -668,6 +706,7 @@ impl Spool {
                         uid: meta.uid(),
                         gid: meta.gid(),
                         staged: false,
+                        file: meta.is_file().then(|| FileIdent::of(&meta)),
                         dir,
                     });
                 }

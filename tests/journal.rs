@@ -22,7 +22,13 @@ fn journal_bytes(d: &Daemon) -> u64 {
 
 /// Appends one record (the line the daemon writes) to `journal.0`.
 fn append_record(d: &Daemon, id: u64, info: &serde_json::Value, yaml: &str) {
-    let line = serde_json::json!({ "id": id, "info": info, "yaml": yaml });
+    append_line(
+        d,
+        serde_json::json!({ "id": id, "info": info, "yaml": yaml }),
+    );
+}
+
+fn append_line(d: &Daemon, line: serde_json::Value) {
     let mut f = fs::OpenOptions::new()
         .append(true)
         .open(d.path(".skyspool/journal.0"))
@@ -173,5 +179,53 @@ fn a_pending_job_with_torn_files_gets_them_back_from_its_record() {
         d.daemon_log()
     );
     waits_for_journal_to_empty(&d);
+    d.stop();
+}
+
+#[test]
+fn a_submission_a_power_cut_put_back_in_incoming_does_not_become_a_second_job() {
+    use std::os::unix::fs::MetadataExt;
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "4"]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let yaml = |name: &str| {
+        format!(
+            "name: {name}\nrun: |\n  echo {name} >> '{}'\n",
+            ran.display()
+        )
+    };
+    let first = d.submit("first.yaml", &yaml("first"));
+    d.wait_done(first, "SUCCEEDED");
+    d.stop();
+
+    // A power cut right after job 2's round: its line is durable, but neither the claim's
+    // rename out of incoming/ nor anything after it reached the disk, so the submission is
+    // back in incoming/ under its name, the same file (inode, size, mtime) the line names.
+    let back = s.join("back.yaml");
+    fs::write(&back, yaml("back")).expect("write the submission");
+    let meta = fs::metadata(&back).expect("stat");
+    let id = first + 1;
+    append_line(
+        &d,
+        serde_json::json!({
+            "id": id,
+            "info": admitted_info(d.info(first), id, "back"),
+            "yaml": yaml("back"),
+            "file": { "ino": meta.ino(), "size": meta.len(),
+                      "mtime_ns": meta.mtime() * 1_000_000_000 + meta.mtime_nsec() },
+        }),
+    );
+    fs::rename(&back, d.path("incoming/back.yaml")).expect("back into incoming/");
+
+    d.spawn();
+    d.wait_done(id, "SUCCEEDED");
+    assert_eq!(count_lines(&ran, "back"), 1, "one submission, one run");
+    assert!(d.incoming_names().is_empty(), "{:?}", d.incoming_names());
+    assert_eq!(d.job_ids(), vec![first, id], "{}", d.diagnostics());
+    // Another file under the same name is a new submission.
+    let next = d.submit_new("back.yaml", &yaml("again"));
+    assert_eq!(next, id + 1);
+    d.wait_done(next, "SUCCEEDED");
+    assert_eq!(count_lines(&ran, "again"), 1);
     d.stop();
 }
