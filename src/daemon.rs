@@ -240,6 +240,12 @@ fn launch_lock(
     Ok((started, lock_path, lock))
 }
 
+/// What a round's (or a batch's) last fsync counts on, for
+/// [`spool::SyncRound::start_notify`]: the eventfd of `ready`, if there is one.
+fn notify_of(ready: &RoundReady) -> Option<std::sync::Arc<std::os::fd::OwnedFd>> {
+    ready.as_ref().map(|fd| std::sync::Arc::clone(fd.get_ref()))
+}
+
 /// [`spool::Durable`]s of `(path, is a directory)` pairs.
 fn durables(paths: &[(PathBuf, bool)]) -> Vec<spool::Durable<'_>> {
     paths
@@ -845,6 +851,18 @@ type EarlyLaunch = (String, Vec<NodeAssignment>, Option<u32>);
 struct Admission {
     spec: JobSpec,
     yaml: Vec<u8>,
+}
+
+impl Admission {
+    /// What its `job.yaml` holds: the submitted bytes, or, with `secrets:`, the spec
+    /// re-serialized with their values redacted.
+    fn job_yaml(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.spec.secrets.is_empty() {
+            std::borrow::Cow::Borrowed(&self.yaml)
+        } else {
+            std::borrow::Cow::Owned(self.spec.to_redacted_yaml().into_bytes())
+        }
+    }
 }
 
 impl Daemon {
@@ -1880,17 +1898,8 @@ impl Daemon {
             Some(r) => (r.gate, r.prejournal.filter(|_| r.ids == ids)),
             None => (None, None),
         };
-        let journaled = match prejournal {
-            Some(sync) => Some(sync),
-            // Through the journal: one fsync, the job files once the gate is open. It waits
-            // for no hand-over (it is mostly the device's wait): it starts now.
-            None => self.journal_round(&ids).map(|journal| {
-                spool::SyncRound::start_notify(
-                    &[spool::Durable::File(&journal)],
-                    self.round_notify(),
-                )
-            }),
-        };
+        // Through the journal: one fsync, the job files once the gate is open.
+        let journaled = prejournal.or_else(|| self.journal_round(&ids));
         let (sync, later, journaled) = match journaled {
             Some(sync) => (
                 RoundSync::Started(sync),
@@ -1909,13 +1918,6 @@ impl Daemon {
         });
     }
 
-    /// The eventfd a round's last fsync counts on, for [`spool::SyncRound::start_notify`].
-    fn round_notify(&self) -> Option<std::sync::Arc<std::os::fd::OwnedFd>> {
-        self.round_ready
-            .as_ref()
-            .map(|fd| std::sync::Arc::clone(fd.get_ref()))
-    }
-
     /// An early-launched job's record goes to the journal before the job is staged, and its
     /// fsync starts at once: the round's one flush then runs while the job is staged and
     /// published, instead of after. The round still goes through only once the job is
@@ -1931,12 +1933,7 @@ impl Daemon {
         if self.journal.is_none() || self.round.as_ref().is_none_or(|r| r.ids.len() != 1) {
             return false;
         }
-        let yaml = if adm.spec.secrets.is_empty() {
-            String::from_utf8(adm.yaml.clone()).ok()
-        } else {
-            Some(adm.spec.to_redacted_yaml())
-        };
-        let Some(yaml) = yaml else {
+        let Ok(yaml) = String::from_utf8(adm.job_yaml().into_owned()) else {
             return false;
         };
         let record = crate::journal::Record {
@@ -1945,28 +1942,13 @@ impl Daemon {
             yaml,
             file,
         };
-        let Some(journal) = self.journal.as_mut() else {
+        let Some(sync) = self.journal_append(&[record]) else {
             return false;
         };
-        match journal.append(&[record]) {
-            Ok(path) => {
-                let sync = spool::SyncRound::start_notify(
-                    &[spool::Durable::File(&path)],
-                    self.round_notify(),
-                );
-                if let Some(round) = self.round.as_mut() {
-                    round.prejournal = Some(sync);
-                }
-                true
-            }
-            Err(e) => {
-                note!(
-                    "admission journal: cannot append ({e}); job {} is synced after its staging",
-                    early.id
-                );
-                false
-            }
+        if let Some(round) = self.round.as_mut() {
+            round.prejournal = Some(sync);
         }
+        true
     }
 
     /// Before an early job's submission is handed back or rejected (its staging failed):
@@ -1987,10 +1969,10 @@ impl Daemon {
     }
 
     /// Appends the records of the round's jobs to the admission journal (see
-    /// [`crate::journal`]) and returns the file to fsync; `None` (the round then syncs the
-    /// job files themselves) without a journal, for a round with a directory submission
-    /// (its files are not in a record), or when the append fails.
-    fn journal_round(&mut self, ids: &BTreeSet<JobId>) -> Option<PathBuf> {
+    /// [`crate::journal`]) and starts its fsync; `None` (the round then syncs the job files
+    /// themselves) without a journal, for a round with a directory submission (its files
+    /// are not in a record), or when the append fails.
+    fn journal_round(&mut self, ids: &BTreeSet<JobId>) -> Option<spool::SyncRound> {
         let mut files: HashMap<JobId, spool::FileIdent> = ids
             .iter()
             .filter_map(|id| self.claimed_files.remove(id).map(|f| (*id, f)))
@@ -2009,10 +1991,21 @@ impl Daemon {
                 file: files.remove(id),
             });
         }
-        match self.journal.as_mut()?.append(&records) {
-            Ok(path) => Some(path),
+        self.journal_append(&records)
+    }
+
+    /// Appends `records` to the journal in one write and starts its fsync at once (it waits
+    /// for no hand-over: it is mostly the device's wait), the round's eventfd to be counted
+    /// when it is through. `None` without a journal or when the append fails (noted): those
+    /// jobs' files are then synced as the round.
+    fn journal_append(&mut self, records: &[crate::journal::Record]) -> Option<spool::SyncRound> {
+        match self.journal.as_mut()?.append(records) {
+            Ok(path) => Some(spool::SyncRound::start_notify(
+                &[spool::Durable::File(&path)],
+                notify_of(&self.round_ready),
+            )),
             Err(e) => {
-                note!("admission journal: cannot append ({e}); this round syncs its jobs' files");
+                note!("admission journal: cannot append ({e}); the round syncs its jobs' files");
                 None
             }
         }
@@ -2062,17 +2055,9 @@ impl Daemon {
             let Some(result) = sync.try_wait() else {
                 return;
             };
-            match result {
-                Ok(()) => {
-                    if let (Some(journal), Some(id)) = (self.journal.as_mut(), *through) {
-                        journal.durable_through(id);
-                    }
-                }
-                Err(e) => {
-                    note!("background fsync failed: {e} (the admission journal keeps its records)")
-                }
-            }
+            let through = *through;
             self.lazy.inflight = None;
+            self.lazy_through(result, through);
         }
         let due = self
             .lazy
@@ -2085,14 +2070,25 @@ impl Daemon {
         let paths = std::mem::take(&mut self.lazy.next);
         self.lazy.next_set.clear();
         let through = self.lazy.next_through.take();
-        let notify = self
-            .lazy_ready
-            .as_ref()
-            .map(|fd| std::sync::Arc::clone(fd.get_ref()));
         self.lazy.inflight = Some((
-            spool::SyncRound::start_notify(&durables(&paths), notify),
+            spool::SyncRound::start_notify(&durables(&paths), notify_of(&self.lazy_ready)),
             through,
         ));
+    }
+
+    /// A batch of background fsyncs is through: the journal drops the records of the jobs
+    /// it made durable (up to `through`); a failure keeps them.
+    fn lazy_through(&mut self, result: spool::Result<()>, through: Option<JobId>) {
+        match result {
+            Ok(()) => {
+                if let (Some(journal), Some(id)) = (self.journal.as_mut(), through) {
+                    journal.durable_through(id);
+                }
+            }
+            Err(e) => {
+                note!("background fsync failed: {e} (the admission journal keeps its records)")
+            }
+        }
     }
 
     /// At shutdown: waits for the background fsyncs, and makes the waiting ones now.
@@ -2100,14 +2096,7 @@ impl Daemon {
         self.lazy.due = Some(std::time::Instant::now());
         for _ in 0..2 {
             if let Some((sync, through)) = self.lazy.inflight.take() {
-                match sync.wait() {
-                    Ok(()) => {
-                        if let (Some(journal), Some(id)) = (self.journal.as_mut(), through) {
-                            journal.durable_through(id);
-                        }
-                    }
-                    Err(e) => note!("background fsync failed: {e}"),
-                }
+                self.lazy_through(sync.wait(), through);
             }
             self.lazy.due = Some(std::time::Instant::now());
             self.poll_lazy();
@@ -2164,11 +2153,7 @@ impl Daemon {
             let busy = round.ids.len() >= POLLED_ROUND_JOBS
                 || self.sched.running_len() > own
                 || !self.to_admit.is_empty();
-            let notify = self
-                .round_ready
-                .as_ref()
-                .filter(|_| busy)
-                .map(|fd| std::sync::Arc::clone(fd.get_ref()));
+            let notify = notify_of(&self.round_ready).filter(|_| busy);
             round.sync = match (
                 std::mem::replace(&mut round.sync, RoundSync::Unstaged),
                 notify,
@@ -2372,10 +2357,8 @@ impl Daemon {
         if early.is_none() {
             spool::make_private_dir(&c.dir)?;
         }
-        if spec.secrets.is_empty() {
-            spool::write_private(&c.dir, "job.yaml", &adm.yaml)?;
-        } else {
-            spool::write_private(&c.dir, "job.yaml", spec.to_redacted_yaml().as_bytes())?;
+        spool::write_private(&c.dir, "job.yaml", &adm.job_yaml())?;
+        if !spec.secrets.is_empty() {
             self.spool.write_secrets(c.id, &spec.secrets)?;
         }
         spool::write_private(&c.dir, "status", b"PENDING\n")?;
