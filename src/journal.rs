@@ -154,7 +154,10 @@ impl Journal {
     /// again at start-up and find their jobs whole.)
     pub fn durable_through(&mut self, id: JobId) {
         for part in &mut self.parts {
-            if part.last_id.is_some_and(|last| last <= id) && part.file.set_len(0).is_ok() {
+            // An empty file is left alone: `ftruncate` would still touch its mtime.
+            if part.last_id.is_some_and(|last| last <= id)
+                && (part.len == 0 || part.file.set_len(0).is_ok())
+            {
                 part.len = 0;
                 part.last_id = None;
             }
