@@ -741,11 +741,8 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.prestart_at.unwrap_or_else(std::time::Instant::now))), if d.prestart_at.is_some() => {
                 d.prestart_at = None;
             }
-            // The next chunk of a large admission (after_batch takes it). Through the
-            // runtime, not at once: it polls the I/O driver first, so the events of the jobs
-            // already running (an end, a cancel) are seen between chunks even when each
-            // chunk's round is through before the next one is due.
-            _ = tokio::task::yield_now(), if d.admission_waiting() => {}
+            // The next chunk of a large admission (after_batch takes it).
+            _ = std::future::ready(()), if d.admission_waiting() => {}
             // The round in flight is through (after_batch takes its outcome).
             _ = round_through(&d.round_ready), if d.round_polled() => {}
             // Fsyncs nothing waited for are through (after_batch starts the next ones).
@@ -788,6 +785,13 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         }
         d.after_batch();
+        // Back through the runtime before the next wait: tokio polls its I/O driver only
+        // when this task returns to it, and while some branch is ready at once (the next
+        // chunk of a bulk admission, a timer already due after a long batch) the loop never
+        // would; inotify and the supervisors' pidfds would go unread, and a running job's end
+        // unseen, until the whole batch was admitted (one `epoll_wait` with no timeout per
+        // batch).
+        tokio::task::yield_now().await;
     }
     // The jobs handed over while the last round ran start (or, if it failed, do not).
     d.finish_round();
