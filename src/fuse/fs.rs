@@ -661,10 +661,16 @@ impl Shared {
     /// May `uid` cancel job `info`? Its owner, root, or the daemon's own user; and only
     /// while it can still be cancelled.
     fn may_cancel(&self, uid: u32, info: &JobInfo) -> Res<()> {
-        if uid != 0 && uid != info.uid && uid != self.uid {
+        self.owns(uid, info)?;
+        if info.status.is_terminal() {
             return Err(Errno::EACCES);
         }
-        if info.status.is_terminal() {
+        Ok(())
+    }
+
+    /// Whether `uid` may act on the job as its owner (the owner, root or the daemon's user).
+    fn owns(&self, uid: u32, info: &JobInfo) -> Res<()> {
+        if uid != 0 && uid != info.uid && uid != self.uid {
             return Err(Errno::EACCES);
         }
         Ok(())
@@ -1204,8 +1210,13 @@ impl Shared {
                 let opened_for_cancel =
                     matches!(fh.and_then(|fh| self.handle(fh)), Some(Handle::Discard));
                 if !opened_for_cancel {
-                    // `touch` of an existing cancel: ask again.
-                    self.request_cancel(id, req.uid(), req.gid())?;
+                    // `touch` of an existing cancel: ask again. A job that has ended since
+                    // (as `touch`'s own create, just before its times, may have asked it
+                    // to) has nothing left to stop: not an error for its owner.
+                    match self.job(id).filter(|j| j.status.is_terminal()) {
+                        Some(ended) => self.owns(req.uid(), &ended)?,
+                        None => self.request_cancel(id, req.uid(), req.gid())?,
+                    }
                 }
                 Ok(self.cancel_attr(id, req))
             }
