@@ -68,6 +68,11 @@ pub enum Command {
         /// 0 turns it off.
         #[arg(long, default_value_t = 4, value_name = "N")]
         prestart: usize,
+        /// Admissions and job ends are durable on one fsync of the spool's journal; the
+        /// job files themselves are synced by a checkpoint (one syncfs of the spool's
+        /// filesystem) at most this many seconds later, or once 1 MiB of records wait.
+        #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+        checkpoint_after: f64,
     },
     /// Submit job YAMLs safely (written aside, then renamed into incoming/).
     Submit {
@@ -125,6 +130,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             starvation_bound,
             mount,
             prestart,
+            checkpoint_after,
         } => {
             let starvation_bound = match starvation_bound.as_str() {
                 "off" | "none" => None,
@@ -143,6 +149,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !(0.0..=86400.0).contains(&kill_grace) {
                 bail!("--kill-grace must be between 0 and 86400 seconds");
             }
+            if !(0.0..=86400.0).contains(&checkpoint_after) {
+                bail!("--checkpoint-after must be between 0 and 86400 seconds");
+            }
             daemon::serve(DaemonConfig {
                 spool: cli.spool,
                 config,
@@ -154,6 +163,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 starvation_bound,
                 mount,
                 prestart,
+                checkpoint_after: Duration::from_secs_f64(checkpoint_after),
             })?;
             Ok(ExitCode::SUCCESS)
         }

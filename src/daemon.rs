@@ -43,6 +43,8 @@ pub struct DaemonConfig {
     pub mount: Option<PathBuf>,
     /// At most this many queued jobs prestarted (see [`Daemon::prestart_more`]); 0: none.
     pub prestart: usize,
+    /// Journal records wait at most this long for a checkpoint (see [`crate::journal`]).
+    pub checkpoint_after: Duration,
 }
 
 /// One line on stderr, time-stamped, written with one `write` (stderr is unbuffered: the
@@ -131,29 +133,32 @@ struct AdmissionRound {
     /// with each launch) and its write end, made when the first of them starts.
     gate: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
     /// What is synced once the gate is open, without waiting (see [`Daemon::lazy_sync`]):
-    /// `staging/` and `.skyspool/last-id`, and the jobs' own files when the round went
-    /// through the journal.
+    /// `staging/` and `.skyspool/last-id` when the round did not go through the journal
+    /// (a journaled round's files wait for the journal's next checkpoint).
     later: Vec<(PathBuf, bool)>,
-    /// The highest ID the round wrote to the journal, if it did: once `later` is synced,
-    /// those records are no longer needed.
-    journaled: Option<JobId>,
     /// An early-launched job's journal fsync, started before the job is staged (see
     /// [`Daemon::journal_early`]); it becomes the round's once the job is published.
     prejournal: Option<spool::SyncRound>,
 }
 
-/// The fsyncs nothing waits for (see [`Daemon::lazy_sync`]): one batch in flight, and the
-/// paths that came meanwhile, synced together once it is through.
+/// The fsyncs nothing waits for (see [`Daemon::lazy_sync`]) and the journal's checkpoints
+/// (see [`crate::journal`]): one batch in flight, and the paths that came meanwhile, synced
+/// together once it is through.
 #[derive(Default)]
 struct LazySyncs {
-    /// The batch in flight, and the highest journaled ID whose job files it makes durable.
-    inflight: Option<(spool::SyncRound, Option<JobId>)>,
+    /// The batch in flight, and the sealed journal file it is the checkpoint of, if it is
+    /// one.
+    inflight: Option<(spool::SyncRound, Option<usize>)>,
     next: Vec<(PathBuf, bool)>,
     next_set: HashSet<PathBuf>,
-    next_through: Option<JobId>,
     /// When the waiting paths go (see [`LAZY_DELAY`]).
     due: Option<std::time::Instant>,
+    /// Not before then is a failed checkpoint tried again.
+    retry_checkpoint_at: Option<std::time::Instant>,
 }
+
+/// How long after a failed checkpoint (see [`crate::journal`]) the next is tried.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
 
 /// How long fsyncs nothing waits for are held back before they start: the gate of the round
 /// that queued them has just opened, and a dozen fsync threads waking and submitting their
@@ -602,7 +607,9 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         .with_context(|| format!("preparing the spool at {}", cfg.spool.display()))?;
     let _lock = spool.lock()?;
     let spool_id = spool.instance_id()?;
-    let journal = match crate::journal::Journal::open(&spool.private()) {
+    let journal = match crate::journal::Journal::open(&spool.private())
+        .map(|j| j.checkpoint_after(cfg.checkpoint_after))
+    {
         Ok(j) => Some(j),
         Err(e) => {
             note!("no admission journal ({e}): each round syncs its jobs' files");
@@ -747,7 +754,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             _ = round_through(&d.round_ready), if d.round_polled() => {}
             // Fsyncs nothing waited for are through (after_batch starts the next ones).
             _ = round_through(&d.lazy_ready), if d.lazy.inflight.is_some() => {}
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.lazy.due.unwrap_or_else(std::time::Instant::now))), if d.lazy.due.is_some() && d.lazy.inflight.is_none() => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.lazy_due().unwrap_or_else(std::time::Instant::now))), if d.lazy_due().is_some() => {}
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.retry_at.unwrap_or_else(std::time::Instant::now))), if d.retry_at.is_some() => {
                 d.retry_at = None;
                 d.deferred.clear();
@@ -998,11 +1005,7 @@ impl Daemon {
                             note!("job {}: {e}", r.id);
                         }
                     }
-                    for p in written {
-                        if !paths.contains(&p) {
-                            paths.push(p);
-                        }
-                    }
+                    paths.extend(written);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -1014,9 +1017,33 @@ impl Daemon {
                 }
             }
         }
+        // Then the ends: a job that ended before the power cut is settled, never run again.
+        for end in journal.ends() {
+            match self.spool.restore_end(&end) {
+                Ok(written) if !written.is_empty() => {
+                    note!(
+                        "job {} ({}): its end ({}) restored from the journal",
+                        end.id,
+                        end.source,
+                        end.status
+                    );
+                    paths.extend(written);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    complete = false;
+                    note!(
+                        "job {}: its end cannot be restored from the journal: {e}",
+                        end.id
+                    );
+                }
+            }
+        }
+        paths.sort();
+        paths.dedup();
         if let Err(e) = spool::sync_all(&durables(&paths)) {
             complete = false;
-            note!("admission journal: restored jobs not synced: {e}");
+            note!("journal: restored jobs not synced: {e}");
         }
         if complete {
             if let Some(Err(e)) = self.journal.as_mut().map(|j| j.clear()) {
@@ -1852,7 +1879,6 @@ impl Daemon {
             ids: BTreeSet::from([id]),
             gate: None,
             later: Vec::new(),
-            journaled: None,
             prejournal: None,
         });
         let gate = self.gate_for(id).context("making the job's start gate")?;
@@ -1902,22 +1928,17 @@ impl Daemon {
             Some(r) => (r.gate, r.prejournal.filter(|_| r.ids == ids)),
             None => (None, None),
         };
-        // Through the journal: one fsync, the job files once the gate is open.
-        let journaled = prejournal.or_else(|| self.journal_round(&ids));
-        let (sync, later, journaled) = match journaled {
-            Some(sync) => (
-                RoundSync::Started(sync),
-                files.into_iter().chain(lazy).collect(),
-                ids.last().copied(),
-            ),
-            None => (RoundSync::Due(files), lazy.collect(), None),
+        // Through the journal: one fsync; the job files, `staging/` and `last-id` with the
+        // journal's next checkpoint.
+        let (sync, later) = match prejournal.or_else(|| self.journal_round(&ids)) {
+            Some(sync) => (RoundSync::Started(sync), Vec::new()),
+            None => (RoundSync::Due(files), lazy.collect()),
         };
         self.round = Some(AdmissionRound {
             sync,
             ids,
             gate,
             later,
-            journaled,
             prejournal: None,
         });
     }
@@ -2035,75 +2056,141 @@ impl Daemon {
 
     /// Fsyncs `paths` (true: a directory) in the background, nothing waiting for them: with
     /// the batch in flight if none is, else with the next one, which starts once the one in
-    /// flight is through ([`Daemon::poll_lazy`]). `through`: the highest journaled ID whose
-    /// job files are among them. A failure is only noted (and the journal keeps the
-    /// records).
-    fn lazy_sync(&mut self, paths: &[(PathBuf, bool)], through: Option<JobId>) {
+    /// flight is through ([`Daemon::poll_lazy`]). A failure is only noted.
+    fn lazy_sync(&mut self, paths: &[(PathBuf, bool)]) {
         let lazy = &mut self.lazy;
         for p in paths {
             if lazy.next_set.insert(p.0.clone()) {
                 lazy.next.push(p.clone());
             }
         }
-        lazy.next_through = lazy.next_through.max(through);
         if lazy.due.is_none() && !lazy.next.is_empty() {
             lazy.due = Some(std::time::Instant::now() + LAZY_DELAY);
         }
         self.poll_lazy();
     }
 
-    /// Takes the outcome of the background fsyncs in flight, if through (the journal drops
-    /// the records they made durable), and starts the next batch.
+    /// When the event loop next has background syncs to start: the waiting paths' time
+    /// ([`LAZY_DELAY`]) or the journal's next checkpoint, whichever comes first; `None`
+    /// while a batch is in flight (its end wakes the loop) or nothing waits.
+    fn lazy_due(&self) -> Option<std::time::Instant> {
+        if self.lazy.inflight.is_some() {
+            return None;
+        }
+        match (self.lazy.due, self.checkpoint_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When the journal's next checkpoint is due (see [`crate::journal::Journal::checkpoint_due`]),
+    /// not before a failed one may be tried again.
+    fn checkpoint_due(&self) -> Option<std::time::Instant> {
+        let due = self.journal.as_ref()?.checkpoint_due()?;
+        Some(self.lazy.retry_checkpoint_at.map_or(due, |r| r.max(due)))
+    }
+
+    /// Takes the outcome of the background syncs in flight, if through (a checkpoint's
+    /// sealed journal file is emptied), and starts the next batch: the journal's checkpoint
+    /// when it is due (a `syncfs`, which makes the waiting paths durable too), else the
+    /// waiting paths once their time has come.
     fn poll_lazy(&mut self) {
-        if let Some((sync, through)) = self.lazy.inflight.as_mut() {
+        if let Some((sync, sealed)) = self.lazy.inflight.as_mut() {
             let Some(result) = sync.try_wait() else {
                 return;
             };
-            let through = *through;
+            let sealed = *sealed;
             self.lazy.inflight = None;
-            self.lazy_through(result, through);
+            self.lazy_through(result, sealed);
         }
-        let due = self
-            .lazy
-            .due
-            .is_some_and(|t| t <= std::time::Instant::now());
+        let now = std::time::Instant::now();
+        if self.checkpoint_due().is_some_and(|t| t <= now) {
+            self.lazy.retry_checkpoint_at = None;
+            if let Some(sealed) = self.journal.as_mut().and_then(|j| j.seal()) {
+                self.lazy.due = None;
+                self.lazy.next.clear();
+                self.lazy.next_set.clear();
+                let root = self.spool.root().to_path_buf();
+                self.lazy.inflight = Some((
+                    spool::SyncRound::start_notify(
+                        &[spool::Durable::Filesystem(&root)],
+                        notify_of(&self.lazy_ready),
+                    ),
+                    Some(sealed),
+                ));
+                return;
+            }
+            if self
+                .journal
+                .as_ref()
+                .is_some_and(|j| j.checkpoint_due().is_some())
+            {
+                // Records wait, but none can be sealed (the other file holds records start-up
+                // could not restore): not again before the retry time.
+                self.lazy.retry_checkpoint_at = Some(now + CHECKPOINT_RETRY);
+            }
+        }
+        let due = self.lazy.due.is_some_and(|t| t <= now);
         if self.lazy.next.is_empty() || !(due || self.lazy.next.len() >= LAZY_BATCH_NOW) {
             return;
         }
         self.lazy.due = None;
         let paths = std::mem::take(&mut self.lazy.next);
         self.lazy.next_set.clear();
-        let through = self.lazy.next_through.take();
         self.lazy.inflight = Some((
             spool::SyncRound::start_notify(&durables(&paths), notify_of(&self.lazy_ready)),
-            through,
+            None,
         ));
     }
 
-    /// A batch of background fsyncs is through: the journal drops the records of the jobs
-    /// it made durable (up to `through`); a failure keeps them.
-    fn lazy_through(&mut self, result: spool::Result<()>, through: Option<JobId>) {
-        match result {
-            Ok(()) => {
-                if let (Some(journal), Some(id)) = (self.journal.as_mut(), through) {
-                    journal.durable_through(id);
+    /// A batch of background syncs is through: a checkpoint's sealed journal file is
+    /// emptied; a failure keeps it (the checkpoint is tried again, and its records stay
+    /// for start-up meanwhile).
+    fn lazy_through(&mut self, result: spool::Result<()>, sealed: Option<usize>) {
+        match (result, sealed) {
+            (Ok(()), Some(part)) => {
+                if let Some(journal) = self.journal.as_mut() {
+                    journal.checkpointed(part);
                 }
             }
-            Err(e) => {
-                note!("background fsync failed: {e} (the admission journal keeps its records)")
+            (Ok(()), None) => {}
+            (Err(e), Some(_)) => {
+                note!(
+                    "journal checkpoint failed: {e} (the journal keeps its records; tried again)"
+                );
+                self.lazy.retry_checkpoint_at = Some(std::time::Instant::now() + CHECKPOINT_RETRY);
             }
+            (Err(e), None) => note!("background fsync failed: {e}"),
         }
     }
 
-    /// At shutdown: waits for the background fsyncs, and makes the waiting ones now.
+    /// At shutdown: waits for the background syncs, makes the waiting ones now, and a last
+    /// checkpoint of the journal.
     fn finish_lazy(&mut self) {
-        self.lazy.due = Some(std::time::Instant::now());
-        for _ in 0..2 {
-            if let Some((sync, through)) = self.lazy.inflight.take() {
-                self.lazy_through(sync.wait(), through);
+        if let Some((sync, sealed)) = self.lazy.inflight.take() {
+            self.lazy_through(sync.wait(), sealed);
+        }
+        let paths = std::mem::take(&mut self.lazy.next);
+        self.lazy.next_set.clear();
+        self.lazy.due = None;
+        let Some(journal) = self.journal.as_mut() else {
+            if let Err(e) = spool::sync_all(&durables(&paths)) {
+                note!("background fsync failed: {e}");
             }
-            self.lazy.due = Some(std::time::Instant::now());
-            self.poll_lazy();
+            return;
+        };
+        if !journal.holds_records() {
+            return;
+        }
+        match spool::sync_filesystem(self.spool.root()) {
+            Ok(()) => {
+                if let Err(e) = journal.clear() {
+                    note!("journal: cannot empty it: {e}");
+                }
+            }
+            Err(e) => {
+                note!("journal checkpoint failed: {e} (its records are read at the next start)")
+            }
         }
     }
 
@@ -2224,7 +2311,7 @@ impl Daemon {
                     let _ = nix::unistd::write(w, &[1]);
                 }
                 drop(round.gate);
-                self.lazy_sync(&round.later, round.journaled);
+                self.lazy_sync(&round.later);
             }
             Err(e) => {
                 let why = format!(
@@ -2989,6 +3076,7 @@ impl Daemon {
             nodes: launches,
             num_gpus_per_node: gpus_per_node,
             kill_grace_ms: self.kill_grace.as_millis() as u64,
+            journaling_daemon: self.journal.as_ref().map(|_| std::process::id()),
         })
     }
 
@@ -3192,9 +3280,12 @@ impl Daemon {
 
     /// Writes the records of the jobs that ended ([`Daemon::finish`], or cancelled while
     /// pending): final `status` (where the supervisor did not), `info.json`, the link moved
-    /// to `done/`.
+    /// to `done/`; then their final records go to the journal, in one write, whose fsync
+    /// starts a few milliseconds later (or goes with the next round's): a power cut after
+    /// it cannot make a finished job run again (see [`crate::journal`]).
     fn settle_records(&mut self) {
-        for id in std::mem::take(&mut self.settling) {
+        let settled = std::mem::take(&mut self.settling);
+        for &id in &settled {
             let Some(info) = self.jobs.get(&id) else {
                 continue;
             };
@@ -3210,6 +3301,17 @@ impl Daemon {
             let _ = self.spool.move_to_done(id);
             self.watcher.unwatch_job(id);
             self.spool.remove_secrets(id);
+        }
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        let ends: Vec<&JobInfo> = settled.iter().filter_map(|id| self.jobs.get(id)).collect();
+        if ends.is_empty() {
+            return;
+        }
+        match journal.append_ends(&ends) {
+            Ok(path) => self.lazy_sync(&[(path, false)]),
+            Err(e) => note!("journal: cannot record the end of jobs {settled:?}: {e}"),
         }
     }
 

@@ -96,6 +96,11 @@ pub struct LaunchPlan {
     pub num_gpus_per_node: u64,
     /// Between SIGTERM and SIGKILL on cancel.
     pub kill_grace_ms: u64,
+    /// The daemon's pid when it records each job's end in its journal (see
+    /// [`crate::journal`]): while it lives, the supervisor leaves the result's durability to
+    /// it instead of fsyncing `supervisor.lock` and `.sky/` itself.
+    #[serde(default)]
+    pub journaling_daemon: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -883,7 +888,11 @@ fn supervise_job(
         );
     }
     let status = spool.write_status(plan.job_id, result.status);
-    finalizer.submit((plan.job_id, lock, private_dir(&plan)));
+    if daemon_journals_end(&plan) {
+        drop(lock);
+    } else {
+        finalizer.submit((plan.job_id, lock, private_dir(&plan)));
+    }
     status?;
     Ok(free())
 }
@@ -1204,6 +1213,17 @@ impl<'a> Taken<'a> {
 /// prestarted one the environment of its placement, see [`env_change`]); then its stdin is
 /// `/dev/null` like any job's.
 const GATE_LINE: &str = "IFS= read -r _skyspool_env || exit 1; eval \"$_skyspool_env\"; unset _skyspool_env; exec </dev/null\n";
+
+/// Whether the daemon that launched the job records its end in its journal and is alive:
+/// it reads the result once `status` is final and appends the job's final record to the
+/// journal, whose fsync follows within milliseconds. Else (no journal, or a daemon gone:
+/// the job ended while none watched) the [`Finalizer`] makes the result durable.
+fn daemon_journals_end(plan: &LaunchPlan) -> bool {
+    plan.journaling_daemon.is_some_and(|pid| {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, None).is_ok()
+    })
+}
 
 /// One finished job for the [`Finalizer`]: its id, its lock (holding the result) and `.sky/`.
 type Finished = (JobId, File, PathBuf);

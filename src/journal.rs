@@ -1,4 +1,5 @@
-//! The admission journal: what makes a batch of admissions durable with one `fsync`.
+//! The spool's journal: what makes a batch of admissions, and the ends of jobs, durable
+//! with one `fsync`.
 //!
 //! An admission round (see `spool-layout.md`, "Admission") must make each job of the batch
 //! durable before any of them runs: its `job.yaml`, its `info.json` and their names in
@@ -6,14 +7,20 @@
 //! own cache flush on a journal-less filesystem, and the round is what a lone job's first
 //! command waits for. Instead, the round appends one record per job (the job's record and
 //! its `job.yaml` text) to `.skyspool/journal.0` or `.skyspool/journal.1` and fsyncs that one
-//! file; the job files are synced afterwards, while the jobs run, and once they are durable
-//! the records are dropped (the file is truncated). At start-up, a record whose job is
-//! missing or incomplete on disk (a power cut lost what was not synced yet) gives the job
-//! back its files before anything else is recovered.
+//! file. Likewise a job's end: its final `info.json` is appended as an end record when the
+//! daemon settles it (the fsync of the file shared with the next round, or started a few
+//! milliseconds later), so that a power cut cannot make a finished job run again. The job
+//! files themselves are not synced one by one: a **checkpoint** (`syncfs` of the spool's
+//! filesystem: one cache flush for everything written) makes them durable once a file
+//! holds [`Journal::SWITCH_BYTES`] or its oldest record is [`CHECKPOINT_AFTER`] old, and
+//! then the records before it are dropped (the file is truncated). At start-up, an
+//! admission record whose job is missing or incomplete on disk (a power cut lost what was
+//! not synced yet) gives the job back its files, and an end record gives a job that is not
+//! settled on disk its final record, before anything else is recovered.
 //!
-//! Two files take turns so that a busy queue never waits to drop records: appends go to
-//! one until it holds [`Journal::SWITCH_BYTES`], then to the other once that one is empty
-//! again (all its jobs' files durable).
+//! Two files take turns so that a busy queue never waits for a checkpoint: a checkpoint
+//! seals the file appends went to, appends go to the other (empty) one, and the sealed one
+//! is emptied once the checkpoint is through.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
@@ -47,13 +54,22 @@ struct Void {
     void: JobId,
 }
 
+/// A job's end: its final `info.json` (see [`Journal::append_ends`]).
+#[derive(Serialize, Deserialize)]
+struct End {
+    end: JobInfo,
+}
+
+/// How long records wait at most, by default, for the checkpoint that drops them (see
+/// [`Journal::checkpoint_due`]): the kernel has written the files back by then anyway
+/// (`vm.dirty_expire_centisecs`), so the `syncfs` has little left to write.
+pub const CHECKPOINT_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One of the two journal files.
 struct Part {
     path: PathBuf,
     file: File,
     len: u64,
-    /// The highest job ID recorded in it since it was last emptied.
-    last_id: Option<JobId>,
 }
 
 /// The two journal files of a spool (see the module documentation).
@@ -61,11 +77,16 @@ pub struct Journal {
     parts: [Part; 2],
     /// The file appends go to.
     current: usize,
+    /// The file a checkpoint is for (see [`Journal::seal`]), until it is emptied.
+    sealed: Option<usize>,
+    /// When the first record since the last checkpoint was appended.
+    since: Option<std::time::Instant>,
+    /// How long records wait at most for a checkpoint.
+    after: std::time::Duration,
 }
 
 impl Journal {
-    /// Appends go to the other file once the current one holds this many bytes and the
-    /// other one is empty.
+    /// A checkpoint is due once the file appends go to holds this many bytes.
     pub const SWITCH_BYTES: u64 = 1 << 20;
 
     /// The journal files in `private` (the spool's `.skyspool/`).
@@ -85,7 +106,28 @@ impl Journal {
         Ok(Journal {
             parts: [a, b],
             current: 0,
+            sealed: None,
+            since: None,
+            after: CHECKPOINT_AFTER,
         })
+    }
+
+    /// Records wait at most `after` for a checkpoint (instead of [`CHECKPOINT_AFTER`]).
+    pub fn checkpoint_after(mut self, after: std::time::Duration) -> Journal {
+        self.after = after;
+        self
+    }
+
+    /// Every intact line of both files, as JSON text.
+    fn lines(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for part in &self.parts {
+            let Ok(f) = File::open(&part.path) else {
+                continue;
+            };
+            out.extend(io::BufReader::new(f).split(b'\n').map_while(|l| l.ok()));
+        }
+        out
     }
 
     /// Every intact record in both files (a line that does not parse, such as one a power
@@ -94,36 +136,57 @@ impl Journal {
     pub fn records(&self) -> Vec<Record> {
         let mut out = Vec::new();
         let mut void = std::collections::HashSet::new();
-        for part in &self.parts {
-            let Ok(f) = File::open(&part.path) else {
-                continue;
-            };
-            for line in io::BufReader::new(f).split(b'\n').map_while(|l| l.ok()) {
-                if let Ok(r) = serde_json::from_slice::<Record>(&line) {
-                    out.push(r);
-                } else if let Ok(v) = serde_json::from_slice::<Void>(&line) {
-                    void.insert(v.void);
-                }
+        for line in self.lines() {
+            if let Ok(r) = serde_json::from_slice::<Record>(&line) {
+                out.push(r);
+            } else if let Ok(v) = serde_json::from_slice::<Void>(&line) {
+                void.insert(v.void);
             }
         }
         out.retain(|r| !void.contains(&r.id));
         out
     }
 
+    /// The final records of the jobs whose end is in either file (a torn one skipped).
+    pub fn ends(&self) -> Vec<JobInfo> {
+        self.lines()
+            .iter()
+            .filter_map(|line| serde_json::from_slice::<End>(line).ok())
+            .map(|e| e.end)
+            .collect()
+    }
+
     /// Appends the records of one round to the current file, in one write, and returns
     /// that file's path: the round is durable once it is fsynced.
     pub fn append(&mut self, records: &[Record]) -> io::Result<PathBuf> {
-        let other = 1 - self.current;
-        if self.parts[self.current].len >= Journal::SWITCH_BYTES && self.parts[other].len == 0 {
-            self.current = other;
-        }
         let mut bytes = Vec::new();
         for r in records {
             serde_json::to_writer(&mut bytes, r).map_err(io::Error::other)?;
             bytes.push(b'\n');
         }
+        self.write_lines(&bytes)
+    }
+
+    /// Appends the final records of jobs that ended (each a settled `info.json`), in one
+    /// write, and returns the file's path: they are durable once it is fsynced.
+    pub fn append_ends(&mut self, ends: &[&JobInfo]) -> io::Result<PathBuf> {
+        let mut bytes = Vec::new();
+        for info in ends {
+            serde_json::to_writer(
+                &mut bytes,
+                &End {
+                    end: (*info).clone(),
+                },
+            )
+            .map_err(io::Error::other)?;
+            bytes.push(b'\n');
+        }
+        self.write_lines(&bytes)
+    }
+
+    fn write_lines(&mut self, bytes: &[u8]) -> io::Result<PathBuf> {
         let part = &mut self.parts[self.current];
-        if let Err(e) = part.file.write_all(&bytes) {
+        if let Err(e) = part.file.write_all(bytes) {
             // A partial line is skipped when read; the next record starts on a line of its
             // own.
             let _ = part.file.write_all(b"\n");
@@ -131,8 +194,7 @@ impl Journal {
             return Err(e);
         }
         part.len += bytes.len() as u64;
-        let max = records.iter().map(|r| r.id).max();
-        part.last_id = part.last_id.max(max);
+        self.since.get_or_insert_with(std::time::Instant::now);
         Ok(part.path.clone())
     }
 
@@ -145,28 +207,59 @@ impl Journal {
         let part = &mut self.parts[self.current];
         part.file.write_all(&line)?;
         part.len += line.len() as u64;
-        part.last_id = part.last_id.max(Some(id));
         part.file.sync_data()
     }
 
-    /// The files of every job up to `id` are durable: a file whose records are all of such
-    /// jobs is emptied. (Not synced: should the emptying be lost, the records are read
-    /// again at start-up and find their jobs whole.)
-    pub fn durable_through(&mut self, id: JobId) {
-        for part in &mut self.parts {
-            // An empty file is left alone: `ftruncate` would still touch its mtime.
-            if part.last_id.is_some_and(|last| last <= id)
-                && (part.len == 0 || part.file.set_len(0).is_ok())
-            {
-                part.len = 0;
-                part.last_id = None;
-            }
+    /// When the next checkpoint is due (see [`Journal::seal`]): now, where the file appends
+    /// go to holds [`Journal::SWITCH_BYTES`] or a sealed file waits for one (an earlier
+    /// checkpoint failed); else [`CHECKPOINT_AFTER`] after the oldest record since the last
+    /// one; `None` while there are no records.
+    pub fn checkpoint_due(&self) -> Option<std::time::Instant> {
+        if self.sealed.is_some() || self.parts[self.current].len >= Journal::SWITCH_BYTES {
+            return Some(std::time::Instant::now());
+        }
+        self.since.map(|t| t + self.after)
+    }
+
+    /// Starts a checkpoint: seals the file appends went to (appends go to the other one
+    /// from now on) and returns it; a checkpoint (`syncfs`) started after this call makes
+    /// every record in it unneeded, and [`Journal::checkpointed`] then empties it. A file
+    /// sealed before and not emptied (its checkpoint failed) is returned again. `None`:
+    /// nothing to checkpoint, or the other file still holds records an earlier daemon left
+    /// (start-up could not restore them; they stay for the next start).
+    pub fn seal(&mut self) -> Option<usize> {
+        if self.sealed.is_some() {
+            return self.sealed;
+        }
+        let other = 1 - self.current;
+        if self.parts[self.current].len == 0 || self.parts[other].len != 0 {
+            self.since = None;
+            return None;
+        }
+        self.sealed = Some(self.current);
+        self.current = other;
+        self.since = None;
+        self.sealed
+    }
+
+    /// The checkpoint for the sealed file `part` is through: the file is emptied. (Not
+    /// synced: should the emptying be lost, its records are read again at start-up and
+    /// find their jobs whole and settled.)
+    pub fn checkpointed(&mut self, part: usize) {
+        if self.sealed != Some(part) {
+            return;
+        }
+        let p = &mut self.parts[part];
+        // An empty file is left alone: `ftruncate` would still touch its mtime.
+        if p.len == 0 || p.file.set_len(0).is_ok() {
+            p.len = 0;
+            self.sealed = None;
         }
     }
 
-    /// Whether a record waits for its job's files to become durable.
+    /// Whether either file holds a record.
     pub fn holds_records(&self) -> bool {
-        self.parts.iter().any(|p| p.last_id.is_some())
+        self.parts.iter().any(|p| p.len > 0)
     }
 
     /// Empties both files and syncs them (at start-up, once every record's job is whole and
@@ -176,9 +269,10 @@ impl Journal {
             part.file.set_len(0)?;
             part.file.sync_all()?;
             part.len = 0;
-            part.last_id = None;
         }
         self.current = 0;
+        self.sealed = None;
+        self.since = None;
         Ok(())
     }
 }
@@ -207,14 +301,9 @@ fn open_part(path: PathBuf) -> io::Result<(Part, bool)> {
     }
     let len = meta.len();
     Ok((
-        Part {
-            path,
-            file,
-            len,
-            // Records left by an earlier daemon: kept until start-up has read them and
-            // cleared the files.
-            last_id: (len > 0).then_some(JobId::MAX),
-        },
+        // Records left by an earlier daemon are kept until start-up has read them and
+        // cleared the files.
+        Part { path, file, len },
         made,
     ))
 }
@@ -275,26 +364,47 @@ mod tests {
     }
 
     #[test]
-    fn a_file_is_emptied_once_all_its_jobs_are_durable_and_appends_take_turns() {
+    fn a_checkpoint_empties_the_sealed_file_and_appends_take_turns() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
+        assert!(j.checkpoint_due().is_none(), "nothing to checkpoint");
+        assert_eq!(j.seal(), None);
         let first = j.append(&[record(1)]).unwrap();
-        j.append(&[record(2)]).unwrap();
-        j.durable_through(1);
-        assert_eq!(j.records().len(), 2, "job 2's record is still needed");
-        j.durable_through(2);
-        assert!(j.records().is_empty());
-        assert!(!j.holds_records());
-        // Fill the current file past the switch size: the next round goes to the other.
-        j.parts[j.current].len = Journal::SWITCH_BYTES;
-        j.parts[j.current].last_id = Some(3);
-        let second = j.append(&[record(4)]).unwrap();
+        let due = j.checkpoint_due().expect("a record waits for a checkpoint");
+        assert!(due > std::time::Instant::now() + CHECKPOINT_AFTER / 2);
+        let sealed = j.seal().expect("the file with the record");
+        // Appends made while the checkpoint runs go to the other file and stay.
+        let second = j.append(&[record(2)]).unwrap();
         assert_ne!(first, second);
-        // The other file still holds a record: appends stay where they are.
+        assert_eq!(j.seal(), Some(sealed), "sealed until it is emptied");
+        j.checkpointed(sealed);
+        let ids: Vec<JobId> = j.records().iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![2]);
+        assert!(j.holds_records());
+        // A full file makes the checkpoint due at once.
         j.parts[j.current].len = Journal::SWITCH_BYTES;
-        assert_eq!(j.append(&[record(5)]).unwrap(), second);
-        j.durable_through(5);
-        assert!(!j.holds_records());
+        assert!(j.checkpoint_due().unwrap() <= std::time::Instant::now());
+        j.parts[j.current].len = 1;
+        let sealed = j.seal().unwrap();
+        assert_eq!(j.append(&[record(3)]).unwrap(), first);
+        j.checkpointed(sealed);
+        let ids: Vec<JobId> = j.records().iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![3]);
+    }
+
+    #[test]
+    fn ends_are_read_back_apart_from_admissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(&[record(1), record(2)]).unwrap();
+        let mut done = record(1).info;
+        done.status = crate::spool::Status::Succeeded;
+        done.exit_codes = vec![Some(0)];
+        j.append_ends(&[&done]).unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.records().len(), 2);
+        assert_eq!(j.ends(), vec![done]);
     }
 
     #[test]

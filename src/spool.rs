@@ -648,6 +648,52 @@ impl Spool {
         Ok((dir, written))
     }
 
+    /// Gives a job that ended the final record its journal end line holds (see
+    /// [`crate::journal`]), where a power cut lost it: `info.json` when it does not say the
+    /// job is settled, `status` when it is not final. A job whose directory is only in
+    /// `staging/` (restored there from its admission line) is moved to `jobs/<id>` first,
+    /// so that it is never published as pending; one found nowhere (removed by root since)
+    /// is left alone. Returns the paths to sync (`true`: a directory), none when nothing was
+    /// written.
+    pub fn restore_end(&self, end: &JobInfo) -> Result<Vec<(PathBuf, bool)>> {
+        let is_dir = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+        let id = end.id;
+        let dir = self.job_dir(id);
+        let staged = self.staging().join(id.to_string());
+        let mut written = Vec::new();
+        if !is_dir(&dir) {
+            if !is_dir(&staged) {
+                return Ok(written);
+            }
+            // A journaled job has no workdir: a claimed entry left is its submission's copy.
+            for entry in fs::read_dir(&staged).at(&staged)?.flatten() {
+                let claimed = entry
+                    .file_name()
+                    .as_bytes()
+                    .starts_with(CLAIM_PREFIX.as_bytes());
+                if claimed && entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                    fs::remove_file(entry.path()).at(&entry.path())?;
+                }
+            }
+            fs::rename(&staged, &dir).at(&dir)?;
+            written.push((self.staging(), true));
+            written.push((self.jobs(), true));
+        }
+        create_dir_if_missing(&self.job_private(id))?;
+        if !self.read_info(id).is_ok_and(|i| i.status.is_terminal()) {
+            self.write_info(end)?;
+            written.push((dir.join("info.json"), false));
+        }
+        if !self.read_status(id).is_ok_and(|s| s.is_terminal()) {
+            self.write_status(id, end.status)?;
+            written.push((dir.join("status"), false));
+        }
+        if !written.is_empty() {
+            written.push((dir, true));
+        }
+        Ok(written)
+    }
+
     /// `staging/<id>/`, made if it is not there yet (made ahead, or by a claim undone).
     fn make_staging_dir(&self, id: JobId) -> Result<PathBuf> {
         let dir = self.staging().join(id.to_string());
@@ -1549,11 +1595,14 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).at(dir)
 }
 
-/// A path to fsync: a directory (its entries) or a regular file (no links followed).
+/// A path to fsync: a directory (its entries) or a regular file (no links followed); or a
+/// directory whose whole filesystem is synced (`syncfs`: every file written on it so far,
+/// with one cache flush).
 #[derive(Clone, Copy, Debug)]
 pub enum Durable<'a> {
     Dir(&'a Path),
     File(&'a Path),
+    Filesystem(&'a Path),
 }
 
 /// fsyncs every path of `paths`, several at once (this thread and up to 7 of [`SyncPool`]'s):
@@ -1720,6 +1769,7 @@ pub fn eventfd(nonblocking: bool) -> io::Result<std::os::fd::OwnedFd> {
 enum DurablePath {
     Dir(PathBuf),
     File(PathBuf),
+    Filesystem(PathBuf),
 }
 
 impl Durable<'_> {
@@ -1727,6 +1777,7 @@ impl Durable<'_> {
         match *self {
             Durable::Dir(p) => DurablePath::Dir(p.to_path_buf()),
             Durable::File(p) => DurablePath::File(p.to_path_buf()),
+            Durable::Filesystem(p) => DurablePath::Filesystem(p.to_path_buf()),
         }
     }
 }
@@ -1736,6 +1787,7 @@ impl DurablePath {
         match self {
             DurablePath::Dir(p) => sync_dir(p),
             DurablePath::File(p) => sync_file(p),
+            DurablePath::Filesystem(p) => sync_filesystem(p),
         }
     }
 }
@@ -1841,6 +1893,22 @@ impl SyncPool {
 }
 
 /// fsync one file by path (no links followed).
+/// `syncfs` on the filesystem that holds the directory `dir`: everything written to it so
+/// far is durable when this returns (its write errors since the last `syncfs` reported).
+pub fn sync_filesystem(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .at(dir)?;
+    // SAFETY: syncfs on a valid, owned descriptor.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error()).at(dir);
+    }
+    Ok(())
+}
+
 pub fn sync_file(path: &Path) -> Result<()> {
     OpenOptions::new()
         .read(true)
@@ -2086,6 +2154,12 @@ mod tests {
         let link = tmp.path().join("link");
         std::os::unix::fs::symlink(&files[0], &link).unwrap();
         assert!(sync_all(&[Durable::File(&link), Durable::Dir(tmp.path())]).is_err());
+        // A filesystem is named by a directory on it, never through a link.
+        sync_all(&[Durable::Filesystem(tmp.path())]).unwrap();
+        assert!(sync_all(&[Durable::Filesystem(&files[0])]).is_err());
+        let dir_link = tmp.path().join("dir-link");
+        std::os::unix::fs::symlink(tmp.path(), &dir_link).unwrap();
+        assert!(sync_all(&[Durable::Filesystem(&dir_link)]).is_err());
     }
 
     /// A notifying round adds exactly 1 to its eventfd once every fsync is through, after

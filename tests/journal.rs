@@ -1,8 +1,9 @@
-//! The admission journal: a round is durable once its records are, and the job files follow
-//! in the background. A power cut cannot be made in a test, so these tests make what one
-//! leaves behind (a job whose files never reached the disk, a job whose files are torn) and
-//! check that the next start gives each job back its admission, runs it once, and leaves
-//! whole jobs alone.
+//! The journal: a round is durable once its records are, a job's end once its end record
+//! is, and the job files follow with the next checkpoint. A power cut cannot be made in a
+//! test, so these tests make what one leaves behind (a job whose files never reached the
+//! disk, a job whose files are torn, a finished job whose end never reached the disk) and
+//! check that the next start gives each job back its admission or its end, runs it once,
+//! and leaves whole jobs alone.
 mod common;
 use common::*;
 use std::fs;
@@ -50,10 +51,14 @@ fn admitted_info(mut info: serde_json::Value, id: u64, name: &str) -> serde_json
     info
 }
 
+/// Checkpoints a fifth of a second after the first record (instead of 30 s), so that a
+/// test sees the journal emptied while the daemon runs.
+const QUICK_CHECKPOINTS: [&str; 2] = ["--checkpoint-after", "0.2"];
+
 fn waits_for_journal_to_empty(d: &Daemon) {
     wait_until(
         DEADLINE,
-        "the journal to be emptied once the jobs' files are durable",
+        "the journal to be emptied by a checkpoint",
         || journal_bytes(d) == 0,
         || d.diagnostics(),
     );
@@ -61,7 +66,14 @@ fn waits_for_journal_to_empty(d: &Daemon) {
 
 #[test]
 fn a_job_whose_files_a_power_cut_lost_is_restored_from_its_record_and_runs_once() {
-    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "4"]);
+    let mut d = Daemon::start(&[
+        "--gpus",
+        "none",
+        "--cpus",
+        "4",
+        QUICK_CHECKPOINTS[0],
+        QUICK_CHECKPOINTS[1],
+    ]);
     let s = d.scratch();
     let ran = s.join("ran");
     let yaml = |name: &str| {
@@ -72,7 +84,7 @@ fn a_job_whose_files_a_power_cut_lost_is_restored_from_its_record_and_runs_once(
     };
     let first = d.submit("first.yaml", &yaml("first"));
     d.wait_done(first, "SUCCEEDED");
-    // Once the job's own files are durable, its record is dropped.
+    // Once a checkpoint has made the job's own files durable, its records are dropped.
     waits_for_journal_to_empty(&d);
     d.stop();
 
@@ -131,7 +143,14 @@ fn a_job_whose_files_a_power_cut_lost_is_restored_from_its_record_and_runs_once(
 
 #[test]
 fn a_pending_job_with_torn_files_gets_them_back_from_its_record() {
-    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "4"]);
+    let mut d = Daemon::start(&[
+        "--gpus",
+        "H100:1",
+        "--cpus",
+        "4",
+        QUICK_CHECKPOINTS[0],
+        QUICK_CHECKPOINTS[1],
+    ]);
     let s = d.scratch();
     let ran = s.join("ran");
     let gate = Gate::new(&s, "hold");
@@ -228,4 +247,103 @@ fn a_submission_a_power_cut_put_back_in_incoming_does_not_become_a_second_job() 
     d.wait_done(next, "SUCCEEDED");
     assert_eq!(count_lines(&ran, "again"), 1);
     d.stop();
+}
+
+/// Job `id`'s state links, by state directory.
+fn links_of(d: &Daemon, id: u64) -> Vec<&'static str> {
+    ["pending", "running", "done"]
+        .into_iter()
+        .filter(|s| fs::symlink_metadata(d.path(&format!("{s}/{id}"))).is_ok())
+        .collect()
+}
+
+#[test]
+fn a_finished_job_whose_end_a_power_cut_lost_is_settled_from_its_end_record_not_run_again() {
+    // No checkpoint while the test runs: the journal keeps every record.
+    let mut d = Daemon::start(&[
+        "--gpus",
+        "none",
+        "--cpus",
+        "4",
+        "--checkpoint-after",
+        "3600",
+    ]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let yaml = |name: &str| {
+        format!(
+            "name: {name}\nrun: |\n  echo {name} >> '{}'\n  exit 3\n",
+            ran.display()
+        )
+    };
+    let torn = d.submit("torn.yaml", &yaml("torn"));
+    let gone = d.submit("gone.yaml", &yaml("gone"));
+    d.wait_done(torn, "FAILED");
+    d.wait_done(gone, "FAILED");
+    let admitted = admitted_info(d.info(torn), torn, "torn");
+    let settled = d.info(torn);
+    assert_eq!(settled["exit_codes"], serde_json::json!([3]));
+    wait_until(
+        DEADLINE,
+        "both jobs' end records in the journal",
+        || {
+            let text: String = journal_files(&d)
+                .iter()
+                .map(|p| fs::read_to_string(p).unwrap_or_default())
+                .collect();
+            text.matches("{\"end\":").count() == 2
+        },
+        || d.diagnostics(),
+    );
+    d.kill9();
+
+    // What a power cut leaves when only the journal reached the disk after the admissions:
+    // job `torn` is on disk as it was admitted (PENDING, no launch record, a pending link),
+    // and job `gone` not at all.
+    let dir = d.job(torn);
+    fs::write(dir.join("info.json"), format!("{admitted:#}\n")).expect("info.json");
+    fs::write(dir.join("status"), "PENDING\n").expect("status");
+    fs::remove_file(dir.join(".sky/supervisor.lock")).expect("lock");
+    fs::remove_file(d.path(&format!("done/{torn}"))).expect("done link");
+    std::os::unix::fs::symlink(
+        format!("../jobs/{torn}"),
+        d.path(&format!("pending/{torn}")),
+    )
+    .expect("pending link");
+    fs::remove_dir_all(d.job(gone)).expect("remove the job");
+    fs::remove_file(d.path(&format!("done/{gone}"))).expect("done link");
+
+    d.spawn();
+    for id in [torn, gone] {
+        d.wait_done(id, "FAILED");
+        assert_eq!(links_of(&d, id), vec!["done"], "{}", d.diagnostics());
+        assert_eq!(d.info(id)["exit_codes"], serde_json::json!([3]));
+    }
+    assert_eq!(d.info(torn)["ended"], settled["ended"]);
+    assert_eq!(
+        count_lines(&ran, "torn"),
+        1,
+        "a finished job does not run again"
+    );
+    assert_eq!(
+        count_lines(&ran, "gone"),
+        1,
+        "a finished job does not run again"
+    );
+    let log = d.daemon_log();
+    for (id, name) in [(torn, "torn"), (gone, "gone")] {
+        assert!(
+            log.contains(&format!(
+                "job {id} (incoming/{name}.yaml): its end (FAILED) restored from the journal"
+            )),
+            "{log}"
+        );
+    }
+    assert_eq!(
+        fs::read_to_string(d.job(gone).join("job.yaml")).expect("job.yaml"),
+        yaml("gone")
+    );
+    // A clean stop checkpoints: nothing is left for the next start.
+    d.stop();
+    assert_eq!(journal_bytes(&d), 0);
 }
