@@ -157,6 +157,18 @@ struct LazySyncs {
     retry_checkpoint_at: Option<std::time::Instant>,
 }
 
+impl LazySyncs {
+    /// Takes `path` out of the waiting paths (an fsync of it has started elsewhere).
+    fn forget(&mut self, path: &Path) {
+        if self.next_set.remove(path) {
+            self.next.retain(|(p, _)| p != path);
+            if self.next.is_empty() {
+                self.due = None;
+            }
+        }
+    }
+}
+
 /// How long after a failed checkpoint (see [`crate::journal`]) the next is tried.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
 
@@ -2025,10 +2037,15 @@ impl Daemon {
     /// jobs' files are then synced as the round.
     fn journal_append(&mut self, records: &[crate::journal::Record]) -> Option<spool::SyncRound> {
         match self.journal.as_mut()?.append(records) {
-            Ok(path) => Some(spool::SyncRound::start_notify(
-                &[spool::Durable::File(&path)],
-                notify_of(&self.round_ready),
-            )),
+            Ok(path) => {
+                // Job ends appended to the same file before are made durable by this fsync:
+                // theirs, waiting, is not needed (see [`Daemon::settle_records`]).
+                self.lazy.forget(&path);
+                Some(spool::SyncRound::start_notify(
+                    &[spool::Durable::File(&path)],
+                    notify_of(&self.round_ready),
+                ))
+            }
             Err(e) => {
                 note!("admission journal: cannot append ({e}); the round syncs its jobs' files");
                 None
