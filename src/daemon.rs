@@ -141,6 +141,14 @@ struct AdmissionRound {
     prejournal: Option<spool::SyncRound>,
 }
 
+/// A published job's journal line, but for its record (see [`Daemon::journal_round`]).
+struct Unjournaled {
+    /// The file claimed from `incoming/` for it, if it was one.
+    file: Option<spool::FileIdent>,
+    /// Its `job.yaml` as written (redacted where the job has secrets).
+    yaml: String,
+}
+
 /// The fsyncs nothing waits for (see [`Daemon::lazy_sync`]) and the journal's checkpoints
 /// (see [`crate::journal`]): one batch in flight, and the paths that came meanwhile, synced
 /// together once it is through.
@@ -467,8 +475,9 @@ struct Daemon {
     /// The admission journal (`None` where it could not be opened: every round then syncs
     /// the job files themselves).
     journal: Option<crate::journal::Journal>,
-    /// The files claimed from `incoming/` for jobs published but not journaled yet.
-    claimed_files: HashMap<JobId, spool::FileIdent>,
+    /// What the journal line of a job published but not journaled yet carries besides its
+    /// record (see [`Daemon::journal_round`]).
+    unjournaled: HashMap<JobId, Unjournaled>,
     /// The parsed specs of queued jobs (without secrets), kept from their admission for
     /// their start (or prestart), which then does not read and parse `job.yaml` again.
     fresh: SpecCache,
@@ -697,7 +706,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         lazy: LazySyncs::default(),
         lazy_ready: round_ready(),
         journal,
-        claimed_files: HashMap::new(),
+        unjournaled: HashMap::new(),
         fresh: SpecCache::default(),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
@@ -1737,8 +1746,14 @@ impl Daemon {
                 continue;
             }
             ids.insert(id);
-            if let Some(f) = claimed.file {
-                self.claimed_files.insert(id, f);
+            if self.journal.is_some() && !claimed.has_workdir {
+                self.unjournaled.insert(
+                    id,
+                    Unjournaled {
+                        file: claimed.file,
+                        yaml: String::from_utf8_lossy(&adm.job_yaml()).into_owned(),
+                    },
+                );
             }
             note!(
                 "job {id} ({}) admitted from {} for {}, needs {}",
@@ -2010,22 +2025,30 @@ impl Daemon {
     /// themselves) without a journal, for a round with a directory submission (its files
     /// are not in a record), or when the append fails.
     fn journal_round(&mut self, ids: &BTreeSet<JobId>) -> Option<spool::SyncRound> {
-        let mut files: HashMap<JobId, spool::FileIdent> = ids
+        let mut lines: HashMap<JobId, Unjournaled> = ids
             .iter()
-            .filter_map(|id| self.claimed_files.remove(id).map(|f| (*id, f)))
+            .filter_map(|id| self.unjournaled.remove(id).map(|u| (*id, u)))
             .collect();
         self.journal.as_ref()?;
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
             let info = self.jobs.get(id).filter(|i| !i.has_workdir)?.clone();
-            // As written (redacted where the job has secrets): read back from the cache.
-            let yaml = std::fs::read(self.spool.job_dir(*id).join("job.yaml")).ok()?;
-            let yaml = String::from_utf8(yaml).ok()?;
+            let line = match lines.remove(id) {
+                Some(line) => line,
+                // Published at start-up (staged before a restart): as written, read back.
+                None => Unjournaled {
+                    file: None,
+                    yaml: String::from_utf8(
+                        std::fs::read(self.spool.job_dir(*id).join("job.yaml")).ok()?,
+                    )
+                    .ok()?,
+                },
+            };
             records.push(crate::journal::Record {
                 id: *id,
                 info,
-                yaml,
-                file: files.remove(id),
+                yaml: line.yaml,
+                file: line.file,
             });
         }
         self.journal_append(&records)
