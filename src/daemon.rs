@@ -478,6 +478,8 @@ struct Daemon {
     /// What the journal line of a job published but not journaled yet carries besides its
     /// record (see [`Daemon::journal_round`]).
     unjournaled: HashMap<JobId, Unjournaled>,
+    /// This daemon, as launch plans name it (see [`LaunchPlan::journaling_daemon`]).
+    me: Option<executor::ProcessIdent>,
     /// The parsed specs of queued jobs (without secrets), kept from their admission for
     /// their start (or prestart), which then does not read and parse `job.yaml` again.
     fresh: SpecCache,
@@ -707,6 +709,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         lazy_ready: round_ready(),
         journal,
         unjournaled: HashMap::new(),
+        me: executor::ProcessIdent::me(),
         fresh: SpecCache::default(),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
@@ -3116,7 +3119,7 @@ impl Daemon {
             nodes: launches,
             num_gpus_per_node: gpus_per_node,
             kill_grace_ms: self.kill_grace.as_millis() as u64,
-            journaling_daemon: self.journal.as_ref().map(|_| std::process::id()),
+            journaling_daemon: self.journal.as_ref().and(self.me),
         })
     }
 

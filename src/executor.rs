@@ -96,11 +96,32 @@ pub struct LaunchPlan {
     pub num_gpus_per_node: u64,
     /// Between SIGTERM and SIGKILL on cancel.
     pub kill_grace_ms: u64,
-    /// The daemon's pid when it records each job's end in its journal (see
-    /// [`crate::journal`]): while it lives, the supervisor leaves the result's durability to
-    /// it instead of fsyncing `supervisor.lock` and `.sky/` itself.
+    /// The daemon, when it records each job's end in its journal (see [`crate::journal`]):
+    /// while it lives, the supervisor leaves the result's durability to it instead of
+    /// fsyncing `supervisor.lock` and `.sky/` itself.
     #[serde(default)]
-    pub journaling_daemon: Option<u32>,
+    pub journaling_daemon: Option<ProcessIdent>,
+}
+
+/// A process, told apart from a later one with its pid by its start time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdent {
+    pub pid: u32,
+    /// Its start time, in clock ticks after boot ([`process_start_ticks`]).
+    pub start_ticks: u64,
+}
+
+impl ProcessIdent {
+    /// This process.
+    pub fn me() -> Option<ProcessIdent> {
+        let pid = std::process::id();
+        process_start_ticks(pid).map(|start_ticks| ProcessIdent { pid, start_ticks })
+    }
+
+    /// Whether it still runs (the same process, not another with its pid).
+    pub fn alive(&self) -> bool {
+        process_start_ticks(self.pid) == Some(self.start_ticks)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1214,15 +1235,13 @@ impl<'a> Taken<'a> {
 /// `/dev/null` like any job's.
 const GATE_LINE: &str = "IFS= read -r _skyspool_env || exit 1; eval \"$_skyspool_env\"; unset _skyspool_env; exec </dev/null\n";
 
-/// Whether the daemon that launched the job records its end in its journal and is alive:
-/// it reads the result once `status` is final and appends the job's final record to the
-/// journal, whose fsync follows within milliseconds. Else (no journal, or a daemon gone:
-/// the job ended while none watched) the [`Finalizer`] makes the result durable.
+/// Whether the daemon that launched the job records its end in its journal and is alive
+/// (by pid and start time): it reads the result once `status` is final and appends the
+/// job's final record to the journal, whose fsync follows within milliseconds. Else (no
+/// journal, or a daemon gone: the job ended while none watched) the [`Finalizer`] makes the
+/// result durable.
 fn daemon_journals_end(plan: &LaunchPlan) -> bool {
-    plan.journaling_daemon.is_some_and(|pid| {
-        let pid = nix::unistd::Pid::from_raw(pid as i32);
-        nix::sys::signal::kill(pid, None).is_ok()
-    })
+    plan.journaling_daemon.is_some_and(|d| d.alive())
 }
 
 /// One finished job for the [`Finalizer`]: its id, its lock (holding the result) and `.sky/`.
@@ -2439,6 +2458,27 @@ mod tests {
     fn start_ticks_of_self() {
         assert!(process_start_ticks(std::process::id()).is_some());
         assert!(!children_of(std::process::id()).contains(&std::process::id()));
+    }
+
+    /// A process is told apart from a later one with its pid; one that has exited is not
+    /// alive.
+    #[test]
+    fn process_ident_is_alive_only_for_the_same_process() {
+        let me = ProcessIdent::me().expect("this process");
+        assert!(me.alive());
+        let later = ProcessIdent {
+            start_ticks: me.start_ticks + 1,
+            ..me
+        };
+        assert!(!later.alive(), "same pid, another start time");
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let ident = ProcessIdent {
+            pid,
+            start_ticks: process_start_ticks(pid).unwrap_or(0),
+        };
+        child.wait().unwrap();
+        assert!(!ident.alive(), "reaped");
     }
 
     #[test]

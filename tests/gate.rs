@@ -370,3 +370,79 @@ fn a_round_that_fails_while_other_jobs_run_fails_only_its_job() {
     d.wait_done(w.blocker, "SUCCEEDED");
     assert_eq!(d.log(w.blocker), "blocker done\n");
 }
+
+/// Whether another process holds the flock of `path`.
+fn flock_held(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = fs::File::open(path) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor this function owns; the lock goes with it.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
+#[test]
+fn a_finished_jobs_result_is_left_to_the_journaling_daemon_and_fsynced_by_its_supervisor_without_one(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((mut d, hold)) = shimmed_daemon(dir.path(), "HOLD") else {
+        return;
+    };
+    let s = d.scratch();
+    let gates = [Gate::new(&s, "first"), Gate::new(&s, "second")];
+    let ids: Vec<u64> = gates
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            d.submit(
+                &format!("job{i}.yaml"),
+                &format!("name: job{i}\nrun: |\n  {}\n", g.wait_cmd()),
+            )
+        })
+        .collect();
+    for id in &ids {
+        d.wait_status(*id, "RUNNING");
+    }
+    let locks: Vec<PathBuf> = ids
+        .iter()
+        .map(|id| d.job(*id).join(".sky/supervisor.lock"))
+        .collect();
+    // From now on every fsync under spool/jobs (and of the journal) waits.
+    fs::write(&hold, b"").expect("hold fsyncs");
+
+    // The daemon lives: the supervisor frees the lock at once, its fsyncs not needed (the
+    // daemon's journal has the job's end).
+    gates[0].open();
+    d.wait_done(ids[0], "SUCCEEDED");
+    wait_until(
+        DEADLINE,
+        "the first job's lock to be freed while fsyncs are held",
+        || !flock_held(&locks[0]),
+        || d.diagnostics(),
+    );
+
+    // No daemon: the supervisor makes the result durable itself, and frees the lock only
+    // once that fsync is through.
+    d.kill9();
+    gates[1].open();
+    wait_until(
+        DEADLINE,
+        "the second job's final status",
+        || d.status(ids[1]) == "SUCCEEDED",
+        || d.diagnostics(),
+    );
+    assert!(
+        flock_held(&locks[1]),
+        "the lock of a job that ended while no daemon watched is freed before its result is durable"
+    );
+    fs::remove_file(&hold).expect("release fsyncs");
+    wait_until(
+        DEADLINE,
+        "the second job's lock to be freed once its fsync is through",
+        || !flock_held(&locks[1]),
+        || d.diagnostics(),
+    );
+    d.spawn();
+    d.wait_done(ids[1], "SUCCEEDED");
+    d.stop();
+}
