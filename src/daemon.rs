@@ -2120,16 +2120,20 @@ impl Daemon {
         if self.lazy.inflight.is_some() {
             return None;
         }
-        match (self.lazy.due, self.checkpoint_due()) {
+        match (
+            self.lazy.due,
+            self.checkpoint_due(std::time::Instant::now()),
+        ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
-    /// When the journal's next checkpoint is due (see [`crate::journal::Journal::checkpoint_due`]),
-    /// not before a failed one may be tried again.
-    fn checkpoint_due(&self) -> Option<std::time::Instant> {
-        let due = self.journal.as_ref()?.checkpoint_due()?;
+    /// When the journal's next checkpoint is due, it being `now` (see
+    /// [`crate::journal::Journal::checkpoint_due`]), not before a failed one may be tried
+    /// again.
+    fn checkpoint_due(&self, now: std::time::Instant) -> Option<std::time::Instant> {
+        let due = self.journal.as_ref()?.checkpoint_due(now)?;
         Some(self.lazy.retry_checkpoint_at.map_or(due, |r| r.max(due)))
     }
 
@@ -2147,7 +2151,7 @@ impl Daemon {
             self.lazy_through(result, sealed);
         }
         let now = std::time::Instant::now();
-        if self.checkpoint_due().is_some_and(|t| t <= now) {
+        if self.checkpoint_due(now).is_some_and(|t| t <= now) {
             self.lazy.retry_checkpoint_at = None;
             if let Some(sealed) = self.journal.as_mut().and_then(|j| j.seal()) {
                 self.lazy.due = None;
@@ -2166,7 +2170,7 @@ impl Daemon {
             if self
                 .journal
                 .as_ref()
-                .is_some_and(|j| j.checkpoint_due().is_some())
+                .is_some_and(|j| j.checkpoint_due(now).is_some())
             {
                 // Records wait, but none can be sealed (the other file holds records start-up
                 // could not restore): not again before the retry time.

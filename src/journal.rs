@@ -210,13 +210,13 @@ impl Journal {
         part.file.sync_data()
     }
 
-    /// When the next checkpoint is due (see [`Journal::seal`]): now, where the file appends
-    /// go to holds [`Journal::SWITCH_BYTES`] or a sealed file waits for one (an earlier
-    /// checkpoint failed); else [`CHECKPOINT_AFTER`] after the oldest record since the last
-    /// one; `None` while there are no records.
-    pub fn checkpoint_due(&self) -> Option<std::time::Instant> {
+    /// When the next checkpoint is due (see [`Journal::seal`]), it being `now`: at once
+    /// (`now`), where the file appends go to holds [`Journal::SWITCH_BYTES`] or a sealed
+    /// file waits for one (an earlier checkpoint failed); else [`CHECKPOINT_AFTER`] after the
+    /// oldest record since the last one; `None` while there are no records.
+    pub fn checkpoint_due(&self, now: std::time::Instant) -> Option<std::time::Instant> {
         if self.sealed.is_some() || self.parts[self.current].len >= Journal::SWITCH_BYTES {
-            return Some(std::time::Instant::now());
+            return Some(now);
         }
         self.since.map(|t| t + self.after)
     }
@@ -367,11 +367,14 @@ mod tests {
     fn a_checkpoint_empties_the_sealed_file_and_appends_take_turns() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path()).unwrap();
-        assert!(j.checkpoint_due().is_none(), "nothing to checkpoint");
+        let now = std::time::Instant::now;
+        assert!(j.checkpoint_due(now()).is_none(), "nothing to checkpoint");
         assert_eq!(j.seal(), None);
         let first = j.append(&[record(1)]).unwrap();
-        let due = j.checkpoint_due().expect("a record waits for a checkpoint");
-        assert!(due > std::time::Instant::now() + CHECKPOINT_AFTER / 2);
+        let due = j
+            .checkpoint_due(now())
+            .expect("a record waits for a checkpoint");
+        assert!(due > now() + CHECKPOINT_AFTER / 2);
         let sealed = j.seal().expect("the file with the record");
         // Appends made while the checkpoint runs go to the other file and stay.
         let second = j.append(&[record(2)]).unwrap();
@@ -383,7 +386,8 @@ mod tests {
         assert!(j.holds_records());
         // A full file makes the checkpoint due at once.
         j.parts[j.current].len = Journal::SWITCH_BYTES;
-        assert!(j.checkpoint_due().unwrap() <= std::time::Instant::now());
+        let t = now();
+        assert_eq!(j.checkpoint_due(t), Some(t), "due at once");
         j.parts[j.current].len = 1;
         let sealed = j.seal().unwrap();
         assert_eq!(j.append(&[record(3)]).unwrap(), first);

@@ -5,7 +5,8 @@
 //! with the system's C compiler) around `fsync`/`fdatasync` of the admission journal
 //! (`spool/.skyspool/journal.*`, what a round syncs) and of paths under `spool/jobs` (what it
 //! syncs without a journal, and what is synced after it), while a marker file exists; the same shim can hold the publication of a staged job (its
-//! `rename` from `staging/` into `jobs/`): the real binary, no test hook in it.
+//! `rename` from `staging/` into `jobs/`) and fail the journal's checkpoint (`syncfs`): the
+//! real binary, no test hook in it.
 mod common;
 use common::*;
 use std::fs;
@@ -53,6 +54,15 @@ int fdatasync(int fd) {
     static int (*real)(int);
     if (before(fd)) return -1;
     if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    return real(fd);
+}
+
+/* A checkpoint's syncfs fails while the file named by SKYSPOOL_SHIM_FAIL_SYNCFS exists. */
+int syncfs(int fd) {
+    static int (*real)(int);
+    const char *marker = getenv("SKYSPOOL_SHIM_FAIL_SYNCFS");
+    if (marker && access(marker, F_OK) == 0) { errno = EIO; return -1; }
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "syncfs");
     return real(fd);
 }
 
@@ -444,5 +454,54 @@ fn a_finished_jobs_result_is_left_to_the_journaling_daemon_and_fsynced_by_its_su
     );
     d.spawn();
     d.wait_done(ids[1], "SUCCEEDED");
+    d.stop();
+}
+
+#[test]
+fn a_failed_checkpoint_keeps_the_journal_and_is_tried_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(so) = shim(dir.path()) else {
+        return;
+    };
+    let marker = dir.path().join("fail-syncfs");
+    fs::write(&marker, b"").expect("fail syncfs");
+    let mut d = Daemon::start_with_env(
+        &["--gpus", "none", "--cpus", "2", "--checkpoint-after", "0.2"],
+        &[
+            ("LD_PRELOAD", &so.display().to_string()),
+            ("SKYSPOOL_SHIM_FAIL_SYNCFS", &marker.display().to_string()),
+        ],
+    );
+    let journal_bytes = |d: &Daemon| -> u64 {
+        ["journal.0", "journal.1"]
+            .iter()
+            .map(|f| {
+                fs::metadata(d.path(&format!(".skyspool/{f}")))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let id = d.submit("one.yaml", "name: one\nrun: echo one\n");
+    d.wait_done(id, "SUCCEEDED");
+    wait_until(
+        DEADLINE,
+        "a failed checkpoint in the daemon's log",
+        || d.daemon_log().contains("journal checkpoint failed"),
+        || d.diagnostics(),
+    );
+    assert!(
+        journal_bytes(&d) > 0,
+        "the journal keeps its lines when its checkpoint fails"
+    );
+    // Once syncfs works again, the retry empties it (its lines were the job's).
+    fs::remove_file(&marker).expect("let syncfs work");
+    wait_until(
+        DEADLINE,
+        "the journal to be emptied by the checkpoint tried again",
+        || journal_bytes(&d) == 0,
+        || d.diagnostics(),
+    );
+    assert_eq!(d.status(id), "SUCCEEDED");
     d.stop();
 }

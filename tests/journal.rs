@@ -347,3 +347,47 @@ fn a_finished_job_whose_end_a_power_cut_lost_is_settled_from_its_end_record_not_
     d.stop();
     assert_eq!(journal_bytes(&d), 0);
 }
+
+#[test]
+fn a_journal_file_holding_a_mebibyte_is_checkpointed_without_waiting_for_the_timer() {
+    // The timer alone would wait an hour: only the size can bring the checkpoint.
+    let mut d = Daemon::start(&[
+        "--gpus",
+        "none",
+        "--cpus",
+        "4",
+        "--checkpoint-after",
+        "3600",
+    ]);
+    let s = d.scratch();
+    // Each admission line carries the job's YAML: ~3 KiB each, 1.2 MiB for 400 jobs.
+    let pad = format!("# {}\n", "x".repeat(3000));
+    let n = 400;
+    let staged = s.join("bulk");
+    fs::create_dir(&staged).expect("mkdir");
+    for i in 0..n {
+        fs::write(
+            staged.join(format!("b{i}.yaml")),
+            format!("{pad}name: b{i}\nrun: |\n  :\n"),
+        )
+        .expect("write a job");
+    }
+    for i in 0..n {
+        let name = format!("b{i}.yaml");
+        fs::rename(staged.join(&name), d.path(&format!("incoming/{name}"))).expect("submit");
+    }
+    wait_until(
+        DEADLINE,
+        "all jobs done",
+        || fs::read_dir(d.path("done")).map(|r| r.count()).unwrap_or(0) == n,
+        || d.diagnostics(),
+    );
+    wait_until(
+        DEADLINE,
+        "a checkpoint to empty the full journal file",
+        || journal_bytes(&d) < 1 << 20,
+        || d.diagnostics(),
+    );
+    d.stop();
+    assert_eq!(journal_bytes(&d), 0, "a clean stop checkpoints the rest");
+}
