@@ -51,6 +51,17 @@ fn admitted_info(mut info: serde_json::Value, id: u64, name: &str) -> serde_json
     info
 }
 
+/// No checkpoint for an hour after the first record: the journal keeps every line but what
+/// a full file's checkpoint drops.
+const NO_TIMED_CHECKPOINTS: [&str; 6] = [
+    "--gpus",
+    "none",
+    "--cpus",
+    "4",
+    "--checkpoint-after",
+    "3600",
+];
+
 /// Checkpoints a fifth of a second after the first record (instead of 30 s), so that a
 /// test sees the journal emptied while the daemon runs.
 const QUICK_CHECKPOINTS: [&str; 2] = ["--checkpoint-after", "0.2"];
@@ -260,14 +271,7 @@ fn links_of(d: &Daemon, id: u64) -> Vec<&'static str> {
 #[test]
 fn a_finished_job_whose_end_a_power_cut_lost_is_settled_from_its_end_record_not_run_again() {
     // No checkpoint while the test runs: the journal keeps every record.
-    let mut d = Daemon::start(&[
-        "--gpus",
-        "none",
-        "--cpus",
-        "4",
-        "--checkpoint-after",
-        "3600",
-    ]);
+    let mut d = Daemon::start(&NO_TIMED_CHECKPOINTS);
     let s = d.scratch();
     let ran = s.join("ran");
     let yaml = |name: &str| {
@@ -351,14 +355,7 @@ fn a_finished_job_whose_end_a_power_cut_lost_is_settled_from_its_end_record_not_
 #[test]
 fn a_journal_file_holding_a_mebibyte_is_checkpointed_without_waiting_for_the_timer() {
     // The timer alone would wait an hour: only the size can bring the checkpoint.
-    let mut d = Daemon::start(&[
-        "--gpus",
-        "none",
-        "--cpus",
-        "4",
-        "--checkpoint-after",
-        "3600",
-    ]);
+    let mut d = Daemon::start(&NO_TIMED_CHECKPOINTS);
     let s = d.scratch();
     // Each admission line carries the job's YAML: ~3 KiB each, 1.2 MiB for 400 jobs.
     let pad = format!("# {}\n", "x".repeat(3000));
