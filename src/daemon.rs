@@ -898,6 +898,12 @@ impl Admission {
             std::borrow::Cow::Owned(self.spec.to_redacted_yaml().into_bytes())
         }
     }
+
+    /// [`Admission::job_yaml`] as the text a journal line carries (it is UTF-8: it parsed
+    /// as YAML).
+    fn job_yaml_text(&self) -> String {
+        String::from_utf8_lossy(&self.job_yaml()).into_owned()
+    }
 }
 
 impl Daemon {
@@ -1749,12 +1755,13 @@ impl Daemon {
                 continue;
             }
             ids.insert(id);
-            if self.journal.is_some() && !claimed.has_workdir {
+            // (An early job's line is in the journal already: its round takes that fsync.)
+            if self.journal.is_some() && !claimed.has_workdir && journaled_early != Some(id) {
                 self.unjournaled.insert(
                     id,
                     Unjournaled {
                         file: claimed.file,
-                        yaml: String::from_utf8_lossy(&adm.job_yaml()).into_owned(),
+                        yaml: adm.job_yaml_text(),
                     },
                 );
             }
@@ -1988,13 +1995,10 @@ impl Daemon {
         if self.journal.is_none() || self.round.as_ref().is_none_or(|r| r.ids.len() != 1) {
             return false;
         }
-        let Ok(yaml) = String::from_utf8(adm.job_yaml().into_owned()) else {
-            return false;
-        };
         let record = crate::journal::Record {
             id: early.id,
             info: early.info.clone(),
-            yaml,
+            yaml: adm.job_yaml_text(),
             file,
         };
         let Some(sync) = self.journal_append(&[record]) else {
