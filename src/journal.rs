@@ -54,10 +54,11 @@ struct Void {
     void: JobId,
 }
 
-/// A job's end: its final `info.json` (see [`Journal::append_ends`]).
+/// A job's end: its final `info.json` (see [`Journal::append_ends`]); written from a
+/// reference, read back owned.
 #[derive(Serialize, Deserialize)]
-struct End {
-    end: JobInfo,
+struct End<I> {
+    end: I,
 }
 
 /// How long records wait at most, by default, for the checkpoint that drops them (see
@@ -151,7 +152,7 @@ impl Journal {
     pub fn ends(&self) -> Vec<JobInfo> {
         self.lines()
             .iter()
-            .filter_map(|line| serde_json::from_slice::<End>(line).ok())
+            .filter_map(|line| serde_json::from_slice::<End<JobInfo>>(line).ok())
             .map(|e| e.end)
             .collect()
     }
@@ -159,29 +160,13 @@ impl Journal {
     /// Appends the records of one round to the current file, in one write, and returns
     /// that file's path: the round is durable once it is fsynced.
     pub fn append(&mut self, records: &[Record]) -> io::Result<PathBuf> {
-        let mut bytes = Vec::new();
-        for r in records {
-            serde_json::to_writer(&mut bytes, r).map_err(io::Error::other)?;
-            bytes.push(b'\n');
-        }
-        self.write_lines(&bytes)
+        self.write_lines(&json_lines(records)?)
     }
 
     /// Appends the final records of jobs that ended (each a settled `info.json`), in one
     /// write, and returns the file's path: they are durable once it is fsynced.
     pub fn append_ends(&mut self, ends: &[&JobInfo]) -> io::Result<PathBuf> {
-        let mut bytes = Vec::new();
-        for info in ends {
-            serde_json::to_writer(
-                &mut bytes,
-                &End {
-                    end: (*info).clone(),
-                },
-            )
-            .map_err(io::Error::other)?;
-            bytes.push(b'\n');
-        }
-        self.write_lines(&bytes)
+        self.write_lines(&json_lines(ends.iter().map(|end| End { end }))?)
     }
 
     fn write_lines(&mut self, bytes: &[u8]) -> io::Result<PathBuf> {
@@ -202,8 +187,7 @@ impl Journal {
     /// admission did not go through (it could not be staged), and its submission is about
     /// to be handed back or rejected, so the record must never make it a job.
     pub fn void(&mut self, id: JobId) -> io::Result<()> {
-        let mut line = serde_json::to_vec(&Void { void: id }).map_err(io::Error::other)?;
-        line.push(b'\n');
+        let line = json_lines([Void { void: id }])?;
         let part = &mut self.parts[self.current];
         part.file.write_all(&line)?;
         part.len += line.len() as u64;
@@ -212,8 +196,8 @@ impl Journal {
 
     /// When the next checkpoint is due (see [`Journal::seal`]), it being `now`: at once
     /// (`now`), where the file appends go to holds [`Journal::SWITCH_BYTES`] or a sealed
-    /// file waits for one (an earlier checkpoint failed); else [`CHECKPOINT_AFTER`] after the
-    /// oldest record since the last one; `None` while there are no records.
+    /// file waits for one (an earlier checkpoint failed); else [`Journal::checkpoint_after`]
+    /// after the oldest record since the last one; `None` while there are no records.
     pub fn checkpoint_due(&self, now: std::time::Instant) -> Option<std::time::Instant> {
         if self.sealed.is_some() || self.parts[self.current].len >= Journal::SWITCH_BYTES {
             return Some(now);
@@ -275,6 +259,16 @@ impl Journal {
         self.since = None;
         Ok(())
     }
+}
+
+/// `items` as JSON, one per line.
+fn json_lines<T: Serialize>(items: impl IntoIterator<Item = T>) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    for item in items {
+        serde_json::to_writer(&mut bytes, &item).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+    }
+    Ok(bytes)
 }
 
 /// Opens one journal file for appending; whether it was created now.
