@@ -665,16 +665,7 @@ impl Spool {
             if !is_dir(&staged) {
                 return Ok(written);
             }
-            // A journaled job has no workdir: a claimed entry left is its submission's copy.
-            for entry in fs::read_dir(&staged).at(&staged)?.flatten() {
-                let claimed = entry
-                    .file_name()
-                    .as_bytes()
-                    .starts_with(CLAIM_PREFIX.as_bytes());
-                if claimed && entry.file_type().is_ok_and(|t| !t.is_dir()) {
-                    fs::remove_file(entry.path()).at(&entry.path())?;
-                }
-            }
+            finish_claimed_entries(&staged)?;
             fs::rename(&staged, &dir).at(&dir)?;
             written.push((self.staging(), true));
             written.push((self.jobs(), true));
@@ -801,22 +792,7 @@ impl Spool {
             Err(e) => return Err(e).at(&c.content),
         };
         if look && c.dir.exists() {
-            for entry in fs::read_dir(&c.dir).at(&c.dir)?.flatten() {
-                if !entry
-                    .file_name()
-                    .as_bytes()
-                    .starts_with(CLAIM_PREFIX.as_bytes())
-                {
-                    continue;
-                }
-                let p = entry.path();
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    let w = c.dir.join("workdir");
-                    fs::rename(&p, &w).at(&w)?;
-                } else {
-                    fs::remove_file(&p).at(&p)?;
-                }
-            }
+            finish_claimed_entries(&c.dir)?;
         }
         match fs::rename(&c.dir, &dst) {
             Ok(()) => {}
@@ -1542,6 +1518,29 @@ pub fn make_private_dir(dir: &Path) -> Result<()> {
     let private = dir.join(".sky");
     create_dir_if_missing(&private)?;
     fs::set_permissions(&private, fs::Permissions::from_mode(0o755)).at(&private)
+}
+
+/// What publishing does with the claimed entries (`in--NAME`) in a staging directory `dir`,
+/// found by listing: a claimed directory becomes `workdir/`, a claimed file (its text is in
+/// `job.yaml`) is removed.
+fn finish_claimed_entries(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).at(dir)?.flatten() {
+        if !entry
+            .file_name()
+            .as_bytes()
+            .starts_with(CLAIM_PREFIX.as_bytes())
+        {
+            continue;
+        }
+        let p = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let w = dir.join("workdir");
+            fs::rename(&p, &w).at(&w)?;
+        } else {
+            fs::remove_file(&p).at(&p)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes directory `path` unless something is there already.
