@@ -472,16 +472,6 @@ fn a_failed_checkpoint_keeps_the_journal_and_is_tried_again() {
             ("SKYSPOOL_SHIM_FAIL_SYNCFS", &marker.display().to_string()),
         ],
     );
-    let journal_bytes = |d: &Daemon| -> u64 {
-        ["journal.0", "journal.1"]
-            .iter()
-            .map(|f| {
-                fs::metadata(d.path(&format!(".skyspool/{f}")))
-                    .map(|m| m.len())
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
     let id = d.submit("one.yaml", "name: one\nrun: echo one\n");
     d.wait_done(id, "SUCCEEDED");
     wait_until(
@@ -491,7 +481,7 @@ fn a_failed_checkpoint_keeps_the_journal_and_is_tried_again() {
         || d.diagnostics(),
     );
     assert!(
-        journal_bytes(&d) > 0,
+        d.journal_bytes() > 0,
         "the journal keeps its lines when its checkpoint fails"
     );
     // Once syncfs works again, the retry empties it (its lines were the job's).
@@ -499,7 +489,7 @@ fn a_failed_checkpoint_keeps_the_journal_and_is_tried_again() {
     wait_until(
         DEADLINE,
         "the journal to be emptied by the checkpoint tried again",
-        || journal_bytes(&d) == 0,
+        || d.journal_bytes() == 0,
         || d.diagnostics(),
     );
     assert_eq!(d.status(id), "SUCCEEDED");

@@ -9,18 +9,6 @@ use common::*;
 use std::fs;
 use std::io::Write;
 
-/// The journal's files, as `spool-layout.md` names them.
-fn journal_files(d: &Daemon) -> [std::path::PathBuf; 2] {
-    [d.path(".skyspool/journal.0"), d.path(".skyspool/journal.1")]
-}
-
-fn journal_bytes(d: &Daemon) -> u64 {
-    journal_files(d)
-        .iter()
-        .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .sum()
-}
-
 /// Appends one record (the line the daemon writes) to `journal.0`.
 fn append_record(d: &Daemon, id: u64, info: &serde_json::Value, yaml: &str) {
     append_line(
@@ -70,7 +58,7 @@ fn waits_for_journal_to_empty(d: &Daemon) {
     wait_until(
         DEADLINE,
         "the journal to be emptied by a checkpoint",
-        || journal_bytes(d) == 0,
+        || d.journal_bytes() == 0,
         || d.diagnostics(),
     );
 }
@@ -291,7 +279,8 @@ fn a_finished_job_whose_end_a_power_cut_lost_is_settled_from_its_end_record_not_
         DEADLINE,
         "both jobs' end records in the journal",
         || {
-            let text: String = journal_files(&d)
+            let text: String = d
+                .journal_files()
                 .iter()
                 .map(|p| fs::read_to_string(p).unwrap_or_default())
                 .collect();
@@ -349,7 +338,7 @@ fn a_finished_job_whose_end_a_power_cut_lost_is_settled_from_its_end_record_not_
     );
     // A clean stop checkpoints: nothing is left for the next start.
     d.stop();
-    assert_eq!(journal_bytes(&d), 0);
+    assert_eq!(d.journal_bytes(), 0);
 }
 
 #[test]
@@ -382,9 +371,9 @@ fn a_journal_file_holding_a_mebibyte_is_checkpointed_without_waiting_for_the_tim
     wait_until(
         DEADLINE,
         "a checkpoint to empty the full journal file",
-        || journal_bytes(&d) < 1 << 20,
+        || d.journal_bytes() < 1 << 20,
         || d.diagnostics(),
     );
     d.stop();
-    assert_eq!(journal_bytes(&d), 0, "a clean stop checkpoints the rest");
+    assert_eq!(d.journal_bytes(), 0, "a clean stop checkpoints the rest");
 }

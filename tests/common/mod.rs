@@ -206,6 +206,22 @@ impl Daemon {
         self.spool.join(rel)
     }
 
+    /// The journal's files, as `spool-layout.md` names them.
+    pub fn journal_files(&self) -> [PathBuf; 2] {
+        [
+            self.path(".skyspool/journal.0"),
+            self.path(".skyspool/journal.1"),
+        ]
+    }
+
+    /// The bytes in the journal's two files.
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal_files()
+            .iter()
+            .map(|p| fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+
     pub fn job(&self, id: u64) -> PathBuf {
         self.spool.join("jobs").join(id.to_string())
     }
