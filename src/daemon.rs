@@ -427,6 +427,9 @@ struct Daemon {
     last_event: std::time::Instant,
     /// The `queue` file's rows, re-formatted only for jobs that changed.
     queue_rows: queue::QueueCache,
+    /// Jobs whose row is to be formatted again at the next rewrite of `queue` (once, however
+    /// often the job changed since the last one).
+    queue_stale: BTreeSet<JobId>,
     last_nodes: String,
     /// When deferred submissions (disk full) are to be retried.
     retry_at: Option<std::time::Instant>,
@@ -687,6 +690,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         render_interval: RENDER_INTERVAL,
         last_event: std::time::Instant::now(),
         queue_rows: queue::QueueCache::default(),
+        queue_stale: BTreeSet::new(),
         last_nodes: String::new(),
         retry_at: None,
         root_jobs_as,
@@ -1459,6 +1463,11 @@ impl Daemon {
             self.dirty = false;
             let began = std::time::Instant::now();
             self.last_render = began;
+            for id in std::mem::take(&mut self.queue_stale) {
+                if let Some(info) = self.jobs.get(&id) {
+                    self.queue_rows.update(info);
+                }
+            }
             let text = self.queue_rows.text();
             if let Err(e) = self.spool.write_queue(&text) {
                 note!("cannot write queue: {e}");
@@ -3195,12 +3204,8 @@ impl Daemon {
             }
             None => std::mem::take(&mut self.touched),
         };
+        self.queue_stale.extend(touched.iter().copied());
         let jobs = &self.jobs;
-        for id in &touched {
-            if let Some(info) = jobs.get(id) {
-                self.queue_rows.update(info);
-            }
-        }
         self.view.update(|v| {
             for id in touched {
                 if let Some(info) = jobs.get(&id) {
