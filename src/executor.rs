@@ -147,7 +147,20 @@ fn private_dir(plan: &LaunchPlan) -> PathBuf {
 
 /// Clock ticks since boot at which `pid` started (`/proc/PID/stat` field 22).
 pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // One read into a buffer that holds the whole line: `read_to_string` would start from
+    // the file's size (0 for /proc files) and read in growing chunks, five calls or more.
+    let mut f = File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    while len < buf.len() {
+        match io::Read::read(&mut f, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let stat = std::str::from_utf8(&buf[..len]).ok()?;
     // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
@@ -2456,7 +2469,11 @@ mod tests {
 
     #[test]
     fn start_ticks_of_self() {
-        assert!(process_start_ticks(std::process::id()).is_some());
+        let me = std::process::id();
+        let stat = fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let field_22: u64 = rest.split_whitespace().nth(19).unwrap().parse().unwrap();
+        assert_eq!(process_start_ticks(me), Some(field_22));
         assert!(!children_of(std::process::id()).contains(&std::process::id()));
     }
 
