@@ -486,6 +486,9 @@ struct Daemon {
     /// The parsed specs of queued jobs (without secrets), kept from their admission for
     /// their start (or prestart), which then does not read and parse `job.yaml` again.
     fresh: SpecCache,
+    /// The jobs with a secrets file, removed when they end (`None`: the files could not be
+    /// listed at start-up; every ending job's is then removed by name).
+    secret_ids: Option<HashSet<JobId>>,
     /// Account lookups (passwd/group), cached while those files do not change.
     users: std::cell::RefCell<UserCache>,
     /// Jobs put back in the queue because their supervisor died before taking them, and how
@@ -715,6 +718,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         unjournaled: HashMap::new(),
         me: executor::ProcessIdent::me(),
         fresh: SpecCache::default(),
+        secret_ids: Some(HashSet::new()),
         users: std::cell::RefCell::new(UserCache {
             am_root: nix::unistd::geteuid().is_root(),
             stamp: None,
@@ -916,6 +920,13 @@ impl Daemon {
     /// Rebuilds state from the spool: finishes staged admissions, re-adopts or settles
     /// jobs whose supervisor ran while no daemon watched, re-queues pending jobs in order.
     fn recover(&mut self) -> anyhow::Result<()> {
+        self.secret_ids = match self.spool.secret_ids() {
+            Ok(ids) => Some(ids.into_iter().collect()),
+            Err(e) => {
+                note!("cannot list the secrets files: {e}");
+                None
+            }
+        };
         self.replay_journal();
         for id in self.spool.job_ids()? {
             let info = match self.spool.read_info(id) {
@@ -2499,7 +2510,7 @@ impl Daemon {
     /// `early`: the job was launched already (see [`Daemon::launch_early`]), which made its
     /// `.sky/` and `log`.
     fn stage(
-        &self,
+        &mut self,
         c: &Claimed,
         adm: &Admission,
         early: Option<&JobInfo>,
@@ -2510,6 +2521,9 @@ impl Daemon {
         }
         spool::write_private(&c.dir, "job.yaml", &adm.job_yaml())?;
         if !spec.secrets.is_empty() {
+            if let Some(ids) = self.secret_ids.as_mut() {
+                ids.insert(c.id);
+            }
             self.spool.write_secrets(c.id, &spec.secrets)?;
         }
         spool::write_private(&c.dir, "status", b"PENDING\n")?;
@@ -3356,7 +3370,9 @@ impl Daemon {
             self.spool.trim_spares(id);
             let _ = self.spool.move_to_done(id);
             self.watcher.unwatch_job(id);
-            self.spool.remove_secrets(id);
+            if self.secret_ids.as_mut().is_none_or(|ids| ids.remove(&id)) {
+                self.spool.remove_secrets(id);
+            }
         }
         let Some(journal) = self.journal.as_mut() else {
             return;

@@ -1044,6 +1044,28 @@ impl Spool {
             .unwrap_or_default()
     }
 
+    /// The jobs that have a secrets file (`.skyspool/secrets/<id>.json`).
+    pub fn secret_ids(&self) -> Result<Vec<JobId>> {
+        let dir = self.private().join("secrets");
+        let mut ids = Vec::new();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ids),
+            Err(e) => return Err(e).at(&dir),
+        };
+        for entry in rd {
+            let name = entry.at(&dir)?.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|n| n.parse::<JobId>().ok())
+            {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
     pub fn remove_secrets(&self, id: JobId) {
         let _ = fs::remove_file(self.secrets_file(id));
     }
