@@ -563,6 +563,21 @@ fn task_id(info: &JobInfo, cluster: &str) -> String {
 
 /// The outcome of a job whose supervisor is lost (or never got it): `FAILED_DRIVER`, ended
 /// now, with `reason`.
+/// Waits up to `limit` for child `pid` to exit and reaps it; false if it still runs.
+fn reap_within(pid: nix::unistd::Pid, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
+            _ => return true,
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn driver_lost(reason: String) -> JobResult {
     JobResult {
         status: Status::FailedDriver,
@@ -834,6 +849,10 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     // The jobs handed over while the last round ran start (or, if it failed, do not).
     d.finish_round();
+    // The launcher goes before the last checkpoint: a job that ends from here on is not
+    // journaled by this daemon, and its supervisor, seeing the launcher gone, makes its
+    // result durable itself; one that ended before is made durable by the checkpoint.
+    d.close_launcher();
     d.finish_lazy();
     if let Some(m) = mounted {
         m.unmount();
@@ -2917,6 +2936,22 @@ impl Daemon {
         Ok(())
     }
 
+    /// Closes the launcher's socket and waits (up to 2 s, then kills it) for it to exit: every
+    /// supervisor then finds its own socket to the launcher closed (see
+    /// [`executor::supervise_main`]).
+    fn close_launcher(&mut self) {
+        let Some(launcher) = self.launcher.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(launcher.pid as i32);
+        drop(launcher);
+        if !reap_within(pid, Duration::from_secs(2)) {
+            note!("launcher pid {pid} did not exit when its socket closed; killing it");
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            reap_within(pid, Duration::from_secs(2));
+        }
+    }
+
     /// The launcher failed (killed by someone, or it stopped taking launches): it is made
     /// sure to be gone, and each launch it had not answered is settled: a supervisor that
     /// holds the job's lock has it; any other goes to a new launcher (or fails to start).
@@ -2927,14 +2962,7 @@ impl Daemon {
             // It may hold locks of launches it had read: it must be gone before the locks'
             // holders are looked for. Its running supervisors live in sessions of their own.
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while matches!(
-                nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
-                Ok(nix::sys::wait::WaitStatus::StillAlive)
-            ) && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            reap_within(pid, Duration::from_secs(2));
         }
         for mut l in std::mem::take(&mut self.launching) {
             if !self.jobs.contains_key(&l.id) {

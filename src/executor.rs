@@ -783,7 +783,29 @@ fn serve_jobs(
             )
             .is_ok()
         };
-        match supervise_job(&plan, lock, gate, log, signals, record, &free, finalizer) {
+        // Whether the launcher still runs (its end of our socket is open): a daemon that
+        // stops closes it, and waits for it to exit, before its last checkpoint.
+        let launcher_alive = || {
+            let mut fd = [libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: one valid pollfd, no waiting.
+            let n = unsafe { libc::poll(fd.as_mut_ptr(), 1, 0) };
+            n >= 0 && fd[0].revents & (libc::POLLHUP | libc::POLLERR) == 0
+        };
+        match supervise_job(
+            &plan,
+            lock,
+            gate,
+            log,
+            signals,
+            record,
+            &free,
+            &launcher_alive,
+            finalizer,
+        ) {
             Ok(true) => {}
             Ok(false) => return 0,
             Err(e) => {
@@ -829,6 +851,7 @@ fn supervise_job(
     signals: &Signals,
     record: &[u8],
     free: &dyn Fn() -> bool,
+    launcher_alive: &dyn Fn() -> bool,
     finalizer: &Finalizer,
 ) -> Result<bool, ExecError> {
     let (plan, lock, gate, mut pre) = match lock {
@@ -922,7 +945,7 @@ fn supervise_job(
         );
     }
     let status = spool.write_status(plan.job_id, result.status);
-    if daemon_journals_end(&plan) {
+    if daemon_journals_end(&plan) && launcher_alive() {
         drop(lock);
     } else {
         finalizer.submit((plan.job_id, lock, private_dir(&plan)));
@@ -1252,7 +1275,10 @@ const GATE_LINE: &str = "IFS= read -r _skyspool_env || exit 1; eval \"$_skyspool
 /// (by pid and start time): it reads the result once `status` is final and appends the
 /// job's final record to the journal, whose fsync follows within milliseconds. Else (no
 /// journal, or a daemon gone: the job ended while none watched) the [`Finalizer`] makes the
-/// result durable.
+/// result durable. The caller also asks whether the launcher still runs: a daemon that
+/// stops ends its launcher before its last checkpoint (a `syncfs`), so a result written
+/// after that checkpoint (by a job that ended while the daemon was stopping, which no
+/// daemon journals) is made durable here, and one written before it by the checkpoint.
 fn daemon_journals_end(plan: &LaunchPlan) -> bool {
     plan.journaling_daemon.is_some_and(|d| d.alive())
 }

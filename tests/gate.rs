@@ -457,6 +457,58 @@ fn a_finished_jobs_result_is_left_to_the_journaling_daemon_and_fsynced_by_its_su
     d.stop();
 }
 
+/// A supervisor whose launcher is gone makes its job's result durable itself, though the
+/// daemon lives: a daemon that stops ends its launcher before its last checkpoint, and a
+/// job that ends after that checkpoint is journaled by no daemon.
+#[test]
+fn a_supervisor_whose_launcher_is_gone_fsyncs_its_jobs_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((mut d, hold)) = shimmed_daemon(dir.path(), "HOLD") else {
+        return;
+    };
+    let s = d.scratch();
+    let gate = Gate::new(&s, "held");
+    let id = d.submit(
+        "held.yaml",
+        &format!("name: held\nrun: |\n  {}\n", gate.wait_cmd()),
+    );
+    d.wait_status(id, "RUNNING");
+    let lock = d.job(id).join(".sky/supervisor.lock");
+    let supervisor = d.supervisor_pid(id).expect("the job's supervisor");
+    let launcher = parent_of(supervisor).expect("the supervisor's launcher");
+    send_signal(launcher, nix::sys::signal::Signal::SIGKILL).expect("kill the launcher");
+    wait_until(
+        DEADLINE,
+        "the daemon to replace its launcher",
+        || {
+            d.daemon_log()
+                .contains(&format!("launcher pid {launcher} failed"))
+        },
+        || d.diagnostics(),
+    );
+    fs::write(&hold, b"").expect("hold fsyncs");
+    gate.open();
+    wait_until(
+        DEADLINE,
+        "the job's final status",
+        || d.status(id) == "SUCCEEDED",
+        || d.diagnostics(),
+    );
+    assert!(
+        flock_held(&lock),
+        "a supervisor without its launcher freed the lock before its result was durable"
+    );
+    fs::remove_file(&hold).expect("release fsyncs");
+    wait_until(
+        DEADLINE,
+        "the lock to be freed once its fsync is through",
+        || !flock_held(&lock),
+        || d.diagnostics(),
+    );
+    d.wait_done(id, "SUCCEEDED");
+    d.stop();
+}
+
 #[test]
 fn a_failed_checkpoint_keeps_the_journal_and_is_tried_again() {
     let dir = tempfile::tempdir().expect("tempdir");
