@@ -65,7 +65,8 @@ pub enum Command {
         mount: Option<PathBuf>,
         /// Start up to N queued jobs ahead (their bash waits at its first line) while every
         /// slot they could take is busy, so a freed slot goes to a job that is up already;
-        /// 0 turns it off.
+        /// and, once idle after a lone job, one bash ahead for its user's next submission.
+        /// 0 turns both off.
         #[arg(long, default_value_t = 4, value_name = "N")]
         prestart: usize,
         /// Admissions and job ends are durable on one fsync of the spool's journal; the

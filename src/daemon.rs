@@ -121,6 +121,16 @@ struct Prestart {
     spec: Option<JobSpec>,
 }
 
+/// A prestart made for the next job ID before any job has it (see [`Daemon::speculate`]),
+/// as the user of the last lone submission: that user's next lone submission, if it gets
+/// this ID, is confirmed through it, and its bash is up already.
+struct Speculation {
+    id: JobId,
+    uid: u32,
+    gid: u32,
+    prestart: Prestart,
+}
+
 /// The fsyncs that make one batch of admissions durable, running while the batch's jobs are
 /// already published, placed and handed to their supervisors: each of those jobs waits at a
 /// start gate, and nothing of it runs before the round is through (see
@@ -496,6 +506,16 @@ struct Daemon {
     untaken: HashMap<JobId, u32>,
     /// Queued jobs started ahead, by id (see [`Daemon::prestart_more`]).
     prestarts: BTreeMap<JobId, Prestart>,
+    /// The speculative prestart for the next ID, if any (see [`Daemon::speculate`]).
+    speculation: Option<Speculation>,
+    /// The user (uid, gid) of the last lone submission launched before its publication.
+    last_lone: Option<(u32, u32)>,
+    /// When to start a speculative prestart (see [`Daemon::speculate`]): once the daemon has
+    /// been idle for SPECULATE_AFTER.
+    speculate_at: Option<std::time::Instant>,
+    /// The ID a speculation was last tried for (made or not: one that does not fit now is
+    /// tried again only after a job ends, never on a timer).
+    speculated_for: Option<JobId>,
     /// At most this many prestarts at once.
     max_prestarts: usize,
     /// When the oldest queued job not yet started ahead will have waited
@@ -630,6 +650,11 @@ const RENDER_SETTLE: Duration = Duration::from_millis(100);
 /// The longest the daemon holds back housekeeping after handing a job over (see
 /// `Daemon::quiet`); normally the job's first `status` ends it within a millisecond.
 const QUIET_AFTER_START: Duration = Duration::from_millis(20);
+/// How long the daemon is idle before it starts a bash ahead for the next submission (see
+/// `Daemon::speculate`): never in a burst (the next job would come before it is of use,
+/// and its ID may go to a job that cannot take it), and after the last job's supervisor
+/// has told the launcher it is free (which then gets the speculation).
+const SPECULATE_AFTER: Duration = Duration::from_millis(5);
 
 /// Runs the daemon until SIGTERM/SIGINT. Jobs keep running when it stops; the next start
 /// re-adopts them.
@@ -742,6 +767,10 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         }),
         untaken: HashMap::new(),
         prestarts: BTreeMap::new(),
+        speculation: None,
+        last_lone: None,
+        speculate_at: None,
+        speculated_for: None,
         max_prestarts: cfg.prestart,
         prestart_at: None,
         final_seen: HashMap::new(),
@@ -794,6 +823,10 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             }
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.prestart_at.unwrap_or_else(std::time::Instant::now))), if d.prestart_at.is_some() => {
                 d.prestart_at = None;
+            }
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(d.speculate_at.unwrap_or_else(std::time::Instant::now))), if d.speculate_at.is_some() => {
+                d.speculate_at = None;
+                d.speculate();
             }
             // The next chunk of a large admission (after_batch takes it).
             _ = std::future::ready(()), if d.admission_waiting() => {}
@@ -1379,7 +1412,13 @@ impl Daemon {
                             Some(_) => {
                                 self.prestarts.remove(&l.id);
                             }
-                            None => {}
+                            None => match &mut self.speculation {
+                                Some(sp) if sp.id == l.id && pid != 0 => {
+                                    sp.prestart.pid = Some(pid)
+                                }
+                                Some(sp) if sp.id == l.id => self.speculation = None,
+                                _ => {}
+                            },
                         }
                     }
                     Some(l) => self.launched(l.id, pid),
@@ -1486,6 +1525,10 @@ impl Daemon {
         }
         self.quiet = None;
         self.premake();
+        // Every batch puts it off: a bash is started ahead only once nothing happens.
+        self.speculate_at = self
+            .speculation_wanted()
+            .then(|| std::time::Instant::now() + SPECULATE_AFTER);
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
         // must not re-render a 10,000-line table 1,000 times).
@@ -1721,6 +1764,19 @@ impl Daemon {
             }
             _ => None,
         };
+        // A speculation for an ID of this batch that no early launch took: its bash goes,
+        // and the log it held is replaced before the job's is written.
+        if let Some(sp) = self
+            .speculation
+            .take_if(|sp| ready.iter().any(|(c, _)| c.id == sp.id))
+        {
+            if let Some((c, _)) = ready.iter().find(|(c, _)| c.id == sp.id) {
+                drop(sp);
+                if let Err(e) = spool::replace_log(&c.dir, "log") {
+                    note!("job {}: could not replace its log: {e}", c.id);
+                }
+            }
+        }
         let mut staged: Vec<(Claimed, JobInfo, Admission)> = Vec::new();
         let first_id = ready.iter().map(|(c, _)| c.id).min();
         for (claimed, adm) in ready {
@@ -1879,6 +1935,99 @@ impl Daemon {
         }
     }
 
+    /// Starts the next ID's job ahead of its submission, as the user of the last lone
+    /// submission: a prestart (see [`Daemon::prestart`]) whose plan is a placeholder and
+    /// whose bash, held at its first line, gets the real job's commands with its release
+    /// ([`executor::LaunchPlan::speculative`]). Made once the next ID's staging directory
+    /// is ready (its `log` is the bash's output), while nothing waits and a default job
+    /// would fit now. That user's next lone submission, if it gets this ID and can run
+    /// in it, is confirmed through it ([`Daemon::launch_early`]) and skips its bash's
+    /// start-up; anything else kills the bash at its first line.
+    fn speculate(&mut self) {
+        if !self.speculation_wanted() {
+            return;
+        }
+        let id = self.next_id;
+        self.speculated_for = Some(id);
+        // One for another ID is stale.
+        self.speculation = None;
+        let Some((uid, gid)) = self.last_lone else {
+            return;
+        };
+        if let Err(e) = self.start_speculation(id, uid, gid) {
+            note!("could not start a bash ahead for job {id}: {e:#}");
+        }
+    }
+
+    /// Whether a speculative prestart is to be made for the next ID (see
+    /// [`Daemon::speculate`]).
+    fn speculation_wanted(&self) -> bool {
+        let id = self.next_id;
+        self.premade == Some(id)
+            && self.max_prestarts > 0
+            && self.last_lone.is_some()
+            && self.round.is_none()
+            && self.to_admit.is_empty()
+            && self.sched.pending_len() == 0
+            && self.speculation.as_ref().is_none_or(|sp| sp.id != id)
+            && self.speculated_for != Some(id)
+    }
+
+    /// The only node, when it is the local machine: what prestarts start on (its index,
+    /// name and address).
+    fn lone_local_node(&self) -> Option<(usize, String, String)> {
+        let mut locals = self
+            .inventory
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.local);
+        match (locals.next(), locals.next()) {
+            (Some((index, node)), None) => Some((index, node.name.clone(), node.addr.clone())),
+            _ => None,
+        }
+    }
+
+    fn start_speculation(&mut self, id: JobId, uid: u32, gid: u32) -> anyhow::Result<()> {
+        let Some((index, name, addr)) = self.lone_local_node() else {
+            return Ok(());
+        };
+        let spec = spec::parse("run: ':'\n", "a job started ahead", &BTreeMap::new())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let Some(grant) = self.sched.fit_now(index, &spec.demand()) else {
+            return Ok(());
+        };
+        let info = self.new_info(id, (uid, gid), String::new(), String::new(), false, &spec);
+        let tentative = NodeAssignment {
+            rank: 0,
+            node: name.clone(),
+            ip: addr,
+            accelerator: grant.accelerator,
+            gpus: vec![],
+            gpu_shares: vec![],
+            cpus: grant.cpus.to_string(),
+        };
+        let mut plan = self.plan(&info, &spec, std::slice::from_ref(&tentative))?;
+        plan.speculative = true;
+        let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
+        let dir = self.spool.staging().join(id.to_string());
+        let log = spool::open_log(&dir, "log")?;
+        let lock_path = dir.join(".sky").join("supervisor.lock");
+        let ours = self.send_prestart(id, json, Some(log.into()), lock_path)?;
+        self.speculation = Some(Speculation {
+            id,
+            uid,
+            gid,
+            prestart: Prestart {
+                gate: ours,
+                node: name,
+                pid: None,
+                spec: None,
+            },
+        });
+        Ok(())
+    }
+
     /// A lone submission on a queue where nothing waits: placed at once, before it is
     /// staged, and, if it fits now and its launch opens no path of the job before its gate
     /// opens ([`executor::launchable_unpublished`]), handed to a supervisor right away, its
@@ -1946,6 +2095,22 @@ impl Daemon {
         if !prepared {
             spool::make_private_dir(&claimed.dir)?;
         }
+        self.last_lone = Some((early.info.uid, early.info.gid));
+        // The bash made ahead for this ID, if its user's: else it goes, and so does the log
+        // it held (another user's process could have written to it).
+        let speculation = match self.speculation.take() {
+            Some(sp) if sp.id == id && (sp.uid, sp.gid) == (early.info.uid, early.info.gid) => {
+                Some(sp)
+            }
+            Some(sp) => {
+                if sp.id == id {
+                    drop(sp);
+                    spool::replace_log(&claimed.dir, "log")?;
+                }
+                None
+            }
+            None => None,
+        };
         let log = spool::open_log(&claimed.dir, "log")?;
         let (started, lock_path, lock) = launch_lock(&claimed.dir.join(".sky"), &assignments)?;
         let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
@@ -1958,6 +2123,14 @@ impl Daemon {
             prejournal: None,
         });
         let gate = self.gate_for(id).context("making the job's start gate")?;
+        if let Some(sp) = speculation {
+            if let Some(answered) =
+                self.confirm(sp.prestart, id, &assignments, &json, &lock, gate.as_ref())
+            {
+                note!("job {id}: taken by a bash started ahead for it");
+                return Ok(Some((started, assignments, answered)));
+            }
+        }
         let answered = self
             .hand_off(id, json, lock, gate, Some(log.into()), lock_path)
             .context("handing the job to its supervisor")?;
@@ -2573,10 +2746,30 @@ impl Daemon {
             Some(mapped) if c.uid == 0 => mapped,
             _ => (c.uid, c.gid),
         };
-        let user = self.users.borrow_mut().get(uid, gid).name;
         let name = spec.name.clone().unwrap_or_else(|| default_name(&c.source));
+        self.new_info(
+            c.id,
+            (uid, gid),
+            name,
+            c.source.clone(),
+            c.has_workdir,
+            spec,
+        )
+    }
+
+    /// A job's record as admitted (PENDING, submitted now), run as `uid`/`gid`.
+    fn new_info(
+        &self,
+        id: JobId,
+        (uid, gid): (u32, u32),
+        name: String,
+        source: String,
+        has_workdir: bool,
+        spec: &JobSpec,
+    ) -> JobInfo {
+        let user = self.users.borrow_mut().get(uid, gid).name;
         JobInfo {
-            id: c.id,
+            id,
             name,
             user,
             uid,
@@ -2588,8 +2781,8 @@ impl Daemon {
             resources: spec.resources_display(),
             demand: spec.demand(),
             num_nodes: spec.num_nodes,
-            source: c.source.clone(),
-            has_workdir: c.has_workdir,
+            source,
+            has_workdir,
             placement: vec![],
             exit_codes: vec![],
             reason: None,
@@ -2714,13 +2907,7 @@ impl Daemon {
         if self.prestarts.len() >= want {
             return;
         }
-        let mut locals = self
-            .inventory
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.local);
-        let (Some((index, node)), None) = (locals.next(), locals.next()) else {
+        let Some((index, name, addr)) = self.lone_local_node() else {
             return;
         };
         let round = self.round.as_ref().map(|r| &r.ids);
@@ -2756,7 +2943,6 @@ impl Daemon {
                     Some(std::time::Instant::now() + Duration::from_millis(wait.max(1)));
             }
         }
-        let (name, addr) = (node.name.clone(), node.addr.clone());
         for (id, grant) in picked {
             let tentative = NodeAssignment {
                 rank: 0,
@@ -2782,29 +2968,8 @@ impl Daemon {
         let info = self.jobs.get(&id).ok_or(spool::SpoolError::NoSuchJob(id))?;
         let plan = self.plan(info, &spec, std::slice::from_ref(node))?;
         let json = serde_json::to_vec(&plan).context("encoding the launch plan")?;
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().context("making the job's gate")?;
-        let mut l = Launching {
-            id,
-            plan: json,
-            lock: None,
-            gate: Some(theirs.into()),
-            log: None,
-            lock_path: self.spool.job_private(id).join("supervisor.lock"),
-            sent: std::time::Instant::now(),
-            confirmed: None,
-        };
-        if let Err(e) = self.send_to_launcher(&l) {
-            // Like any failed hand-over: this launcher is done for (the next gets a new one).
-            if self.launcher.is_some() {
-                self.launcher_lost(&format!("{e}"));
-            }
-            return Err(e).context("handing it to a supervisor");
-        }
-        // Its supervisor's end is the launcher's now: the daemon's copy would hide that
-        // end's closing (see `launcher_lost`).
-        l.gate = None;
-        self.launching.push_back(l);
+        let lock_path = self.spool.job_private(id).join("supervisor.lock");
+        let ours = self.send_prestart(id, json, None, lock_path)?;
         note!(
             "job {id} started ahead on {}: its bash waits at its first line for a slot",
             node.node
@@ -2819,6 +2984,43 @@ impl Daemon {
             },
         );
         Ok(())
+    }
+
+    /// Sends a prestart's tentative `plan` (and the job's `log`, for a job not published
+    /// yet) to the launcher with one end of a new gate; returns the other, which its real
+    /// launch goes through (see [`Daemon::confirm`]).
+    fn send_prestart(
+        &mut self,
+        id: JobId,
+        plan: Vec<u8>,
+        log: Option<std::os::fd::OwnedFd>,
+        lock_path: PathBuf,
+    ) -> anyhow::Result<std::os::unix::net::UnixStream> {
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().context("making the job's gate")?;
+        let mut l = Launching {
+            id,
+            plan,
+            lock: None,
+            gate: Some(theirs.into()),
+            log,
+            lock_path,
+            sent: std::time::Instant::now(),
+            confirmed: None,
+        };
+        if let Err(e) = self.send_to_launcher(&l) {
+            // Like any failed hand-over: this launcher is done for (the next gets a new one).
+            if self.launcher.is_some() {
+                self.launcher_lost(&format!("{e}"));
+            }
+            return Err(e).context("handing it to a supervisor");
+        }
+        // Its supervisor's ends are the launcher's now: the daemon's copies would hide that
+        // gate end's closing (see `launcher_lost`).
+        l.gate = None;
+        l.log = None;
+        self.launching.push_back(l);
+        Ok(ours)
     }
 
     /// Gives a prestarted job its launch (`plan`, `lock`) through its gate, when it was
@@ -2836,6 +3038,21 @@ impl Daemon {
         lock: &std::os::fd::OwnedFd,
     ) -> Option<Option<u32>> {
         let p = self.prestarts.remove(&id)?;
+        self.confirm(p, id, assignments, plan, lock, None)
+    }
+
+    /// Gives the job of prestart `p` its launch through its gate (see
+    /// [`Daemon::confirm_prestart`]); `gate`: the job's start gate, for a job launched
+    /// before its admission is durable (a speculative prestart's).
+    fn confirm(
+        &mut self,
+        p: Prestart,
+        id: JobId,
+        assignments: &[NodeAssignment],
+        plan: &[u8],
+        lock: &std::os::fd::OwnedFd,
+        gate: Option<&std::os::fd::OwnedFd>,
+    ) -> Option<Option<u32>> {
         if !matches!(assignments, [a] if a.node == p.node) {
             return None;
         }
@@ -2853,7 +3070,7 @@ impl Daemon {
             Some(_) => Some(lock.try_clone().ok()?),
             None => None,
         };
-        if let Err(e) = executor::send_launch(&p.gate, plan, Some(lock), None, None) {
+        if let Err(e) = executor::send_launch(&p.gate, plan, Some(lock), gate, None) {
             note!("job {id}: its prestart is gone ({e}); launching it afresh");
             return None;
         }
@@ -3179,6 +3396,7 @@ impl Daemon {
             num_gpus_per_node: gpus_per_node,
             kill_grace_ms: self.kill_grace.as_millis() as u64,
             journaling_daemon: self.journal.as_ref().and(self.me),
+            speculative: false,
         })
     }
 
@@ -3383,6 +3601,10 @@ impl Daemon {
     /// it cannot make a finished job run again (see [`crate::journal`]).
     fn settle_records(&mut self) {
         let settled = std::mem::take(&mut self.settling);
+        if !settled.is_empty() {
+            // A slot may be free now for a bash started ahead.
+            self.speculated_for = None;
+        }
         for &id in &settled {
             let Some(info) = self.jobs.get(&id) else {
                 continue;

@@ -101,6 +101,12 @@ pub struct LaunchPlan {
     /// fsyncing `supervisor.lock` and `.sky/` itself.
     #[serde(default)]
     pub journaling_daemon: Option<ProcessIdent>,
+    /// A speculative prestart (see the daemon's `speculate`): made for the next job ID
+    /// before any job has it, as the last submitter; its `run` is a placeholder. Its bash
+    /// runs the real job's commands with `eval`, given with the environment's difference
+    /// once the job is confirmed ([`PreSpawned::release`]).
+    #[serde(default)]
+    pub speculative: bool,
 }
 
 /// A process, told apart from a later one with its pid by its start time.
@@ -854,12 +860,12 @@ fn supervise_job(
     launcher_alive: &dyn Fn() -> bool,
     finalizer: &Finalizer,
 ) -> Result<bool, ExecError> {
-    let (plan, lock, gate, mut pre) = match lock {
-        Some(lock) => (parse_plan(text)?, lock, gate, None),
+    let (plan, lock, gate, mut pre, log) = match lock {
+        Some(lock) => (parse_plan(text)?, lock, gate, None, log),
         None => {
             let gate = gate.ok_or_else(|| ExecError::Plan("a prestart without a gate".into()))?;
-            match prestart(text, gate)? {
-                Some((plan, lock, pre)) => (plan, lock, None, pre),
+            match prestart(text, gate, log)? {
+                Some((plan, lock, start_gate, pre, log)) => (plan, lock, start_gate, pre, log),
                 // Not confirmed: nothing of the job ran, nothing says it was taken.
                 None => return Ok(false),
             }
@@ -965,12 +971,20 @@ fn commands(phase: &Option<String>) -> Option<&str> {
 fn phase_script(plan: &LaunchPlan, phase: &str, body: &str, gated: bool) -> (PathBuf, String) {
     let script = private_dir(plan).join(format!("{phase}.sh"));
     let cwd = remote::shell_quote(&plan.cwd.to_string_lossy());
+    let body = match plan.speculative {
+        true => SPECULATIVE_BODY,
+        false => body,
+    };
     let text = script_text(body, &cwd, "");
     match gated {
         false => (script, text),
         true => (script, format!("{GATE_LINE}{text}")),
     }
 }
+
+/// The commands of a speculative prestart's script: the job's own, given on its gate line
+/// as `_skyspool_run` (see [`PreSpawned::release`]).
+const SPECULATIVE_BODY: &str = "eval \"$_skyspool_run\"";
 
 /// The script as bash's `-c` argument, when it fits in one.
 fn inline_script(text: &str) -> Option<&str> {
@@ -1002,12 +1016,34 @@ fn parse_plan(text: &[u8]) -> Result<LaunchPlan, ExecError> {
 /// the bash is killed at its first line and `None` comes back. With one, the bash is handed
 /// on if the real plan is the one it was started for (see [`PreSpawned::release`]), and
 /// killed otherwise (the phase then starts afresh).
+/// A prestart's confirmation: the real plan, its lock, its start gate if its admission was
+/// not durable yet (a speculative prestart's job, launched before its publication), the
+/// bash if it can run it, and the job's log if the prestart was given it.
+type Confirmed = (
+    LaunchPlan,
+    OwnedFd,
+    Option<OwnedFd>,
+    Option<PreSpawned>,
+    Option<OwnedFd>,
+);
+
 fn prestart(
     text: &[u8],
     gate: OwnedFd,
-) -> Result<Option<(LaunchPlan, OwnedFd, Option<PreSpawned>)>, ExecError> {
+    log: Option<OwnedFd>,
+) -> Result<Option<Confirmed>, ExecError> {
     let tentative = parse_plan(text)?;
-    let pre = match PreSpawned::start(&tentative) {
+    // A speculative prestart is given the log of the job it is made for (its directory is
+    // not published yet): the bash writes there, and so does this process once the job is
+    // confirmed.
+    let kept = match &log {
+        Some(f) => Some(
+            f.try_clone()
+                .map_err(|e| ExecError::Io("the job's log".into(), e))?,
+        ),
+        None => None,
+    };
+    let pre = match PreSpawned::start(&tentative, log) {
         Ok(pre) => pre,
         Err(e) => {
             eprintln!(
@@ -1040,7 +1076,7 @@ fn prestart(
         }
         None => None,
     };
-    Ok(Some((plan, lock, pre)))
+    Ok(Some((plan, lock, launch.gate, pre, kept.or(launch.log))))
 }
 
 /// The first phase of a prestarted job: its bash, waiting at the script's first line for
@@ -1052,12 +1088,20 @@ struct PreSpawned {
     release: OwnedFd,
     /// The environment it was started with.
     env: BTreeMap<String, String>,
+    /// Made before its job existed (see [`LaunchPlan::speculative`]): the job's commands
+    /// come with its release.
+    speculative: bool,
 }
+
+/// The longest `run` a speculative prestart takes (bash reads its release line a byte at a
+/// time from the pipe); a longer one starts afresh.
+const SPECULATIVE_RUN_MAX: usize = 16 * 1024;
 
 impl PreSpawned {
     /// Starts the first phase of a one-node local job, held at its gate line; `None` for a
-    /// job that has nothing to run or runs elsewhere.
-    fn start(plan: &LaunchPlan) -> Result<Option<PreSpawned>, ExecError> {
+    /// job that has nothing to run or runs elsewhere. `log`: the job's log, when the job's
+    /// directory is not published yet (a speculative prestart's).
+    fn start(plan: &LaunchPlan, log: Option<OwnedFd>) -> Result<Option<PreSpawned>, ExecError> {
         let [node] = plan.nodes.as_slice() else {
             return Ok(None);
         };
@@ -1076,7 +1120,10 @@ impl PreSpawned {
         }
         let (held, release) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| ExecError::Io("a pipe for a prestarted job".into(), e.into()))?;
-        let log = open_log(plan, "log")?;
+        let log = match log {
+            Some(fd) => File::from(fd),
+            None => open_log(plan, "log")?,
+        };
         let (pid, _) = spawn_rank(
             plan,
             phase,
@@ -1093,6 +1140,7 @@ impl PreSpawned {
             pid,
             release,
             env: rank_env(plan, phase, node),
+            speculative: plan.speculative,
         }))
     }
 
@@ -1104,11 +1152,20 @@ impl PreSpawned {
             [n] if n.ssh.is_none() => Some(n.name.clone()),
             _ => None,
         };
+        let script = match self.speculative {
+            // Made for this ID before the job came: any job of its user that has only a
+            // `run` (short enough to go down the pipe) can take it.
+            true => {
+                commands(&plan.setup).is_none()
+                    && commands(&plan.run).is_some_and(|r| r.len() <= SPECULATIVE_RUN_MAX)
+            }
+            false => plan.setup == tentative.setup && plan.run == tentative.run,
+        };
         node(plan).is_some()
             && node(plan) == node(tentative)
             && plan.job_id == tentative.job_id
-            && plan.setup == tentative.setup
-            && plan.run == tentative.run
+            && script
+            && !plan.speculative
             && plan.cwd == tentative.cwd
             && plan.user.uid == tentative.user.uid
             && plan.user.gid == tentative.user.gid
@@ -1120,10 +1177,18 @@ impl PreSpawned {
     /// difference from what it started with goes down its stdin as one line of `export`
     /// and `unset`, which its gate line evaluates. `Err(self)` when a name cannot be set by
     /// the shell (the caller then kills it and starts the phase afresh).
-    fn release(self, env: &BTreeMap<String, String>) -> Result<u32, PreSpawned> {
-        let Some(line) = env_change(&self.env, env) else {
+    /// A speculative one also gets the job's commands (`run`), as `_skyspool_run`, which
+    /// its script evaluates where the job's commands would be.
+    fn release(self, env: &BTreeMap<String, String>, run: &str) -> Result<u32, PreSpawned> {
+        let Some(mut line) = env_change(&self.env, env) else {
             return Err(self);
         };
+        if self.speculative {
+            line.pop();
+            line.push_str("_skyspool_run=");
+            line.push_str(&ansi_c_quoted(run));
+            line.push('\n');
+        }
         // A bash that is gone already (it could not start) is reaped with its exit code.
         let _ = write_all_fd(&self.release, line.as_bytes());
         Ok(self.pid)
@@ -1170,6 +1235,26 @@ fn env_change(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) ->
     }
     line.push('\n');
     Some(line)
+}
+
+/// `text` as one shell word on one line: `$'…'`, with only `\`, `'` and control
+/// characters escaped (bash reads the line a byte at a time: the shorter the better).
+fn ansi_c_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    out.push_str("$'");
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 /// Writes all of `bytes` to `fd`.
@@ -1661,10 +1746,20 @@ fn run_phase(
     let mut started = None;
     if let (Some(p), [node]) = (pre.take(), plan.nodes.as_slice()) {
         match p.phase == phase {
-            true => match p.release(&rank_env(plan, phase, node)) {
-                Ok(pid) => started = Some(pid),
-                Err(p) => p.abort(),
-            },
+            true => {
+                // A speculative prestart's job was launched before its publication: its
+                // commands go down only once its gate opens.
+                if p.speculative {
+                    if let Err(e) = taken.open_now() {
+                        p.abort();
+                        return Err(e);
+                    }
+                }
+                match p.release(&rank_env(plan, phase, node), body) {
+                    Ok(pid) => started = Some(pid),
+                    Err(p) => p.abort(),
+                }
+            }
             false => p.abort(),
         }
     }

@@ -993,6 +993,16 @@ impl Scheduler {
         fit_node(node, cap, &NodeState::empty(cap), &d.per_node).map(|f| f.grant)
     }
 
+    /// The grant node `node` would give the one-node demand `d` now, beside what runs there
+    /// (`None` when it does not fit now, or the node takes no new jobs).
+    pub fn fit_now(&self, node: usize, d: &Demand) -> Option<NodeGrant> {
+        let cap = self
+            .nodes
+            .get(node)
+            .filter(|c| d.num_nodes == 1 && c.available)?;
+        fit_node(node, cap, self.state.get(node)?, &d.per_node).map(|f| f.grant)
+    }
+
     /// Marks a node (un)available for new jobs; running jobs are not touched.
     /// No-op for an unknown node.
     pub fn set_available(&mut self, node: usize, available: bool) {

@@ -1598,6 +1598,17 @@ pub fn open_log(dir: &Path, name: &str) -> Result<File> {
         .at(&path)
 }
 
+/// Gives the job directory `dir` a new, empty `name` (its log) in place of the file there:
+/// whoever holds the old one open writes to a file no job shows.
+pub fn replace_log(dir: &Path, name: &str) -> Result<()> {
+    let path = dir.join(name);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e).at(&path),
+        _ => {}
+    }
+    open_log(dir, name).map(drop)
+}
+
 /// Opens (creating, mode 0600, never truncating or following a link) one of the daemon's
 /// own files in `.skyspool/`.
 fn open_private_file(path: &Path) -> Result<File> {

@@ -124,32 +124,16 @@ fn shimmed_daemon(dir: &Path, mode: &str) -> Option<(Daemon, PathBuf)> {
     Some((d, marker))
 }
 
-/// The pids of processes whose command line contains `needle`.
-fn processes_with(needle: &str) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(needle) && alive(pid) {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// Waits until the job that appends to `ran` has its bash up, held at its gate (the
-/// script's first line, with the job's commands after); returns those bash processes and
-/// their supervisors.
-fn wait_for_gated_bash(d: &Daemon, ran: &Path, what: &str) -> (Vec<u32>, Vec<u32>) {
-    let needle = format!("echo ran >> {}", ran.display());
+/// Waits until job `id` has its bash up, held at its gate (the script's first line, or,
+/// for a bash started ahead before the job came, the line its commands come on); returns
+/// those bash processes and their supervisors.
+fn wait_for_gated_bash(d: &Daemon, id: u64, what: &str) -> (Vec<u32>, Vec<u32>) {
     let mut bash = Vec::new();
     wait_until(
         DEADLINE,
         what,
         || {
-            bash = processes_with(&needle);
+            bash = job_processes(d, id);
             !bash.is_empty()
         },
         || d.diagnostics(),
@@ -187,7 +171,7 @@ fn job_behind_its_gate_does_not_run_when_the_daemon_dies_and_runs_once_after() {
     let ran = d.scratch().join("ran");
     fs::write(&hold, b"").expect("hold the fsyncs");
     let id = d.submit("gated.yaml", &job_yaml(&ran));
-    let (bash, supervisors) = wait_for_gated_bash(&d, &ran, "the job's bash to wait at its gate");
+    let (bash, supervisors) = wait_for_gated_bash(&d, id, "the job's bash to wait at its gate");
     assert_eq!(d.status(id), "PENDING", "the supervisor said the job runs");
     d.kill9();
     wait_gone(&bash, &supervisors);
@@ -229,7 +213,7 @@ fn job_launched_before_its_publication_does_not_run_when_the_daemon_dies_then_an
     d.drop_yaml("early.yaml", &job_yaml(&ran));
     let (bash, supervisors) = wait_for_gated_bash(
         &d,
-        &ran,
+        1,
         "the job's bash to wait at its gate while the job is still staged",
     );
     assert!(
@@ -336,7 +320,7 @@ fn other_jobs_are_served_while_a_round_hangs_and_its_job_waits_at_its_gate() {
         return;
     };
     let d = &w.d;
-    wait_for_gated_bash(d, &w.ran, "the job's bash to wait at its gate");
+    wait_for_gated_bash(d, w.id, "the job's bash to wait at its gate");
     w.gate.open();
     d.wait_done(w.blocker, "SUCCEEDED");
     assert!(

@@ -6,26 +6,6 @@ use common::*;
 use std::fs;
 use std::time::Duration;
 
-/// Processes that carry job `id`'s tag in their environment.
-fn job_processes(d: &Daemon, id: u64) -> Vec<u32> {
-    let spool_id = fs::read_to_string(d.path(".skyspool/id")).expect("spool id");
-    let spool_id = spool_id.split_whitespace().next().unwrap_or_default();
-    let needle = format!("SKYSPOOL_JOB_TAG={spool_id}-{id}");
-    let mut pids = Vec::new();
-    for e in fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// Waits until job `id` has exactly one process (its bash, started ahead) while it is still
 /// PENDING with an empty log; returns that process.
 fn wait_prestarted(d: &Daemon, id: u64) -> u32 {
@@ -257,4 +237,67 @@ fn a_job_with_setup_started_ahead_runs_setup_without_gpus_then_run_with_its_gpu(
     assert_eq!(vars["setup_rank"], "0");
     assert_eq!(vars["run_cvd"], "0", "run gets the GPU the blocker freed");
     d.wait_done(a, "SUCCEEDED");
+}
+
+/// After a lone job, the daemon starts a bash ahead for the next ID, as that job's user, once
+/// it has been idle a few milliseconds; that user's next lone job runs in it (its start-up
+/// done before the job came) exactly as in a bash started for it: its own commands (quotes,
+/// a backslash, several lines, UTF-8), environment, working directory, `$0`, exit code,
+/// log and `.sky/run.sh`.
+#[test]
+fn a_lone_job_runs_in_a_bash_started_ahead_for_it_exactly_as_in_its_own() {
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "2"]);
+    let first = d.submit("first.yaml", "name: first\nrun: echo first\n");
+    d.wait_done(first, "SUCCEEDED");
+    let next = first + 1;
+    wait_until(
+        Duration::from_secs(30),
+        "a bash started ahead for the next job",
+        || job_processes(&d, next).len() == 1,
+        || d.diagnostics(),
+    );
+    let yaml = "name: second\nrun: |\n  echo \"task=$SKYPILOT_TASK_ID tag=$SKYSPOOL_JOB_TAG\"\n  echo \"pwd=$(pwd) zero=$0\"\n  printf '%s\\n' 'it'\\''s a \\ back \"quoted\" ünï'\n  exit 3\n";
+    let id = d.submit("second.yaml", yaml);
+    assert_eq!(id, next);
+    d.wait_done(id, "FAILED");
+    assert!(
+        d.daemon_log()
+            .contains(&format!("job {id}: taken by a bash started ahead for it")),
+        "{}",
+        d.diagnostics()
+    );
+    let spool_id = fs::read_to_string(d.path(".skyspool/id")).expect("spool id");
+    let spool_id = spool_id.split_whitespace().next().unwrap_or_default();
+    let user = d.info(id)["user"].as_str().unwrap_or_default().to_string();
+    let home = nix::unistd::User::from_name(&user)
+        .ok()
+        .flatten()
+        .map(|u| u.dir.display().to_string())
+        .unwrap_or_default();
+    let log = d.log(id);
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    assert!(
+        lines[0].starts_with("task=sky-")
+            && lines[0].ends_with(&format!("_{id} tag={spool_id}-{id}")),
+        "{log}"
+    );
+    assert_eq!(
+        lines[1],
+        format!(
+            "pwd={home} zero={}",
+            d.job(id).join(".sky/run.sh").display()
+        )
+    );
+    assert_eq!(lines[2], "it's a \\ back \"quoted\" ünï");
+    assert_eq!(d.info(id)["exit_codes"], serde_json::json!([3]));
+    let script = fs::read_to_string(d.job(id).join(".sky/run.sh")).unwrap_or_default();
+    assert!(
+        script.contains("  exit 3\n") || script.contains("\nexit 3\n"),
+        "{script}"
+    );
+    assert!(
+        job_processes(&d, id).is_empty(),
+        "the job's bash outlived it"
+    );
 }

@@ -452,10 +452,11 @@ fn in_recvmsg(pid: u32) -> bool {
 
 /// The launcher gives a job to a free supervisor that dies before reading it (stopped, then
 /// killed): nothing of the job ran, so it goes back to the queue and runs once, on a new
-/// supervisor, instead of ending FAILED_DRIVER.
+/// supervisor, instead of ending FAILED_DRIVER. (Without prestarts: job two must come
+/// through the launcher, not through a bash started ahead for it.)
 #[test]
 fn job_given_to_a_supervisor_that_dies_before_reading_it_runs_on_another() {
-    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8", "--prestart", "0"]);
     let s = d.scratch();
     let ran = s.join("ran");
     let one = d.submit_new("one.yaml", &once_job("one", Some("H100:1"), &ran));

@@ -30,13 +30,9 @@ fn as_user(user: &str, cmd: &str) -> (i32, String) {
     )
 }
 
-#[test]
-fn job_runs_as_submitter_and_only_owner_cancels() {
-    if !have_users() {
-        return;
-    }
-    let d = Daemon::start(&["--gpus", "none", "--kill-grace", "1"]);
-    // World-traversable so the users can reach the spool under the test's temp dir.
+/// Makes the directories down to the spool world-traversable, so the users can reach it
+/// under the test's temporary directory.
+fn let_users_reach(d: &Daemon) {
     let mut p = d.spool.clone();
     while let Some(parent) = p.parent() {
         let _ = std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755));
@@ -45,6 +41,95 @@ fn job_runs_as_submitter_and_only_owner_cancels() {
         }
         p = parent.to_path_buf();
     }
+}
+
+/// `user` copies a job file with `yaml` into `incoming/NAME`.
+fn submit_as(d: &Daemon, user: &str, name: &str, yaml: &str) {
+    let src = format!("/tmp/skyspool-users-{}-{name}", std::process::id());
+    std::fs::write(&src, yaml).unwrap();
+    std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (rc, err) = as_user(
+        user,
+        &format!("cp {src} {}/incoming/{name}", d.spool.display()),
+    );
+    let _ = std::fs::remove_file(&src);
+    assert_eq!(rc, 0, "{user} could not submit: {err}");
+}
+
+/// The bash the daemon starts ahead for the next job is its last lone submitter's: another
+/// user's next job does not run in it (it is killed at its first line, and the job gets a
+/// new log), but as that user, with only its own output in its log.
+#[test]
+fn a_bash_started_ahead_for_one_user_never_runs_anothers_job() {
+    if !have_users() {
+        return;
+    }
+    let d = Daemon::start(&["--gpus", "none"]);
+    let_users_reach(&d);
+    let who = "name: who\nrun: |\n  echo \"who=$(id -un) home=$HOME\"\n";
+    submit_as(&d, "skyspool-alice", "alice.yaml", who);
+    d.wait_done(1, "SUCCEEDED");
+    wait_until(
+        DEADLINE,
+        "a bash started ahead for job 2, as alice",
+        || {
+            let pids = job_processes(&d, 2);
+            pids.len() == 1
+                && std::fs::read_to_string(format!("/proc/{}/status", pids[0]))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| {
+                        l.starts_with("Uid:")
+                            && l.split_whitespace().nth(1)
+                                == nix::unistd::User::from_name("skyspool-alice")
+                                    .ok()
+                                    .flatten()
+                                    .map(|u| u.uid.to_string())
+                                    .as_deref()
+                    })
+        },
+        || d.diagnostics(),
+    );
+    // The file alice's bash writes to (job 2's log as made ahead), held open here so that
+    // its inode cannot be given to another file meanwhile.
+    let held = job_processes(&d, 2)
+        .first()
+        .and_then(|pid| std::fs::File::open(format!("/proc/{pid}/fd/1")).ok())
+        .expect("the output of alice's bash");
+    let held_ino = std::os::unix::fs::MetadataExt::ino(&held.metadata().expect("its inode"));
+    submit_as(&d, "skyspool-bob", "bob.yaml", who);
+    d.wait_done(2, "SUCCEEDED");
+    assert_eq!(d.log(2), "who=skyspool-bob home=/home/skyspool-bob\n");
+    assert!(
+        !d.daemon_log()
+            .contains("job 2: taken by a bash started ahead"),
+        "{}",
+        d.diagnostics()
+    );
+    let log = std::fs::metadata(d.job(2).join("log")).expect("job 2's log");
+    assert_ne!(
+        std::os::unix::fs::MetadataExt::ino(&log),
+        held_ino,
+        "bob's job writes to the log alice's bash held"
+    );
+    let links = std::os::unix::fs::MetadataExt::nlink(&held.metadata().expect("its inode"));
+    assert_eq!(links, 0, "the log alice's bash held is still in the spool");
+    wait_until(
+        DEADLINE,
+        "alice's bash for job 2 to go",
+        || job_processes(&d, 2).is_empty(),
+        || d.diagnostics(),
+    );
+}
+
+#[test]
+fn job_runs_as_submitter_and_only_owner_cancels() {
+    if !have_users() {
+        return;
+    }
+    let d = Daemon::start(&["--gpus", "none", "--kill-grace", "1"]);
+    // World-traversable so the users can reach the spool under the test's temp dir.
+    let_users_reach(&d);
     let yaml = "name: mine\nrun: |\n  echo \"who=$(id -un) uid=$(id -u) home=$HOME user=$USER sky=$SKYPILOT_USER\"\n  sleep 1000\n";
     let src = format!("/tmp/skyspool-users-{}.yaml", std::process::id());
     std::fs::write(&src, yaml).unwrap();

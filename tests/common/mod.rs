@@ -717,3 +717,23 @@ pub fn staged_submissions(staging: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Processes that carry job `id`'s tag in their environment.
+pub fn job_processes(d: &Daemon, id: u64) -> Vec<u32> {
+    let spool_id = fs::read_to_string(d.path(".skyspool/id")).expect("spool id");
+    let spool_id = spool_id.split_whitespace().next().unwrap_or_default();
+    let needle = format!("SKYSPOOL_JOB_TAG={spool_id}-{id}");
+    let mut pids = Vec::new();
+    for e in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(env) = fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
