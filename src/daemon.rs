@@ -581,8 +581,6 @@ fn task_id(info: &JobInfo, cluster: &str) -> String {
     )
 }
 
-/// The outcome of a job whose supervisor is lost (or never got it): `FAILED_DRIVER`, ended
-/// now, with `reason`.
 /// Waits up to `limit` for child `pid` to exit and reaps it; false if it still runs.
 fn reap_within(pid: nix::unistd::Pid, limit: Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
@@ -598,6 +596,8 @@ fn reap_within(pid: nix::unistd::Pid, limit: Duration) -> bool {
     }
 }
 
+/// The outcome of a job whose supervisor is lost (or never got it): `FAILED_DRIVER`, ended
+/// now, with `reason`.
 fn driver_lost(reason: String) -> JobResult {
     JobResult {
         status: Status::FailedDriver,
@@ -1766,15 +1766,14 @@ impl Daemon {
         };
         // A speculation for an ID of this batch that no early launch took: its bash goes,
         // and the log it held is replaced before the job's is written.
-        if let Some(sp) = self
+        let unused = self
             .speculation
-            .take_if(|sp| ready.iter().any(|(c, _)| c.id == sp.id))
-        {
-            if let Some((c, _)) = ready.iter().find(|(c, _)| c.id == sp.id) {
-                drop(sp);
-                if let Err(e) = spool::replace_log(&c.dir, "log") {
-                    note!("job {}: could not replace its log: {e}", c.id);
-                }
+            .as_ref()
+            .and_then(|sp| ready.iter().find(|(c, _)| c.id == sp.id));
+        if let Some((c, _)) = unused {
+            self.speculation = None;
+            if let Err(e) = spool::replace_log(&c.dir, "log") {
+                note!("job {}: could not replace its log: {e}", c.id);
             }
         }
         let mut staged: Vec<(Claimed, JobInfo, Admission)> = Vec::new();
@@ -2099,14 +2098,11 @@ impl Daemon {
         // The bash made ahead for this ID, if its user's: else it goes, and so does the log
         // it held (another user's process could have written to it).
         let speculation = match self.speculation.take() {
-            Some(sp) if sp.id == id && (sp.uid, sp.gid) == (early.info.uid, early.info.gid) => {
-                Some(sp)
-            }
-            Some(sp) => {
-                if sp.id == id {
-                    drop(sp);
-                    spool::replace_log(&claimed.dir, "log")?;
-                }
+            // One for another ID is stale.
+            Some(sp) if sp.id != id => None,
+            Some(sp) if (sp.uid, sp.gid) == (early.info.uid, early.info.gid) => Some(sp),
+            Some(_) => {
+                spool::replace_log(&claimed.dir, "log")?;
                 None
             }
             None => None,

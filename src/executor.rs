@@ -1007,15 +1007,6 @@ fn parse_plan(text: &[u8]) -> Result<LaunchPlan, ExecError> {
     serde_json::from_slice(text).map_err(|e| ExecError::Plan(e.to_string()))
 }
 
-/// A prestart: a queued job's first phase, started ahead of its placement so that a freed
-/// slot goes to a job whose bash is up already. `text` is the plan the daemon expects the
-/// job to get (its node, no GPUs yet). The bash starts now, held at its script's first line
-/// ([`GATE_LINE`]) like a gated job's, and this process waits on `gate` (a socket) for the
-/// daemon's confirmation: the job's real launch (plan and lock) once it is placed. Without
-/// one (the socket closes: the job was cancelled, placed elsewhere, or the daemon is gone)
-/// the bash is killed at its first line and `None` comes back. With one, the bash is handed
-/// on if the real plan is the one it was started for (see [`PreSpawned::release`]), and
-/// killed otherwise (the phase then starts afresh).
 /// A prestart's confirmation: the real plan, its lock, its start gate if its admission was
 /// not durable yet (a speculative prestart's job, launched before its publication), the
 /// bash if it can run it, and the job's log if the prestart was given it.
@@ -1027,6 +1018,15 @@ type Confirmed = (
     Option<OwnedFd>,
 );
 
+/// A prestart: a queued job's first phase, started ahead of its placement so that a freed
+/// slot goes to a job whose bash is up already. `text` is the plan the daemon expects the
+/// job to get (its node, no GPUs yet). The bash starts now, held at its script's first line
+/// ([`GATE_LINE`]) like a gated job's, and this process waits on `gate` (a socket) for the
+/// daemon's confirmation: the job's real launch (plan and lock) once it is placed. Without
+/// one (the socket closes: the job was cancelled, placed elsewhere, or the daemon is gone)
+/// the bash is killed at its first line and `None` comes back. With one, the bash is handed
+/// on if the real plan is the one it was started for (see [`PreSpawned::release`]), and
+/// killed otherwise (the phase then starts afresh).
 fn prestart(
     text: &[u8],
     gate: OwnedFd,

@@ -1046,24 +1046,7 @@ impl Spool {
 
     /// The jobs that have a secrets file (`.skyspool/secrets/<id>.json`).
     pub fn secret_ids(&self) -> Result<Vec<JobId>> {
-        let dir = self.private().join("secrets");
-        let mut ids = Vec::new();
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ids),
-            Err(e) => return Err(e).at(&dir),
-        };
-        for entry in rd {
-            let name = entry.at(&dir)?.file_name();
-            if let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .and_then(|n| n.parse::<JobId>().ok())
-            {
-                ids.push(id);
-            }
-        }
-        Ok(ids)
+        numbered_entries(&self.private().join("secrets"), ".json")
     }
 
     pub fn remove_secrets(&self, id: JobId) {
@@ -1250,6 +1233,11 @@ fn sanitize_name(name: &str) -> String {
 
 /// Numeric entry names of a directory (`jobs/`, `staging/`, `pending/`, ...), ascending.
 pub fn numeric_entries(dir: &Path) -> Result<Vec<JobId>> {
+    numbered_entries(dir, "")
+}
+
+/// The IDs `N` of the entries `N<suffix>` in `dir`, sorted; none if `dir` is missing.
+fn numbered_entries(dir: &Path, suffix: &str) -> Result<Vec<JobId>> {
     let mut ids = Vec::new();
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -1261,6 +1249,7 @@ pub fn numeric_entries(dir: &Path) -> Result<Vec<JobId>> {
         if let Some(id) = entry
             .file_name()
             .to_str()
+            .and_then(|s| s.strip_suffix(suffix))
             .and_then(|s| s.parse::<JobId>().ok())
         {
             ids.push(id);
