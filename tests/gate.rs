@@ -375,6 +375,32 @@ fn flock_held(path: &Path) -> bool {
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }
 
+/// With every fsync under the spool held (`hold` exists), job `id` ends: its supervisor, which
+/// must make the result durable itself, keeps the job's `lock` until the held fsync is let
+/// through (`hold` removed here). `freed_early`: the failure message.
+fn result_fsynced_before_its_lock_is_freed(
+    d: &Daemon,
+    id: u64,
+    lock: &Path,
+    hold: &Path,
+    freed_early: &str,
+) {
+    wait_until(
+        DEADLINE,
+        &format!("job {id}'s final status"),
+        || d.status(id) == "SUCCEEDED",
+        || d.diagnostics(),
+    );
+    assert!(flock_held(lock), "{freed_early}");
+    fs::remove_file(hold).expect("release fsyncs");
+    wait_until(
+        DEADLINE,
+        &format!("job {id}'s lock to be freed once its fsync is through"),
+        || !flock_held(lock),
+        || d.diagnostics(),
+    );
+}
+
 #[test]
 fn a_finished_jobs_result_is_left_to_the_journaling_daemon_and_fsynced_by_its_supervisor_without_one(
 ) {
@@ -419,22 +445,12 @@ fn a_finished_jobs_result_is_left_to_the_journaling_daemon_and_fsynced_by_its_su
     // once that fsync is through.
     d.kill9();
     gates[1].open();
-    wait_until(
-        DEADLINE,
-        "the second job's final status",
-        || d.status(ids[1]) == "SUCCEEDED",
-        || d.diagnostics(),
-    );
-    assert!(
-        flock_held(&locks[1]),
-        "the lock of a job that ended while no daemon watched is freed before its result is durable"
-    );
-    fs::remove_file(&hold).expect("release fsyncs");
-    wait_until(
-        DEADLINE,
-        "the second job's lock to be freed once its fsync is through",
-        || !flock_held(&locks[1]),
-        || d.diagnostics(),
+    result_fsynced_before_its_lock_is_freed(
+        &d,
+        ids[1],
+        &locks[1],
+        &hold,
+        "the lock of a job that ended while no daemon watched is freed before its result is durable",
     );
     d.spawn();
     d.wait_done(ids[1], "SUCCEEDED");
@@ -472,22 +488,12 @@ fn a_supervisor_whose_launcher_is_gone_fsyncs_its_jobs_result() {
     );
     fs::write(&hold, b"").expect("hold fsyncs");
     gate.open();
-    wait_until(
-        DEADLINE,
-        "the job's final status",
-        || d.status(id) == "SUCCEEDED",
-        || d.diagnostics(),
-    );
-    assert!(
-        flock_held(&lock),
-        "a supervisor without its launcher freed the lock before its result was durable"
-    );
-    fs::remove_file(&hold).expect("release fsyncs");
-    wait_until(
-        DEADLINE,
-        "the lock to be freed once its fsync is through",
-        || !flock_held(&lock),
-        || d.diagnostics(),
+    result_fsynced_before_its_lock_is_freed(
+        &d,
+        id,
+        &lock,
+        &hold,
+        "a supervisor without its launcher freed the lock before its result was durable",
     );
     d.wait_done(id, "SUCCEEDED");
     d.stop();

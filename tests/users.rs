@@ -43,16 +43,27 @@ fn let_users_reach(d: &Daemon) {
     }
 }
 
-/// `user` copies a job file with `yaml` into `incoming/NAME`.
+/// `user` copies a job file with `yaml` into `incoming/NAME` (from a file of its own in
+/// `/tmp`, which the users can read: tests run at once must not share one).
 fn submit_as(d: &Daemon, user: &str, name: &str, yaml: &str) {
-    let src = format!("/tmp/skyspool-users-{}-{name}", std::process::id());
-    std::fs::write(&src, yaml).unwrap();
-    std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let src = tempfile::Builder::new()
+        .prefix("skyspool-users-")
+        .tempfile_in("/tmp")
+        .expect("a job file in /tmp");
+    std::fs::write(src.path(), yaml).unwrap();
+    std::fs::set_permissions(
+        src.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let (rc, err) = as_user(
         user,
-        &format!("cp {src} {}/incoming/{name}", d.spool.display()),
+        &format!(
+            "cp {} {}/incoming/{name}",
+            src.path().display(),
+            d.spool.display()
+        ),
     );
-    let _ = std::fs::remove_file(&src);
     assert_eq!(rc, 0, "{user} could not submit: {err}");
 }
 
@@ -131,14 +142,7 @@ fn job_runs_as_submitter_and_only_owner_cancels() {
     // World-traversable so the users can reach the spool under the test's temp dir.
     let_users_reach(&d);
     let yaml = "name: mine\nrun: |\n  echo \"who=$(id -un) uid=$(id -u) home=$HOME user=$USER sky=$SKYPILOT_USER\"\n  sleep 1000\n";
-    let src = format!("/tmp/skyspool-users-{}.yaml", std::process::id());
-    std::fs::write(&src, yaml).unwrap();
-    std::fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let (rc, err) = as_user(
-        "skyspool-alice",
-        &format!("cp {src} {}/incoming/alice.yaml", d.spool.display()),
-    );
-    assert_eq!(rc, 0, "alice could not submit: {err}");
+    submit_as(&d, "skyspool-alice", "alice.yaml", yaml);
     let status = d.job(1).join("status");
     wait_until(
         DEADLINE,
@@ -204,5 +208,4 @@ fn job_runs_as_submitter_and_only_owner_cancels() {
     let (rc, err) = as_user("skyspool-alice", &format!("touch {}/cancel", job.display()));
     assert_eq!(rc, 0, "alice could not cancel: {err}");
     d.wait_done(1, "CANCELLED");
-    let _ = std::fs::remove_file(&src);
 }
