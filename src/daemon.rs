@@ -516,6 +516,8 @@ struct Daemon {
     /// The ID a speculation was last tried for (made or not: one that does not fit now is
     /// tried again only after a job ends, never on a timer).
     speculated_for: Option<JobId>,
+    /// A job's end was settled in this batch (see [`Daemon::speculate`]).
+    settled_end: bool,
     /// At most this many prestarts at once.
     max_prestarts: usize,
     /// When the oldest queued job not yet started ahead will have waited
@@ -651,9 +653,10 @@ const RENDER_SETTLE: Duration = Duration::from_millis(100);
 /// `Daemon::quiet`); normally the job's first `status` ends it within a millisecond.
 const QUIET_AFTER_START: Duration = Duration::from_millis(20);
 /// How long the daemon is idle before it starts a bash ahead for the next submission (see
-/// `Daemon::speculate`): never in a burst (the next job would come before it is of use,
-/// and its ID may go to a job that cannot take it), and after the last job's supervisor
-/// has told the launcher it is free (which then gets the speculation).
+/// `Daemon::speculate`), unless a job has just ended: never in a burst (the next job would
+/// come before it is of use, and its ID may go to a job that cannot take it). Started at a
+/// job's end, the speculation comes to the launcher after that job's supervisor has told
+/// it is free (it does so right after the `status` the daemon woke on), and goes to it.
 const SPECULATE_AFTER: Duration = Duration::from_millis(5);
 
 /// Runs the daemon until SIGTERM/SIGINT. Jobs keep running when it stops; the next start
@@ -771,6 +774,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         last_lone: None,
         speculate_at: None,
         speculated_for: None,
+        settled_end: false,
         max_prestarts: cfg.prestart,
         prestart_at: None,
         final_seen: HashMap::new(),
@@ -1525,10 +1529,17 @@ impl Daemon {
         }
         self.quiet = None;
         self.premake();
-        // Every batch puts it off: a bash is started ahead only once nothing happens.
-        self.speculate_at = self
-            .speculation_wanted()
-            .then(|| std::time::Instant::now() + SPECULATE_AFTER);
+        // A bash is started ahead at once after a job's end (a script that waits for a job
+        // submits its next one then), else only once nothing happens: every batch puts it off.
+        let settled_end = std::mem::take(&mut self.settled_end);
+        self.speculate_at = None;
+        if self.speculation_wanted() {
+            if settled_end {
+                self.speculate();
+            } else {
+                self.speculate_at = Some(std::time::Instant::now() + SPECULATE_AFTER);
+            }
+        }
         // `queue` and `nodes` are rewritten after the batch that changed them, but at most
         // once per RENDER_INTERVAL while events keep coming (a burst of 1,000 submissions
         // must not re-render a 10,000-line table 1,000 times).
@@ -1939,7 +1950,8 @@ impl Daemon {
     /// whose bash, held at its first line, gets the real job's commands with its release
     /// ([`executor::LaunchPlan::speculative`]). Made once the next ID's staging directory
     /// is ready (its `log` is the bash's output), while nothing waits and a default job
-    /// would fit now. That user's next lone submission, if it gets this ID and can run
+    /// would fit now: in the batch that settled a job's end (a script that waits for its
+    /// job submits the next one then), or after SPECULATE_AFTER of quiet. That user's next lone submission, if it gets this ID and can run
     /// in it, is confirmed through it ([`Daemon::launch_early`]) and skips its bash's
     /// start-up; anything else kills the bash at its first line.
     fn speculate(&mut self) {
@@ -3600,6 +3612,7 @@ impl Daemon {
         if !settled.is_empty() {
             // A slot may be free now for a bash started ahead.
             self.speculated_for = None;
+            self.settled_end = true;
         }
         for &id in &settled {
             let Some(info) = self.jobs.get(&id) else {
