@@ -1452,7 +1452,8 @@ impl Daemon {
         }
     }
 
-    /// The supervisor rewrote `status` (SETTING_UP -> RUNNING): mirror it in the record.
+    /// The supervisor rewrote `status` (SETTING_UP -> RUNNING): mirror it in the record,
+    /// which says the start from when it is recorded (see [`Daemon::record_start`]).
     fn refresh_status(&mut self, id: JobId) {
         let Ok(status) = self.spool.read_status(id) else {
             return;
@@ -1474,7 +1475,10 @@ impl Daemon {
             return;
         }
         if let Some(info) = self.jobs.get_mut(&id) {
-            if info.status != status && !info.status.is_terminal() && !status.is_terminal() {
+            // Only forward: a started job's `status` still says PENDING until its supervisor
+            // writes its first word (read so when its pid comes in before that), and its
+            // record says the start already.
+            if status.progress() > info.status.progress() && !status.is_terminal() {
                 info.status = status;
                 let _ = self.spool.write_info(info);
                 self.dirty = true;
@@ -2852,8 +2856,10 @@ impl Daemon {
         Ok(())
     }
 
-    /// Records a job handed to its supervisor: `info.json` (started, placement), its link
-    /// moved to `running/`, the daemon's view; the supervisor's pid if already known.
+    /// Records a job handed to its supervisor: `info.json` (started, placement, and the status
+    /// its supervisor writes first: SETTING_UP or RUNNING, which `status` says only once the
+    /// supervisor has written it), its link moved to `running/`, the daemon's view; the
+    /// supervisor's pid if already known.
     fn record_start(
         &mut self,
         mut info: JobInfo,

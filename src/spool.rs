@@ -107,6 +107,17 @@ impl Status {
         )
     }
 
+    /// How far a job has come: a job's status only ever moves to a higher one, except when
+    /// the daemon puts a job that never ran back in the queue.
+    pub fn progress(self) -> u8 {
+        match self {
+            Status::Init | Status::Pending => 0,
+            Status::SettingUp => 1,
+            Status::Running => 2,
+            _ => 3,
+        }
+    }
+
     /// The state directory a job with this status is linked from.
     pub fn state(self) -> State {
         match self {

@@ -342,6 +342,46 @@ fn other_jobs_are_served_while_a_round_hangs_and_its_job_waits_at_its_gate() {
     );
 }
 
+/// A job held at its gate (its round's fsyncs hang, beside a running job, so the daemon goes
+/// on) is recorded as started: linked from `running/`, `info.json` RUNNING with its start,
+/// while its `status`, which only its supervisor writes, still says PENDING. The daemon
+/// reads that PENDING once the launcher answers; it used to rewrite `info.json` back to
+/// PENDING then.
+#[test]
+fn a_job_held_at_its_gate_is_recorded_started_and_not_moved_back_to_pending() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(w) = submit_beside_a_blocker(dir.path(), "HOLD") else {
+        return;
+    };
+    let (d, id) = (&w.d, w.id);
+    wait_for_gated_bash(d, id, "the job's bash to wait at its gate");
+    // The launcher's answer is in: the daemon read `status` right after this line.
+    let answered = format!("job {id} started (supervisor pid");
+    wait_until(
+        DEADLINE,
+        "the daemon to take the launcher's answer",
+        || d.daemon_log().contains(&answered),
+        || d.diagnostics(),
+    );
+    assert_eq!(d.status(id), "PENDING", "the supervisor said the job runs");
+    let info = d.info(id);
+    assert_eq!(
+        info["status"], "RUNNING",
+        "info.json does not say the recorded start: {info}"
+    );
+    assert!(info["started"].is_string(), "no start in info.json: {info}");
+    assert!(
+        d.path("running").join(id.to_string()).exists(),
+        "the job is not linked from running/\n{}",
+        d.diagnostics()
+    );
+    fs::remove_file(&w.marker).expect("release the fsyncs");
+    d.wait_done(id, "SUCCEEDED");
+    w.gate.open();
+    d.wait_done(w.blocker, "SUCCEEDED");
+    assert_eq!(fs::read_to_string(&w.ran).unwrap_or_default(), "ran\n");
+}
+
 /// The same round failing while another job runs: its job, handed over already, fails
 /// without running; the running job is untouched and ends normally.
 #[test]
