@@ -2159,7 +2159,8 @@ impl Daemon {
     }
 
     /// Makes the round of fsyncs that makes the just published jobs `ids` durable: each
-    /// one's `job.yaml`, `info.json` and directory, and `jobs/`, run concurrently once the
+    /// one's `job.yaml`, `info.json`, directory and secrets file if any, and `jobs/` (and
+    /// `.skyspool/secrets/`), run concurrently once the
     /// batch's jobs are placed and handed over (see [`AdmissionRound`], [`RoundSync::Due`]).
     /// Not `status` nor `log` (a PENDING lost to a power cut is what `info.json` says
     /// anyway), nor the `pending/` link (start-up makes it again from `info.json`);
@@ -2176,11 +2177,20 @@ impl Daemon {
         }
         let jobs = self.spool.jobs();
         let mut files = vec![(jobs, true)];
+        let mut any_secrets = false;
         for id in &ids {
             let dir = self.spool.job_dir(*id);
             files.push((dir.join("job.yaml"), false));
             files.push((dir.join("info.json"), false));
             files.push((dir, true));
+            // Its secrets (its `job.yaml` has them redacted), with their directory.
+            if self.has_secrets(*id) {
+                any_secrets = true;
+                files.push((self.spool.secrets_file(*id), false));
+            }
+        }
+        if any_secrets {
+            files.push((self.spool.private().join("secrets"), true));
         }
         let lazy = std::iter::once((self.spool.staging(), true)).chain(last_id.map(|p| (p, false)));
         // An early launch's round (see [`Daemon::launch_early`]) keeps its gate, and its
@@ -2216,7 +2226,12 @@ impl Daemon {
         adm: &Admission,
         file: Option<spool::FileIdent>,
     ) -> bool {
-        if self.journal.is_none() || self.round.as_ref().is_none_or(|r| r.ids.len() != 1) {
+        // A job with secrets: its secrets file, written with its files, is synced with the
+        // round's journal line (see [`Daemon::journal_append`]), so that line waits for it.
+        if self.journal.is_none()
+            || self.round.as_ref().is_none_or(|r| r.ids.len() != 1)
+            || !adm.spec.secrets.is_empty()
+        {
             return false;
         }
         let record = crate::journal::Record {
@@ -2285,18 +2300,39 @@ impl Daemon {
         self.journal_append(&records)
     }
 
+    /// Whether job `id` has a secrets file (known from its staging and the listing at
+    /// start-up; looked up when that listing failed).
+    fn has_secrets(&self, id: JobId) -> bool {
+        self.secret_ids.as_ref().map_or_else(
+            || self.spool.secrets_file(id).exists(),
+            |ids| ids.contains(&id),
+        )
+    }
+
     /// Appends `records` to the journal in one write and starts its fsync at once (it waits
     /// for no hand-over: it is mostly the device's wait), the round's eventfd to be counted
     /// when it is through. `None` without a journal or when the append fails (noted): those
     /// jobs' files are then synced as the round.
     fn journal_append(&mut self, records: &[crate::journal::Record]) -> Option<spool::SyncRound> {
+        // The secrets files of its jobs, which the lines do not hold (`job.yaml` has them
+        // redacted): synced with the line, and their directory once.
+        let secrets: Vec<PathBuf> = records
+            .iter()
+            .filter(|r| self.has_secrets(r.id))
+            .map(|r| self.spool.secrets_file(r.id))
+            .collect();
+        let secrets_dir = self.spool.private().join("secrets");
         match self.journal.as_mut()?.append(records) {
             Ok(path) => {
                 // Job ends appended to the same file before are made durable by this fsync:
                 // theirs, waiting, is not needed (see [`Daemon::settle_records`]).
                 self.lazy.forget(&path);
+                let durables: Vec<spool::Durable> = std::iter::once(spool::Durable::File(&path))
+                    .chain(secrets.iter().map(|f| spool::Durable::File(f)))
+                    .chain((!secrets.is_empty()).then_some(spool::Durable::Dir(&secrets_dir)))
+                    .collect();
                 Some(spool::SyncRound::start_notify(
-                    &[spool::Durable::File(&path)],
+                    &durables,
                     notify_of(&self.round_ready),
                 ))
             }

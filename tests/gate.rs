@@ -4,7 +4,8 @@
 //! The daemon's fsyncs are held or failed from outside, by an `LD_PRELOAD` shim (built here
 //! with the system's C compiler) around `fsync`/`fdatasync` of the admission journal
 //! (`spool/.skyspool/journal.*`, what a round syncs) and of paths under `spool/jobs` (what it
-//! syncs without a journal, and what is synced after it), while a marker file exists; the same shim can hold the publication of a staged job (its
+//! syncs without a journal, and what is synced after it), or of a job's secrets file, while a
+//! marker file exists; the same shim can hold the publication of a staged job (its
 //! `rename` from `staging/` into `jobs/`) and fail the journal's checkpoint (`syncfs`): the
 //! real binary, no test hook in it.
 mod common;
@@ -23,23 +24,42 @@ const SHIM: &str = r#"
 #include <string.h>
 #include <unistd.h>
 
+/* The path fd names, into path (PATH_MAX bytes); 0 when it cannot be read. */
+static int fd_path(int fd, char *path) {
+    char link[64];
+    ssize_t n;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    n = readlink(link, path, PATH_MAX - 1);
+    if (n < 0) return 0;
+    path[n] = 0;
+    return 1;
+}
+
+/* Whether the file named by $var exists. */
+static int on(const char *var) {
+    const char *marker = getenv(var);
+    return marker && access(marker, F_OK) == 0;
+}
+
 /* Whether fd names the admission journal or a path under spool/jobs while the file named
    by $var exists. */
 static int armed(int fd, const char *var) {
-    const char *marker = getenv(var);
-    char link[64], path[PATH_MAX];
-    ssize_t n;
-    if (!marker || access(marker, F_OK) != 0) return 0;
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    n = readlink(link, path, sizeof path - 1);
-    if (n < 0) return 0;
-    path[n] = 0;
+    char path[PATH_MAX];
+    if (!on(var) || !fd_path(fd, path)) return 0;
     return strstr(path, "/spool/jobs") != NULL || strstr(path, "/spool/.skyspool/journal.") != NULL;
+}
+
+/* Whether fd names a secrets file or their directory (spool/.skyspool/secrets) while the
+   file named by SKYSPOOL_SHIM_HOLD_SECRETS exists. */
+static int secret(int fd) {
+    char path[PATH_MAX];
+    if (!on("SKYSPOOL_SHIM_HOLD_SECRETS") || !fd_path(fd, path)) return 0;
+    return strstr(path, "/spool/.skyspool/secrets") != NULL;
 }
 
 static int before(int fd) {
     if (armed(fd, "SKYSPOOL_SHIM_FAIL")) { errno = EIO; return -1; }
-    while (armed(fd, "SKYSPOOL_SHIM_HOLD")) usleep(2000);
+    while (armed(fd, "SKYSPOOL_SHIM_HOLD") || secret(fd)) usleep(2000);
     return 0;
 }
 
@@ -113,14 +133,18 @@ fn shim(dir: &Path) -> Option<PathBuf> {
 /// A daemon whose fsyncs under `spool/jobs` the shim holds (`mode` HOLD) or fails (FAIL)
 /// while the returned marker file exists (it does not yet); `None` without a C compiler.
 fn shimmed_daemon(dir: &Path, mode: &str) -> Option<(Daemon, PathBuf)> {
+    shimmed_daemon_with(dir, mode, &[])
+}
+
+/// [`shimmed_daemon`] with more `serve` arguments.
+fn shimmed_daemon_with(dir: &Path, mode: &str, more: &[&str]) -> Option<(Daemon, PathBuf)> {
     let so = shim(dir)?.display().to_string();
     let marker = dir.join(mode.to_lowercase());
     let var = format!("SKYSPOOL_SHIM_{mode}");
     let path = marker.display().to_string();
-    let d = Daemon::start_with_env(
-        &["--gpus", "none", "--cpus", "2"],
-        &[("LD_PRELOAD", &so), (&var, &path)],
-    );
+    let mut args = vec!["--gpus", "none", "--cpus", "2"];
+    args.extend_from_slice(more);
+    let d = Daemon::start_with_env(&args, &[("LD_PRELOAD", &so), (&var, &path)]);
     Some((d, marker))
 }
 
@@ -380,6 +404,67 @@ fn a_job_held_at_its_gate_is_recorded_started_and_not_moved_back_to_pending() {
     w.gate.open();
     d.wait_done(w.blocker, "SUCCEEDED");
     assert_eq!(fs::read_to_string(&w.ran).unwrap_or_default(), "ran\n");
+}
+
+/// A job's secrets are not in its journal line (its `job.yaml` has them redacted): its
+/// secrets file is synced with its round, so nothing of the job runs before that file is
+/// durable (else a power cut could leave the job to run with `<redacted>` values). With
+/// the secrets' fsyncs held, a file submission (its round through the journal) and then a
+/// directory submission (its round through its own files) each wait at their gate, and
+/// run once the fsyncs go through. (No bash is started ahead for the next ID: the gated
+/// bash of job 2 is then the directory job's.)
+#[test]
+fn a_job_with_secrets_waits_at_its_gate_for_its_secrets_file_to_be_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((mut d, hold)) = shimmed_daemon_with(dir.path(), "HOLD_SECRETS", &["--prestart", "0"])
+    else {
+        return;
+    };
+    let seen = d.scratch().join("seen");
+    let yaml = |tag: &str| {
+        format!(
+            "name: {tag}\nsecrets:\n  TOKEN: tok-{tag}\nrun: |\n  echo \"$TOKEN\" >> {}\n",
+            seen.display()
+        )
+    };
+    fs::write(&hold, b"").expect("hold the secrets' fsyncs");
+    let file_job = d.submit("secret.yaml", &yaml("file"));
+    wait_for_gated_bash(&d, file_job, "the file job's bash to wait at its gate");
+    assert_eq!(
+        d.status(file_job),
+        "PENDING",
+        "the supervisor said the job runs"
+    );
+    assert!(
+        !seen.exists(),
+        "the job ran before its secrets were durable"
+    );
+    fs::remove_file(&hold).expect("release the fsyncs");
+    d.wait_done(file_job, "SUCCEEDED");
+
+    fs::write(&hold, b"").expect("hold the secrets' fsyncs again");
+    let staged = d.scratch().join("secretdir");
+    fs::create_dir(&staged).expect("mkdir");
+    fs::write(staged.join("job.yaml"), yaml("dir")).expect("job.yaml");
+    fs::rename(&staged, d.path("incoming").join("secretdir")).expect("move the directory in");
+    let dir_job = file_job + 1;
+    wait_for_gated_bash(&d, dir_job, "the directory job's bash to wait at its gate");
+    assert_eq!(
+        d.status(dir_job),
+        "PENDING",
+        "the supervisor said the job runs"
+    );
+    assert_eq!(
+        fs::read_to_string(&seen).unwrap_or_default(),
+        "tok-file\n",
+        "the directory job ran before its secrets were durable"
+    );
+    fs::remove_file(&hold).expect("release the fsyncs");
+    d.wait_done(dir_job, "SUCCEEDED");
+    assert_eq!(
+        fs::read_to_string(&seen).unwrap_or_default(),
+        "tok-file\ntok-dir\n"
+    );
 }
 
 /// The same round failing while another job runs: its job, handed over already, fails
