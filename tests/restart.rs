@@ -335,7 +335,7 @@ fn launcher_that_stops_answering_is_replaced() {
     let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
     let ran = d.scratch().join("ran");
     let old = launcher_once_started(&d);
-    send_signal(old, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the launcher");
+    let _stopped = stop_process(old, "the launcher");
     let id = d.submit_new("late.yaml", &once_job("late", Some("H100:1"), &ran));
     // Events make the daemon look at its unanswered launches (a name it ignores will do).
     let nudge = d.path("incoming").join(".nudge");
@@ -469,7 +469,7 @@ fn job_given_to_a_supervisor_that_dies_before_reading_it_runs_on_another() {
         || d.diagnostics(),
     );
     // Stopped, it cannot read the launch the launcher puts in its socket.
-    send_signal(sup, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the supervisor");
+    let stopped = stop_process(sup, "the supervisor");
     let two = d.submit_new("two.yaml", &once_job("two", Some("H100:1"), &ran));
     let handed = format!("job {two} started (supervisor pid {sup})");
     wait_until(
@@ -478,7 +478,7 @@ fn job_given_to_a_supervisor_that_dies_before_reading_it_runs_on_another() {
         || d.daemon_log().contains(&handed),
         || d.diagnostics(),
     );
-    send_signal(sup, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL the supervisor");
+    drop(stopped); // SIGKILL
     d.wait_done(two, "SUCCEEDED");
     assert_eq!(d.log(two), "two-ran\n", "{}", d.diagnostics());
     assert_eq!((count_lines(&ran, "one"), count_lines(&ran, "two")), (1, 1));

@@ -469,12 +469,29 @@ pub fn parent_of(pid: u32) -> Option<u32> {
     proc_stat(pid)?.get(1)?.parse().ok()
 }
 
-/// Whether a process with this pid is alive (not a zombie).
 /// Sends `sig` to process `pid`.
 pub fn send_signal(pid: u32, sig: nix::sys::signal::Signal) -> nix::Result<()> {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
 }
 
+/// A process a test stopped: SIGKILLed when this is dropped, also when the test fails
+/// first (a stopped process would outlive the test, holding what it holds).
+pub struct Stopped(pub u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = send_signal(self.0, nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// SIGSTOPs process `pid` (see [`Stopped`]).
+pub fn stop_process(pid: u32, what: &str) -> Stopped {
+    send_signal(pid, nix::sys::signal::Signal::SIGSTOP)
+        .unwrap_or_else(|e| panic!("SIGSTOP {what} (pid {pid}): {e}"));
+    Stopped(pid)
+}
+
+/// Whether a process with this pid is alive (not a zombie).
 pub fn alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|f| f.first().is_some_and(|st| st != "Z"))
 }
