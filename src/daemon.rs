@@ -1955,9 +1955,10 @@ impl Daemon {
     /// ([`executor::LaunchPlan::speculative`]). Made once the next ID's staging directory
     /// is ready (its `log` is the bash's output), while nothing waits and a default job
     /// would fit now: in the batch that settled a job's end (a script that waits for its
-    /// job submits the next one then), or after SPECULATE_AFTER of quiet. That user's next lone submission, if it gets this ID and can run
-    /// in it, is confirmed through it ([`Daemon::launch_early`]) and skips its bash's
-    /// start-up; anything else kills the bash at its first line.
+    /// job submits the next one then), or after SPECULATE_AFTER of quiet. That user's next
+    /// lone submission, if it gets this ID and can run in it, is confirmed through it
+    /// ([`Daemon::launch_early`]) and skips its bash's start-up; anything else kills the
+    /// bash at its first line.
     fn speculate(&mut self) {
         if !self.speculation_wanted() {
             return;
@@ -2160,8 +2161,8 @@ impl Daemon {
 
     /// Makes the round of fsyncs that makes the just published jobs `ids` durable: each
     /// one's `job.yaml`, `info.json`, directory and secrets file if any, and `jobs/` (and
-    /// `.skyspool/secrets/`), run concurrently once the
-    /// batch's jobs are placed and handed over (see [`AdmissionRound`], [`RoundSync::Due`]).
+    /// `.skyspool/secrets/`), run concurrently once the batch's jobs are placed and handed
+    /// over (see [`AdmissionRound`], [`RoundSync::Due`]).
     /// Not `status` nor `log` (a PENDING lost to a power cut is what `info.json` says
     /// anyway), nor the `pending/` link (start-up makes it again from `info.json`);
     /// `staging/` (the name the job had) and `last_id` (the highest ID given; start-up also

@@ -2033,6 +2033,23 @@ mod tests {
         assert_eq!(Status::SettingUp.state(), State::Running);
     }
 
+    #[test]
+    fn progress_orders_a_jobs_life_and_matches_its_state() {
+        use Status::*;
+        assert!(Pending.progress() < SettingUp.progress());
+        assert!(SettingUp.progress() < Running.progress());
+        assert_eq!(Init.progress(), Pending.progress());
+        for s in Status::ALL {
+            assert_eq!(s.is_terminal(), s.progress() > Running.progress(), "{s}");
+            let state = match s.progress() {
+                0 => State::Pending,
+                1 | 2 => State::Running,
+                _ => State::Done,
+            };
+            assert_eq!(s.state(), state, "{s}");
+        }
+    }
+
     /// A temporary directory holding a directory for a file and one for its spare.
     fn dir_and_spare_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
