@@ -2936,6 +2936,22 @@ impl Daemon {
         let secrets = self.spool.read_secrets(id);
         let mut spec = spec::parse(&yaml, &format!("jobs/{id}/job.yaml"), &secrets)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Its `job.yaml` holds its secrets redacted: without their file (removed, or lost
+        // with a disk) the job would run with `<redacted>` for them.
+        let missing: Vec<&str> = spec
+            .secrets
+            .keys()
+            .filter(|k| !secrets.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "its secrets file (.skyspool/secrets/{id}.json) is missing or unreadable, so \
+                 {} would be `{}`: not run; submit the job again",
+                missing.join(", "),
+                spec::REDACTED
+            );
+        }
         spec.secrets.extend(secrets);
         Ok(spec)
     }

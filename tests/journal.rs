@@ -140,6 +140,19 @@ fn a_job_whose_files_a_power_cut_lost_is_restored_from_its_record_and_runs_once(
     d.stop();
 }
 
+/// Submits a job that holds the only GPU until its gate opens; returns the gate and its ID.
+fn submit_holder(d: &mut Daemon) -> (Gate, u64) {
+    let gate = Gate::new(&d.scratch(), "hold");
+    let holder = d.submit(
+        "holder.yaml",
+        &format!(
+            "name: holder\nresources:\n  accelerators: H100:1\nrun: |\n  {}\n",
+            gate.wait_cmd()
+        ),
+    );
+    (gate, holder)
+}
+
 #[test]
 fn a_pending_job_with_torn_files_gets_them_back_from_its_record() {
     let mut d = Daemon::start(&[
@@ -152,14 +165,7 @@ fn a_pending_job_with_torn_files_gets_them_back_from_its_record() {
     ]);
     let s = d.scratch();
     let ran = s.join("ran");
-    let gate = Gate::new(&s, "hold");
-    let holder = d.submit(
-        "holder.yaml",
-        &format!(
-            "name: holder\nresources:\n  accelerators: H100:1\nrun: |\n  {}\n",
-            gate.wait_cmd()
-        ),
-    );
+    let (gate, holder) = submit_holder(&mut d);
     let waiting_yaml = format!(
         "name: waiting\nresources:\n  accelerators: H100:1\nrun: |\n  echo waiting >> '{}'\n  echo waiting-ran\n",
         ran.display()
@@ -376,4 +382,41 @@ fn a_journal_file_holding_a_mebibyte_is_checkpointed_without_waiting_for_the_tim
     );
     d.stop();
     assert_eq!(d.journal_bytes(), 0, "a clean stop checkpoints the rest");
+}
+
+/// A queued job whose secrets file is gone when it is to start (removed, or lost with a
+/// disk; its `job.yaml` holds the values redacted) fails, FAILED_DRIVER with a reason that
+/// says so, instead of running with `<redacted>` for them. Seen after a restart, when the
+/// job's spec is read back from its files.
+#[test]
+fn a_queued_job_whose_secrets_file_is_gone_fails_with_a_reason_instead_of_running() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "4"]);
+    let (gate, holder) = submit_holder(&mut d);
+    d.wait_status(holder, "RUNNING");
+    let secret = d.submit(
+        "secret.yaml",
+        "name: secret\nresources:\n  accelerators: H100:1\nsecrets:\n  TOKEN: t0k3n\nrun: |\n  echo \"token=$TOKEN\"\n",
+    );
+    d.wait_queue_status(secret, "PENDING");
+    let file = d.path(&format!(".skyspool/secrets/{secret}.json"));
+    assert!(file.exists(), "no secrets file\n{}", d.diagnostics());
+    d.kill9();
+    fs::remove_file(&file).expect("remove the secrets file");
+    d.spawn();
+    gate.open();
+    d.wait_done(holder, "SUCCEEDED");
+    d.wait_done(secret, "FAILED_DRIVER");
+    let log = d.log(secret);
+    assert!(!log.contains("token="), "the job ran: {log}");
+    let reason = d.info(secret)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("secrets file")
+            && reason.contains("TOKEN")
+            && reason.contains("<redacted>"),
+        "{reason}"
+    );
+    d.stop();
 }
