@@ -1216,15 +1216,7 @@ fn env_change(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) ->
             if !ident(k) {
                 return None;
             }
-            line.push_str(&format!("export {k}=$'"));
-            for b in v.bytes() {
-                if b.is_ascii_alphanumeric() || b"_-.,:/@%+=".contains(&b) {
-                    line.push(b as char);
-                } else {
-                    line.push_str(&format!("\\x{b:02x}"));
-                }
-            }
-            line.push_str("'; ");
+            line.push_str(&format!("export {k}={}; ", ansi_c_quoted(v)));
         }
     }
     for k in from.keys().filter(|k| !to.contains_key(*k)) {
@@ -1238,7 +1230,8 @@ fn env_change(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) ->
 }
 
 /// `text` as one shell word on one line: `$'…'`, with only `\`, `'` and control
-/// characters escaped (bash reads the line a byte at a time: the shorter the better).
+/// characters escaped (bash reads a release line a byte at a time: the shorter the better).
+/// The values of [`env_change`] and a speculative prestart's `run` are written so.
 fn ansi_c_quoted(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 8);
     out.push_str("$'");
