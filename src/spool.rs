@@ -1602,10 +1602,7 @@ pub fn open_log(dir: &Path, name: &str) -> Result<File> {
 /// whoever holds the old one open writes to a file no job shows.
 pub fn replace_log(dir: &Path, name: &str) -> Result<()> {
     let path = dir.join(name);
-    match fs::remove_file(&path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e).at(&path),
-        _ => {}
-    }
+    remove_if_present(&path).at(&path)?;
     open_log(dir, name).map(drop)
 }
 
