@@ -1537,7 +1537,7 @@ impl Daemon {
         // submits its next one then), else only once nothing happens: every batch puts it off.
         let settled_end = std::mem::take(&mut self.settled_end);
         self.speculate_at = None;
-        if self.speculation_wanted() {
+        if self.speculation_user().is_some() {
             if settled_end {
                 self.speculate();
             } else {
@@ -1960,33 +1960,31 @@ impl Daemon {
     /// ([`Daemon::launch_early`]) and skips its bash's start-up; anything else kills the
     /// bash at its first line.
     fn speculate(&mut self) {
-        if !self.speculation_wanted() {
+        let Some((uid, gid)) = self.speculation_user() else {
             return;
-        }
+        };
         let id = self.next_id;
         self.speculated_for = Some(id);
         // One for another ID is stale.
         self.speculation = None;
-        let Some((uid, gid)) = self.last_lone else {
-            return;
-        };
         if let Err(e) = self.start_speculation(id, uid, gid) {
             note!("could not start a bash ahead for job {id}: {e:#}");
         }
     }
 
-    /// Whether a speculative prestart is to be made for the next ID (see
-    /// [`Daemon::speculate`]).
-    fn speculation_wanted(&self) -> bool {
+    /// The user (uid, gid) a speculative prestart is to be made for, for the next ID, if
+    /// one is (see [`Daemon::speculate`]): the last lone submission's.
+    fn speculation_user(&self) -> Option<(u32, u32)> {
         let id = self.next_id;
-        self.premade == Some(id)
-            && self.max_prestarts > 0
-            && self.last_lone.is_some()
-            && self.round.is_none()
-            && self.to_admit.is_empty()
-            && self.sched.pending_len() == 0
-            && self.speculation.as_ref().is_none_or(|sp| sp.id != id)
-            && self.speculated_for != Some(id)
+        self.last_lone.filter(|_| {
+            self.premade == Some(id)
+                && self.max_prestarts > 0
+                && self.round.is_none()
+                && self.to_admit.is_empty()
+                && self.sched.pending_len() == 0
+                && self.speculation.as_ref().is_none_or(|sp| sp.id != id)
+                && self.speculated_for != Some(id)
+        })
     }
 
     /// The only node, when it is the local machine: what prestarts start on (its index,
@@ -2178,21 +2176,13 @@ impl Daemon {
         }
         let jobs = self.spool.jobs();
         let mut files = vec![(jobs, true)];
-        let mut any_secrets = false;
         for id in &ids {
             let dir = self.spool.job_dir(*id);
             files.push((dir.join("job.yaml"), false));
             files.push((dir.join("info.json"), false));
             files.push((dir, true));
-            // Its secrets (its `job.yaml` has them redacted), with their directory.
-            if self.has_secrets(*id) {
-                any_secrets = true;
-                files.push((self.spool.secrets_file(*id), false));
-            }
         }
-        if any_secrets {
-            files.push((self.spool.private().join("secrets"), true));
-        }
+        files.extend(self.secrets_paths(ids.iter().copied()));
         let lazy = std::iter::once((self.spool.staging(), true)).chain(last_id.map(|p| (p, false)));
         // An early launch's round (see [`Daemon::launch_early`]) keeps its gate, and its
         // journal fsync if that started already.
@@ -2310,30 +2300,36 @@ impl Daemon {
         )
     }
 
+    /// What a round syncs for the secrets of its jobs `ids` (their `job.yaml` and journal
+    /// lines have them redacted): each one's secrets file, and their directory once; none
+    /// for jobs without secrets. `(path, is a directory)`.
+    fn secrets_paths(&self, ids: impl Iterator<Item = JobId>) -> Vec<(PathBuf, bool)> {
+        let mut paths: Vec<(PathBuf, bool)> = ids
+            .filter(|id| self.has_secrets(*id))
+            .map(|id| (self.spool.secrets_file(id), false))
+            .collect();
+        if !paths.is_empty() {
+            paths.push((self.spool.private().join("secrets"), true));
+        }
+        paths
+    }
+
     /// Appends `records` to the journal in one write and starts its fsync at once (it waits
     /// for no hand-over: it is mostly the device's wait), the round's eventfd to be counted
     /// when it is through. `None` without a journal or when the append fails (noted): those
     /// jobs' files are then synced as the round.
     fn journal_append(&mut self, records: &[crate::journal::Record]) -> Option<spool::SyncRound> {
-        // The secrets files of its jobs, which the lines do not hold (`job.yaml` has them
-        // redacted): synced with the line, and their directory once.
-        let secrets: Vec<PathBuf> = records
-            .iter()
-            .filter(|r| self.has_secrets(r.id))
-            .map(|r| self.spool.secrets_file(r.id))
-            .collect();
-        let secrets_dir = self.spool.private().join("secrets");
+        // The lines hold no secrets: their files are synced with the line.
+        let secrets = self.secrets_paths(records.iter().map(|r| r.id));
         match self.journal.as_mut()?.append(records) {
             Ok(path) => {
                 // Job ends appended to the same file before are made durable by this fsync:
                 // theirs, waiting, is not needed (see [`Daemon::settle_records`]).
                 self.lazy.forget(&path);
-                let durables: Vec<spool::Durable> = std::iter::once(spool::Durable::File(&path))
-                    .chain(secrets.iter().map(|f| spool::Durable::File(f)))
-                    .chain((!secrets.is_empty()).then_some(spool::Durable::Dir(&secrets_dir)))
-                    .collect();
+                let mut paths = vec![(path, false)];
+                paths.extend(secrets);
                 Some(spool::SyncRound::start_notify(
-                    &durables,
+                    &durables(&paths),
                     notify_of(&self.round_ready),
                 ))
             }
