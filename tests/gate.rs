@@ -381,12 +381,7 @@ fn a_job_held_at_its_gate_is_recorded_started_and_not_moved_back_to_pending() {
     wait_for_gated_bash(d, id, "the job's bash to wait at its gate");
     // The launcher's answer is in: the daemon read `status` right after this line.
     let answered = format!("job {id} started (supervisor pid");
-    wait_until(
-        DEADLINE,
-        "the daemon to take the launcher's answer",
-        || d.daemon_log().contains(&answered),
-        || d.diagnostics(),
-    );
+    d.wait_daemon_log(&answered, "the daemon to take the launcher's answer");
     assert_eq!(d.status(id), "PENDING", "the supervisor said the job runs");
     let info = d.info(id);
     assert_eq!(
@@ -641,11 +636,9 @@ fn a_failed_checkpoint_keeps_the_journal_and_is_tried_again() {
     );
     let id = d.submit("one.yaml", "name: one\nrun: echo one\n");
     d.wait_done(id, "SUCCEEDED");
-    wait_until(
-        DEADLINE,
+    d.wait_daemon_log(
+        "journal checkpoint failed",
         "a failed checkpoint in the daemon's log",
-        || d.daemon_log().contains("journal checkpoint failed"),
-        || d.diagnostics(),
     );
     assert!(
         d.journal_bytes() > 0,

@@ -472,12 +472,7 @@ fn job_given_to_a_supervisor_that_dies_before_reading_it_runs_on_another() {
     let stopped = stop_process(sup, "the supervisor");
     let two = d.submit_new("two.yaml", &once_job("two", Some("H100:1"), &ran));
     let handed = format!("job {two} started (supervisor pid {sup})");
-    wait_until(
-        DEADLINE,
-        "job two to be handed to the stopped supervisor",
-        || d.daemon_log().contains(&handed),
-        || d.diagnostics(),
-    );
+    d.wait_daemon_log(&handed, "job two to be handed to the stopped supervisor");
     drop(stopped); // SIGKILL
     d.wait_done(two, "SUCCEEDED");
     assert_eq!(d.log(two), "two-ran\n", "{}", d.diagnostics());

@@ -550,6 +550,16 @@ impl Daemon {
         fs::read_to_string(self.tmp.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// Waits until the daemon's own output holds `needle` (`what`: what that means).
+    pub fn wait_daemon_log(&self, needle: &str, what: &str) {
+        wait_until(
+            DEADLINE,
+            what,
+            || self.daemon_log().contains(needle),
+            || self.diagnostics(),
+        );
+    }
+
     /// `KEY=VALUE` lines of a job's log, as a map (the last value of a key wins).
     pub fn log_vars(&self, id: u64) -> std::collections::BTreeMap<String, String> {
         self.log(id)
