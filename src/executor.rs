@@ -2141,7 +2141,8 @@ fn spawn_remote_rank(
     };
     let env = rank_env(plan, phase, node);
     let text = script_text(body, &cd, &exports(&env));
-    let mut cmd = target.command(&remote::rank_wrapper(&dir, phase));
+    let user = plan.user.switch.then_some(plan.user.name.as_str());
+    let mut cmd = target.command(&remote::rank_wrapper(&dir, phase, user));
     cmd.stdin(Stdio::piped());
     let reader = attach_output(&mut cmd, sink)?;
     own_group_with_default_signals(&mut cmd);

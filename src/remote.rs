@@ -188,13 +188,44 @@ pub fn shell_quote(s: &str) -> String {
 /// private directory, runs it with bash in a session (and so a process group) of its own,
 /// records that group's id for cancels, waits, kills what the job left behind, and exits
 /// with the job's code.
-pub fn rank_wrapper(remote_dir: &str, phase: &str) -> String {
+///
+/// `user` is the job's submitter when the head runs jobs as their submitters (a daemon run
+/// as root). Where the node is reached as root, the rank then runs as that user too (see
+/// [`switch_user`]); where it is reached as anyone else, it runs as that ssh user, the only
+/// account the head can act as there.
+pub fn rank_wrapper(remote_dir: &str, phase: &str, user: Option<&str>) -> String {
     let d = shell_quote(remote_dir);
+    let switch = user.map(|u| switch_user(u, phase)).unwrap_or_default();
     format!(
-        "{} d={d}; cat > \"$d/{phase}.sh\" || exit 255; \
-         setsid bash --noprofile --norc \"$d/{phase}.sh\" </dev/null & p=$!; \
+        "{} d={d}; cat > \"$d/{phase}.sh\" || exit 255; set --; {switch}\
+         setsid \"$@\" bash --noprofile --norc \"$d/{phase}.sh\" </dev/null & p=$!; \
          echo $p > \"$d/{phase}.pid\"; wait $p; rc=$?; kill -KILL -- -$p 2>/dev/null; exit $rc",
         private_dir(remote_dir)
+    )
+}
+
+/// The PATH a rank run as its submitter starts with (its `~/.bashrc` may extend it): the
+/// ssh login's own would be root's.
+const USER_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Shell commands for [`rank_wrapper`] that, when the ssh login is root and not `user`
+/// already, set the positional parameters to the command prefix that runs the rank as
+/// `user` (by name: uids may differ between nodes): `setpriv` to the user, their primary
+/// group and supplementary groups, and `env -i` with their own HOME, USER, LOGNAME, SHELL
+/// from the node's passwd (the job's other variables are exported by its script). The
+/// private directory stays root's (mode 0711: the user can reach their script and workdir
+/// but not replace the pid file a cancel signals); the script becomes the user's (0600, it
+/// may hold secrets). A user the node does not know fails the rank (exit 255) with a reason.
+fn switch_user(user: &str, phase: &str) -> String {
+    let u = shell_quote(user);
+    format!(
+        "u={u}; if [ \"$(id -u)\" = 0 ] && [ \"$(id -un)\" != \"$u\" ]; then \
+         pw=$(getent passwd \"$u\") && g=$(id -g \"$u\") || \
+         {{ echo \"skyspool: user $u does not exist on $(hostname)\" >&2; exit 255; }}; \
+         h=${{pw#*:*:*:*:*:}}; h=${{h%%:*}}; s=${{pw##*:}}; \
+         chmod 711 \"$d\" && chown \"$u\" \"$d/{phase}.sh\" || exit 255; \
+         set -- setpriv --reuid=\"$u\" --regid=\"$g\" --init-groups env -i HOME=\"$h\" \
+         USER=\"$u\" LOGNAME=\"$u\" SHELL=\"${{s:-/bin/sh}}\" PATH={USER_PATH}; fi; "
     )
 }
 
@@ -276,9 +307,94 @@ mod tests {
         }
     }
 
+    /// Runs [`rank_wrapper`] for `dir` in `sh` (as the ssh login would), with `script` on
+    /// its stdin; its exit code, stdout and stderr.
+    fn run_wrapper(
+        dir: &std::path::Path,
+        user: Option<&str>,
+        script: &str,
+    ) -> (i32, String, String) {
+        use std::io::Write;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(rank_wrapper(&dir.to_string_lossy(), "run", user))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Reached as root, a rank runs as its submitter: their uid, groups, HOME and a PATH of
+    /// their own, not root's environment; the pid file a cancel signals stays root's, in a
+    /// directory the user cannot write. A submitter the node does not know fails the rank
+    /// with a reason. Without a user (a daemon not run as root), the rank runs as the login.
+    #[test]
+    fn a_rank_reached_as_root_runs_as_its_submitter() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !crate::root_or_skip("a_rank_reached_as_root_runs_as_its_submitter") {
+            return;
+        }
+        let user = "skyspool-alice";
+        let Some(alice) = nix::unistd::User::from_name(user).ok().flatten() else {
+            assert!(
+                std::env::var_os("SKYSPOOL_TEST_STRICT").is_none_or(|v| v != "1"),
+                "SKYSPOOL_TEST_STRICT=1 forbids skipping: no user {user} (.ci/run makes it)"
+            );
+            eprintln!("SKIPPED (not a pass): no user {user}");
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = tmp.path().join("skyspool-t-r1");
+        let script = "id -u; id -g; echo \"$HOME|$USER|$LOGNAME|$PATH|${SECRET-unset}\"\n";
+        let (code, out, err) = run_wrapper(&d, Some(user), script);
+        assert_eq!(code, 0, "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], alice.uid.to_string(), "{out}");
+        assert_eq!(lines[1], alice.gid.to_string(), "{out}");
+        assert_eq!(
+            lines[2],
+            format!("{}|{user}|{user}|{USER_PATH}|unset", alice.dir.display()),
+            "{out}"
+        );
+        let dir = std::fs::metadata(&d).unwrap();
+        assert_eq!((dir.uid(), dir.mode() & 0o777), (0, 0o711));
+        let pid = std::fs::metadata(d.join("run.pid")).unwrap();
+        assert_eq!(pid.uid(), 0, "the pid file a cancel reads stays root's");
+        let sh = std::fs::metadata(d.join("run.sh")).unwrap();
+        assert_eq!((sh.uid(), sh.mode() & 0o777), (alice.uid.as_raw(), 0o600));
+
+        let (code, _, err) = run_wrapper(
+            &tmp.path().join("skyspool-u-r1"),
+            Some("skyspool-no-such-user"),
+            "echo ran\n",
+        );
+        assert_eq!(code, 255);
+        assert!(
+            err.contains("user skyspool-no-such-user does not exist on"),
+            "{err}"
+        );
+
+        let (code, out, err) = run_wrapper(&tmp.path().join("skyspool-v-r1"), None, "id -u\n");
+        assert_eq!((code, out.trim()), (0, "0"), "{err}");
+    }
+
     #[test]
     fn wrapper_names_its_files() {
-        let w = rank_wrapper("/tmp/skyspool-x-r1", "run");
+        let w = rank_wrapper("/tmp/skyspool-x-r1", "run", None);
         assert!(w.contains("/tmp/skyspool-x-r1"));
         assert!(w.contains("run.pid"));
         assert!(signal_command("/tmp/d", "run", "TERM").contains("kill -TERM -- -$p"));

@@ -12,7 +12,6 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -379,61 +378,6 @@ fn run_rejections(d: &mut Daemon, cases: &[Bad], rejection_time_limit: Duration)
         failures.join("\n"),
         d.diagnostics()
     );
-}
-
-fn have_users() -> bool {
-    if !is_root() {
-        skip("not root: cannot act as other users");
-        return false;
-    }
-    for u in ["skyspool-alice", "skyspool-bob"] {
-        if nix::unistd::User::from_name(u).ok().flatten().is_none() {
-            skip(&format!("user {u} does not exist (.ci/run creates it)"));
-            return false;
-        }
-    }
-    if !have_program("su") {
-        skip("no su");
-        return false;
-    }
-    true
-}
-
-/// Runs `sh -c CMD` as `user`; returns (exit code, stdout + stderr).
-fn as_user(user: &str, cmd: &str) -> (i32, String) {
-    let out = Command::new("su")
-        .args([user, "-s", "/bin/sh", "-c", cmd])
-        .output()
-        .expect("su");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// Makes the temporary directories above the spool traversable by the test users.
-fn open_path_to_spool(d: &Daemon) {
-    let mut p = d.spool.clone();
-    while let Some(parent) = p.parent() {
-        let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o755));
-        if parent == Path::new("/tmp") || parent == Path::new("/") {
-            break;
-        }
-        p = parent.to_path_buf();
-    }
-    let _ = fs::set_permissions(d.tmp.path(), fs::Permissions::from_mode(0o755));
-}
-
-fn uid_of(user: &str) -> u32 {
-    nix::unistd::User::from_name(user)
-        .unwrap()
-        .unwrap()
-        .uid
-        .as_raw()
 }
 
 fn sh_quote(p: &Path) -> String {

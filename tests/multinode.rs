@@ -42,32 +42,30 @@ fn sshd_up() -> bool {
     true
 }
 
-/// Head with 2 H100, w1 (127.0.0.2) with 2 H100, w2 (127.0.0.3) with 4 H100.
-fn cluster(d_tmp: &std::path::Path) -> std::path::PathBuf {
-    let path = d_tmp.join("cluster.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "cluster_name: mn\nnodes:\n\
-             \x20 - name: head\n    host: local\n    ip: 127.0.0.1\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
-             \x20 - name: w1\n    host: skyspool-runner@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
-             \x20 - name: w2\n    host: skyspool-runner@127.0.0.3\n    identity: {KEY}\n    accelerators: {{H100: 4}}\n    cpus: 4\n"
-        ),
-    )
-    .unwrap();
-    path
+/// Starts a daemon on the cluster file `text` (kept for restarts: the daemon reads it at
+/// each start), with `args` after `--config`.
+fn start_with_cluster(text: &str, args: &[&str]) -> Daemon {
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("cluster.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let cfg_s = cfg.to_string_lossy().to_string();
+    let d = Daemon::start(&[&["--config", cfg_s.as_str()], args].concat());
+    std::mem::forget(cfg_dir);
+    d
 }
 
+/// Head with 2 H100, w1 (127.0.0.2) with 2 H100, w2 (127.0.0.3) with 4 H100.
 fn start() -> Option<Daemon> {
     if !sshd_up() {
         return None;
     }
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = cluster(cfg_dir.path());
-    let cfg_s = cfg.to_string_lossy().to_string();
-    let d = Daemon::start(&["--config", &cfg_s, "--kill-grace", "1"]);
-    std::mem::forget(cfg_dir); // the daemon reads it once at start; keep it for restarts
-    Some(d)
+    let text = format!(
+        "cluster_name: mn\nnodes:\n\
+         \x20 - name: head\n    host: local\n    ip: 127.0.0.1\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
+         \x20 - name: w1\n    host: skyspool-runner@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
+         \x20 - name: w2\n    host: skyspool-runner@127.0.0.3\n    identity: {KEY}\n    accelerators: {{H100: 4}}\n    cpus: 4\n"
+    );
+    Some(start_with_cluster(&text, &["--kill-grace", "1"]))
 }
 
 #[test]
@@ -279,6 +277,94 @@ fn two_spools_with_one_cluster_name_keep_their_jobs_apart_on_a_shared_worker() {
     wait_gone(&b, pids(&sb), "b's sleep");
 }
 
+/// A daemon run as root runs every rank of a job as its submitter: on a worker the head
+/// reaches as root too (not only on the head), with the user's own HOME and PATH, in the
+/// workdir the user shipped; the user's cancel stops the rank there.
+#[test]
+fn ranks_on_a_node_reached_as_root_run_as_the_submitter() {
+    if !sshd_up() || !have_users() {
+        return;
+    }
+    let text = format!(
+        "cluster_name: mnroot\nnodes:\n\
+         \x20 - name: head\n    host: local\n    ip: 127.0.0.1\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
+         \x20 - name: w1\n    host: root@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n"
+    );
+    let d = start_with_cluster(&text, &["--kill-grace", "1"]);
+    open_path_to_spool(&d);
+    let s = d.scratch();
+    std::fs::set_permissions(&s, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    // alice's project directory, moved in by alice: its job.yaml and a file for the workdir.
+    let home = tempfile::Builder::new()
+        .prefix("skyspool-mnroot-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let proj = home.path().join("proj");
+    std::fs::create_dir(&proj).unwrap();
+    std::fs::write(proj.join("data.txt"), "shipped\n").unwrap();
+    std::fs::write(
+        proj.join("job.yaml"),
+        format!(
+            "num_nodes: 2\nresources:\n  accelerators: H100:1\nrun: |\n  \
+             echo \"r$SKYPILOT_NODE_RANK user=$(id -un) home=$HOME data=$(cat data.txt) path=$PATH\"\n  \
+             sleep 1000 & echo $! >> {s}/pids-$SKYPILOT_NODE_RANK\n  wait\n",
+            s = s.display()
+        ),
+    )
+    .unwrap();
+    let (rc, out) = as_user(
+        "root",
+        &format!("chown -R skyspool-alice: {}", home.path().display()),
+    );
+    assert_eq!(rc, 0, "{out}");
+    let (rc, out) = as_user(
+        "skyspool-alice",
+        &format!("mv {} {}/incoming/proj", proj.display(), d.spool.display()),
+    );
+    assert_eq!(rc, 0, "alice could not submit: {out}");
+    wait_until(
+        DEADLINE,
+        "both ranks started",
+        || (0..2).all(|r| !pids_in(&s.join(format!("pids-{r}"))).is_empty()),
+        || d.diagnostics(),
+    );
+    let log = d.log(1);
+    for (rank, prefix) in [(0, "(head, rank=0"), (1, "(worker1, rank=1")] {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no rank {rank} line in\n{log}"));
+        assert!(
+            line.contains(&format!(
+                "r{rank} user=skyspool-alice home=/home/skyspool-alice data=shipped"
+            )),
+            "{line}"
+        );
+        if rank == 1 {
+            assert!(!line.contains("/root"), "root's PATH leaked in: {line}");
+        }
+        for pid in pids_in(&s.join(format!("pids-{rank}"))) {
+            let uid = std::fs::metadata(format!("/proc/{pid}"))
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .unwrap();
+            assert_eq!(uid, uid_of("skyspool-alice"), "rank {rank}'s sleep");
+        }
+    }
+    let (rc, out) = as_user(
+        "skyspool-alice",
+        &format!("touch {}/jobs/1/cancel", d.spool.display()),
+    );
+    assert_eq!(rc, 0, "{out}");
+    d.wait_done(1, "CANCELLED");
+    for rank in 0..2 {
+        wait_gone(
+            &d,
+            pids_in(&s.join(format!("pids-{rank}"))),
+            &format!("rank {rank}'s sleep"),
+        );
+    }
+}
+
 /// Waits until every process of `pids` has ended.
 fn wait_gone(d: &Daemon, pids: Vec<u32>, what: &str) {
     for pid in pids {
@@ -326,19 +412,13 @@ fn unreachable_node_is_down_and_gets_no_jobs() {
     if !sshd_up() {
         return;
     }
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = cfg_dir.path().join("cluster.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "nodes:\n\
-             \x20 - name: head\n    host: local\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
-             \x20 - name: w1\n    host: skyspool-runner@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
-             \x20 - name: gone\n    host: skyspool-runner@127.0.0.9\n    port: 2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n"
-        ),
-    )
-    .unwrap();
-    let mut d = Daemon::start(&["--config", &cfg.to_string_lossy()]);
+    let text = format!(
+        "nodes:\n\
+         \x20 - name: head\n    host: local\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
+         \x20 - name: w1\n    host: skyspool-runner@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n\
+         \x20 - name: gone\n    host: skyspool-runner@127.0.0.9\n    port: 2\n    identity: {KEY}\n    accelerators: {{H100: 1}}\n    cpus: 4\n"
+    );
+    let mut d = start_with_cluster(&text, &[]);
     let nodes = std::fs::read_to_string(d.path("nodes")).unwrap();
     let gone = nodes
         .lines()

@@ -2,70 +2,6 @@
 //! Needs root and the users `skyspool-alice` / `skyspool-bob` (made by `.ci/run`).
 mod common;
 use common::*;
-use std::process::Command;
-
-fn have_users() -> bool {
-    if !is_root() {
-        skip("not root: cannot run jobs as other users");
-        return false;
-    }
-    for u in ["skyspool-alice", "skyspool-bob"] {
-        if nix::unistd::User::from_name(u).ok().flatten().is_none() {
-            skip(&format!("user {u} does not exist (.ci/run creates it)"));
-            return false;
-        }
-    }
-    true
-}
-
-/// Runs `sh -c CMD` as `user`; returns (exit code, stderr).
-fn as_user(user: &str, cmd: &str) -> (i32, String) {
-    let out = Command::new("su")
-        .args([user, "-s", "/bin/sh", "-c", cmd])
-        .output()
-        .expect("su");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Makes the directories down to the spool world-traversable, so the users can reach it
-/// under the test's temporary directory.
-fn let_users_reach(d: &Daemon) {
-    let mut p = d.spool.clone();
-    while let Some(parent) = p.parent() {
-        let _ = std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755));
-        if parent == std::path::Path::new("/tmp") || parent == std::path::Path::new("/") {
-            break;
-        }
-        p = parent.to_path_buf();
-    }
-}
-
-/// `user` copies a job file with `yaml` into `incoming/NAME` (from a file of its own in
-/// `/tmp`, which the users can read: tests run at once must not share one).
-fn submit_as(d: &Daemon, user: &str, name: &str, yaml: &str) {
-    let src = tempfile::Builder::new()
-        .prefix("skyspool-users-")
-        .tempfile_in("/tmp")
-        .expect("a job file in /tmp");
-    std::fs::write(src.path(), yaml).unwrap();
-    std::fs::set_permissions(
-        src.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .unwrap();
-    let (rc, err) = as_user(
-        user,
-        &format!(
-            "cp {} {}/incoming/{name}",
-            src.path().display(),
-            d.spool.display()
-        ),
-    );
-    assert_eq!(rc, 0, "{user} could not submit: {err}");
-}
 
 /// The bash the daemon starts ahead for the next job is its last lone submitter's: another
 /// user's next job does not run in it (it is killed at its first line, and the job gets a
@@ -76,7 +12,7 @@ fn a_bash_started_ahead_for_one_user_never_runs_anothers_job() {
         return;
     }
     let d = Daemon::start(&["--gpus", "none"]);
-    let_users_reach(&d);
+    open_path_to_spool(&d);
     let who = "name: who\nrun: |\n  echo \"who=$(id -un) home=$HOME\"\n";
     submit_as(&d, "skyspool-alice", "alice.yaml", who);
     d.wait_done(1, "SUCCEEDED");
@@ -140,7 +76,7 @@ fn job_runs_as_submitter_and_only_owner_cancels() {
     }
     let d = Daemon::start(&["--gpus", "none", "--kill-grace", "1"]);
     // World-traversable so the users can reach the spool under the test's temp dir.
-    let_users_reach(&d);
+    open_path_to_spool(&d);
     let yaml = "name: mine\nrun: |\n  echo \"who=$(id -un) uid=$(id -u) home=$HOME user=$USER sky=$SKYPILOT_USER\"\n  sleep 1000\n";
     submit_as(&d, "skyspool-alice", "alice.yaml", yaml);
     let status = d.job(1).join("status");

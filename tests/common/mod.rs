@@ -764,3 +764,85 @@ pub fn job_processes(d: &Daemon, id: u64) -> Vec<u32> {
     }
     pids
 }
+
+// ---------------------------------------------------------------- other users
+
+/// Whether the tests can act as the users `skyspool-alice` and `skyspool-bob` (root, the
+/// users made by `.ci/run`, and `su`); skips (loudly) otherwise.
+pub fn have_users() -> bool {
+    if !is_root() {
+        skip("not root: cannot act as other users");
+        return false;
+    }
+    for u in ["skyspool-alice", "skyspool-bob"] {
+        if nix::unistd::User::from_name(u).ok().flatten().is_none() {
+            skip(&format!("user {u} does not exist (.ci/run creates it)"));
+            return false;
+        }
+    }
+    if !have_program("su") {
+        skip("no su");
+        return false;
+    }
+    true
+}
+
+/// Runs `sh -c CMD` as `user`; returns (exit code, stdout + stderr).
+pub fn as_user(user: &str, cmd: &str) -> (i32, String) {
+    let out = Command::new("su")
+        .args([user, "-s", "/bin/sh", "-c", cmd])
+        .output()
+        .expect("su");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Makes the temporary directories down to the spool traversable by the test users.
+pub fn open_path_to_spool(d: &Daemon) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut p = d.spool.clone();
+    while let Some(parent) = p.parent() {
+        let _ = fs::set_permissions(&p, fs::Permissions::from_mode(0o755));
+        if parent == Path::new("/tmp") || parent == Path::new("/") {
+            break;
+        }
+        p = parent.to_path_buf();
+    }
+    let _ = fs::set_permissions(d.tmp.path(), fs::Permissions::from_mode(0o755));
+}
+
+/// `user` copies a job file with `yaml` into `incoming/NAME` (from a file of its own in
+/// `/tmp`, which the users can read: tests run at once must not share one).
+pub fn submit_as(d: &Daemon, user: &str, name: &str, yaml: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let src = tempfile::Builder::new()
+        .prefix("skyspool-users-")
+        .tempfile_in("/tmp")
+        .expect("a job file in /tmp");
+    fs::write(src.path(), yaml).unwrap();
+    fs::set_permissions(src.path(), fs::Permissions::from_mode(0o644)).unwrap();
+    let (rc, out) = as_user(
+        user,
+        &format!(
+            "cp {} {}/incoming/{name}",
+            src.path().display(),
+            d.spool.display()
+        ),
+    );
+    assert_eq!(rc, 0, "{user} could not submit: {out}");
+}
+
+/// The uid of `user` (which must exist).
+pub fn uid_of(user: &str) -> u32 {
+    nix::unistd::User::from_name(user)
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw()
+}
