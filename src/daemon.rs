@@ -373,18 +373,23 @@ fn probe_remote_nodes(inventory: &mut Inventory, ssh_dir: &Path) {
         .filter_map(|(i, n)| {
             let target = SshTarget::of(n, ssh_dir)?;
             let want_gpus = n.gpus.is_empty() && n.gpu_source.contains("not probed");
+            let want_cpus = n.cpus_to_probe;
             Some(std::thread::spawn(move || {
                 let up = target.run("true", Duration::from_secs(15));
                 let gpus = match (&up, want_gpus) {
                     (Ok(_), true) => Some(target.probe_gpus()),
                     _ => None,
                 };
-                (i, up, gpus)
+                let cpus = match (&up, want_cpus) {
+                    (Ok(_), true) => Some(target.probe_cpus()),
+                    _ => None,
+                };
+                (i, up, gpus, cpus)
             }))
         })
         .collect();
     for p in probes {
-        let Ok((i, up, gpus)) = p.join() else {
+        let Ok((i, up, gpus, cpus)) = p.join() else {
             continue;
         };
         let Some(node) = inventory.nodes.get_mut(i) else {
@@ -396,6 +401,23 @@ fn probe_remote_nodes(inventory: &mut Inventory, ssh_dir: &Path) {
                 note!("node {} is unreachable: {e}", node.name);
                 node.down = Some(format!("unreachable: {e}"));
             }
+        }
+        match cpus {
+            Some(Ok(n)) => {
+                node.cpus = n;
+                node.cpus_to_probe = false;
+            }
+            Some(Err(e)) => note!(
+                "node {}: could not count its CPUs ({e}): it has none for jobs until the \
+                 daemon restarts (or give `cpus` in the cluster file)",
+                node.name
+            ),
+            None if node.cpus_to_probe => note!(
+                "node {}: its CPUs are counted when it answers at a daemon start (or give \
+                 `cpus` in the cluster file): none for jobs until then",
+                node.name
+            ),
+            None => {}
         }
         match gpus {
             Some(Ok(list)) => {

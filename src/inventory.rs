@@ -41,6 +41,10 @@ pub struct Node {
     pub local: bool,
     pub gpus: Vec<GpuInfo>,
     pub cpus: Milli,
+    /// An ssh node whose cluster file entry gives no `cpus`: they are counted on the node
+    /// (`nproc` over ssh) when the daemon starts; 0 until then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cpus_to_probe: bool,
     /// Where `gpus` came from: `nvml`, `declared (--gpus)`, `declared (config)`,
     /// `none (NVML unavailable: ...)`, `none (remote node: not probed)`.
     pub gpu_source: String,
@@ -699,8 +703,8 @@ fn valid_addr(a: &str) -> bool {
 ///     ip: 10.0.0.1             # optional; default 127.0.0.1 (local) or the host part
 ///     accelerators: {H100: 8}  # or "H100:8,A100:2", [H100:8], {} = none;
 ///                              # absent: NVML (local), none (ssh)
-///     cpus: 32                 # optional; default: this machine's count (local);
-///                              # required for ssh nodes
+///     cpus: 32                 # optional; default: this machine's count (local),
+///                              # `nproc` over ssh (ssh)
 /// ```
 /// At most one local node may take its GPUs from NVML when NVML finds GPUs
 /// (two would claim the same devices); give other local nodes `accelerators`.
@@ -803,16 +807,10 @@ fn detect_on(
                 }
             },
         };
-        let cpus = match p.cpus {
-            Some(c) => c,
-            None if p.local => machine.cpus(),
-            None => {
-                return Err(invalid(format!(
-                "{}: node '{}': ssh nodes need `cpus` (remote detection is not implemented yet)",
-                config.map(|c| c.display().to_string()).unwrap_or_default(),
-                p.name
-            )))
-            }
+        let (cpus, cpus_to_probe) = match p.cpus {
+            Some(c) => (c, false),
+            None if p.local => (machine.cpus(), false),
+            None => (Milli::ZERO, true),
         };
         nodes.push(Node {
             name: p.name,
@@ -820,6 +818,7 @@ fn detect_on(
             local: p.local,
             gpus,
             cpus,
+            cpus_to_probe,
             gpu_source,
             ssh_destination: p.ssh_destination,
             ssh_port: p.ssh_port,
@@ -1219,7 +1218,6 @@ nodes:
     host: gpu3.example
     ip: 10.0.0.3
     accelerators: [L4:4]
-    cpus: 4
 "#;
         let inv = detect_text(&no_gpu_machine(), text).unwrap();
         assert_eq!(inv.cluster_name, "mycluster");
@@ -1241,9 +1239,13 @@ nodes:
         assert!(w2.gpus.is_empty());
         assert_eq!(w2.gpu_source, "none (remote node: not probed)");
         assert_eq!(w2.cpus, Milli::from_units(8));
+        assert!(!w2.cpus_to_probe);
         let w3 = &inv.nodes[3];
         assert_eq!(w3.addr, "10.0.0.3");
         assert_eq!(w3.gpus.len(), 4);
+        // An ssh node without `cpus` has them counted when the daemon starts.
+        assert_eq!((w3.cpus, w3.cpus_to_probe), (Milli::ZERO, true));
+        assert!(inv.nodes[..3].iter().all(|n| !n.cpus_to_probe));
 
         let caps = inv.capacities();
         assert_eq!(caps.len(), 4);
@@ -1314,7 +1316,6 @@ nodes:
             ("nodes:\n  - name: a\n", "missing `host`"),
             ("nodes:\n  - name: a\n    host: local\n    port: 22\n", "ssh nodes"),
             ("nodes:\n  - name: a\n    host: -oProxyCommand=x\n    cpus: 1\n", "must not start"),
-            ("nodes:\n  - name: a\n    host: u@h\n", "need `cpus`"),
             ("nodes:\n  - name: a\n    host: local\n    cpus: 0\n", "cpus"),
             ("nodes:\n  - name: a\n    host: local\n    ip: \"1.2.3.4, 5\"\n", "`ip`"),
             ("nodes: []\n", "missing or empty"),
@@ -1383,6 +1384,7 @@ nodes:
                         })
                         .collect(),
                     cpus: Milli::from_units(16),
+                    cpus_to_probe: false,
                     gpu_source: "nvml".into(),
                     ssh_destination: None,
                     ssh_port: None,
@@ -1395,6 +1397,7 @@ nodes:
                     local: false,
                     gpus: declared_gpus(&[("T4".into(), 1), ("L4".into(), 1)]),
                     cpus: Milli::from_units(8),
+                    cpus_to_probe: false,
                     gpu_source: "declared (config)".into(),
                     ssh_destination: Some("u@10.0.0.2".into()),
                     ssh_port: None,
@@ -1407,6 +1410,7 @@ nodes:
                     local: true,
                     gpus: vec![],
                     cpus: Milli(2500),
+                    cpus_to_probe: false,
                     gpu_source: "none (NVML unavailable: x)".into(),
                     ssh_destination: None,
                     ssh_port: None,

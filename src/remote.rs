@@ -131,6 +131,18 @@ impl SshTarget {
         )?;
         Ok(parse_nvidia_smi(&out))
     }
+
+    /// The node's CPU count (`nproc`: those this login may use).
+    pub fn probe_cpus(&self) -> Result<crate::resources::Milli, String> {
+        let out = self.run("nproc", Duration::from_secs(20))?;
+        parse_nproc(&out).ok_or_else(|| format!("nproc printed {:?}", out.trim()))
+    }
+}
+
+/// `nproc`'s output: a count of at least 1.
+fn parse_nproc(text: &str) -> Option<crate::resources::Milli> {
+    let n: u64 = text.trim().parse().ok()?;
+    (n > 0).then(|| crate::resources::Milli::from_units(n))
 }
 
 fn wait_with_timeout(
@@ -263,6 +275,16 @@ mod tests {
         assert_eq!(g[0].uuid.as_deref(), Some("GPU-aaa"));
         assert!(parse_nvidia_smi("").is_empty());
         assert!(parse_nvidia_smi("NVIDIA-SMI has failed").is_empty());
+    }
+
+    #[test]
+    fn parses_nproc() {
+        use crate::resources::Milli;
+        assert_eq!(parse_nproc("16\n"), Some(Milli::from_units(16)));
+        assert_eq!(parse_nproc(" 2 "), Some(Milli::from_units(2)));
+        assert_eq!(parse_nproc("0\n"), None);
+        assert_eq!(parse_nproc("bash: nproc: command not found\n"), None);
+        assert_eq!(parse_nproc(""), None);
     }
 
     #[test]

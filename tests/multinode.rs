@@ -54,7 +54,8 @@ fn start_with_cluster(text: &str, args: &[&str]) -> Daemon {
     d
 }
 
-/// Head with 2 H100, w1 (127.0.0.2) with 2 H100, w2 (127.0.0.3) with 4 H100.
+/// Head with 2 H100, w1 (127.0.0.2) with 2 H100, w2 (127.0.0.3) with 4 H100 and its CPUs
+/// not declared (counted over ssh).
 fn start() -> Option<Daemon> {
     if !sshd_up() {
         return None;
@@ -63,7 +64,7 @@ fn start() -> Option<Daemon> {
         "cluster_name: mn\nnodes:\n\
          \x20 - name: head\n    host: local\n    ip: 127.0.0.1\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
          \x20 - name: w1\n    host: skyspool-runner@127.0.0.2\n    identity: {KEY}\n    accelerators: {{H100: 2}}\n    cpus: 4\n\
-         \x20 - name: w2\n    host: skyspool-runner@127.0.0.3\n    identity: {KEY}\n    accelerators: {{H100: 4}}\n    cpus: 4\n"
+         \x20 - name: w2\n    host: skyspool-runner@127.0.0.3\n    identity: {KEY}\n    accelerators: {{H100: 4}}\n"
     );
     Some(start_with_cluster(&text, &["--kill-grace", "1"]))
 }
@@ -77,6 +78,13 @@ fn ranks_ips_devices_and_merged_logs() {
         "{nodes}"
     );
     assert!(!nodes.contains("DOWN"), "{nodes}");
+    // w2's CPUs were counted on it: the workers are this machine.
+    let nproc = std::thread::available_parallelism().unwrap().get();
+    let w2 = nodes
+        .lines()
+        .find(|l| l.starts_with("w2 "))
+        .unwrap_or_default();
+    assert!(w2.contains(&format!(" 0/{nproc} ")), "{nodes}");
     // 3 nodes with 2 GPUs each: head, w1 and w2 (w2 has 4; it gets 2 of them).
     let id = d.submit(
         "mn.yaml",
