@@ -21,6 +21,7 @@ fn cluster(nodes: usize, gpus: u32) -> Vec<NodeCapacity> {
                 .collect(),
             cpus: Milli::from_units(64),
             available: true,
+            unknown: false,
         })
         .collect()
 }

@@ -4,7 +4,7 @@
 //! All state is in the spool; the loop's memory is a cache rebuilt from it at start-up.
 
 use crate::executor::{self, LaunchPlan, NodeLaunch, RunAs};
-use crate::inventory::{self, Inventory};
+use crate::inventory::{self, Inventory, NodeProbe};
 use crate::queue;
 use crate::remote::SshTarget;
 use crate::resources::Milli;
@@ -357,14 +357,17 @@ enum Msg {
     LauncherGone(u64),
     /// A remote node's health: `None` up, `Some(why)` down.
     NodeHealth(usize, Option<String>),
+    /// What a remote node that did not answer the start-up probe said once it did.
+    NodeProbed(usize, NodeProbe),
 }
 
 /// How often remote nodes are checked (only when the cluster has remote nodes).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Asks every remote node, in parallel, whether it answers and (where the cluster file
-/// declares none) which GPUs it has. This also opens the ssh master connection from the
-/// daemon, so jobs reuse it instead of paying a handshake.
+/// declares none) which GPUs and how many CPUs it has. This also opens the ssh master
+/// connection from the daemon, so jobs reuse it instead of paying a handshake. A node that
+/// does not answer now is asked again when it does (see [`Daemon::handle_msg`]).
 fn probe_remote_nodes(inventory: &mut Inventory, ssh_dir: &Path) {
     let probes: Vec<_> = inventory
         .nodes
@@ -372,24 +375,19 @@ fn probe_remote_nodes(inventory: &mut Inventory, ssh_dir: &Path) {
         .enumerate()
         .filter_map(|(i, n)| {
             let target = SshTarget::of(n, ssh_dir)?;
-            let want_gpus = n.gpus.is_empty() && n.gpu_source.contains("not probed");
-            let want_cpus = n.cpus_to_probe;
+            let wants = n.wants_probe();
             Some(std::thread::spawn(move || {
                 let up = target.run("true", Duration::from_secs(15));
-                let gpus = match (&up, want_gpus) {
-                    (Ok(_), true) => Some(target.probe_gpus()),
-                    _ => None,
+                let probe = match up {
+                    Ok(_) => probe_node(&target, wants),
+                    Err(_) => NodeProbe::default(),
                 };
-                let cpus = match (&up, want_cpus) {
-                    (Ok(_), true) => Some(target.probe_cpus()),
-                    _ => None,
-                };
-                (i, up, gpus, cpus)
+                (i, up, probe)
             }))
         })
         .collect();
     for p in probes {
-        let Ok((i, up, gpus, cpus)) = p.join() else {
+        let Ok((i, up, probe)) = p.join() else {
             continue;
         };
         let Some(node) = inventory.nodes.get_mut(i) else {
@@ -402,35 +400,34 @@ fn probe_remote_nodes(inventory: &mut Inventory, ssh_dir: &Path) {
                 node.down = Some(format!("unreachable: {e}"));
             }
         }
-        match cpus {
-            Some(Ok(n)) => {
-                node.cpus = n;
-                node.cpus_to_probe = false;
-            }
-            Some(Err(e)) => note!(
-                "node {}: could not count its CPUs ({e}): it has none for jobs until the \
-                 daemon restarts (or give `cpus` in the cluster file)",
-                node.name
-            ),
-            None if node.cpus_to_probe => note!(
-                "node {}: its CPUs are counted when it answers at a daemon start (or give \
-                 `cpus` in the cluster file): none for jobs until then",
-                node.name
-            ),
-            None => {}
-        }
-        match gpus {
-            Some(Ok(list)) => {
-                node.gpu_source = if list.is_empty() {
-                    "none (nvidia-smi found no GPU)".into()
-                } else {
-                    "nvidia-smi".into()
-                };
-                node.gpus = list;
-            }
-            Some(Err(e)) => node.gpu_source = format!("none (nvidia-smi failed: {e})"),
-            None => {}
-        }
+        node.take_probe(&probe);
+        note_probe(node, &probe);
+    }
+}
+
+/// Asks an ssh node for what `wants` (from [`inventory::Node::wants_probe`]) names: its GPUs,
+/// its CPUs.
+fn probe_node(target: &SshTarget, (gpus, cpus): (bool, bool)) -> NodeProbe {
+    NodeProbe {
+        gpus: gpus.then(|| target.probe_gpus()),
+        cpus: cpus.then(|| target.probe_cpus()),
+    }
+}
+
+/// Says in the daemon's log what a node's probe left unknown.
+fn note_probe(node: &inventory::Node, probe: &NodeProbe) {
+    if let Some(Err(e)) = &probe.cpus {
+        note!(
+            "node {}: could not count its CPUs ({e}): none for jobs (give `cpus` in the \
+             cluster file)",
+            node.name
+        );
+    } else if node.cpus_to_probe {
+        note!(
+            "node {}: its CPUs are counted when it answers (or give `cpus` in the cluster \
+             file): none for jobs until then",
+            node.name
+        );
     }
 }
 
@@ -448,6 +445,8 @@ struct Daemon {
     exe: PathBuf,
     next_id: JobId,
     tx: mpsc::UnboundedSender<Msg>,
+    /// Remote nodes being asked for their GPUs and CPUs (see [`Msg::NodeProbed`]).
+    probing: HashSet<usize>,
     kill_grace: Duration,
     am_root: bool,
     /// `queue`/`nodes` need rewriting.
@@ -751,6 +750,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         exe,
         next_id,
         tx,
+        probing: HashSet::new(),
         kill_grace: cfg.kill_grace,
         am_root: nix::unistd::geteuid().is_root(),
         dirty: true,
@@ -1412,6 +1412,7 @@ impl Daemon {
     fn handle_msg(&mut self, msg: Msg) {
         match msg {
             Msg::NodeHealth(i, down) => {
+                let ssh_dir = self.ssh_dir();
                 let Some(node) = self.inventory.nodes.get_mut(i) else {
                     return;
                 };
@@ -1422,6 +1423,38 @@ impl Daemon {
                     }
                     node.down = down;
                     self.sched.set_available(i, node.down.is_none());
+                    self.dirty = true;
+                }
+                // A node that did not answer the start-up probe is asked now that it does.
+                let wants = node.wants_probe();
+                let target = SshTarget::of(node, &ssh_dir)
+                    .filter(|_| node.down.is_none() && wants != (false, false));
+                if let Some(target) = target.filter(|_| self.probing.insert(i)) {
+                    let tx = self.tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.send(Msg::NodeProbed(i, probe_node(&target, wants)));
+                    });
+                }
+            }
+            Msg::NodeProbed(i, probe) => {
+                self.probing.remove(&i);
+                let Some(node) = self.inventory.nodes.get(i) else {
+                    return;
+                };
+                let mut found = node.clone();
+                found.take_probe(&probe);
+                // Only onto an idle node (one with none of its CPUs known runs nothing);
+                // otherwise the next health check asks again.
+                if found != *node && self.sched.set_capacity(i, found.capacity()) {
+                    note_probe(&found, &probe);
+                    note!(
+                        "node {}: {} GPU(s) ({}), {} CPUs",
+                        found.name,
+                        found.gpus.len(),
+                        found.gpu_source,
+                        found.cpus
+                    );
+                    self.inventory.nodes[i] = found;
                     self.dirty = true;
                 }
             }

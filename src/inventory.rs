@@ -62,6 +62,70 @@ pub struct Node {
     pub down: Option<String>,
 }
 
+impl Node {
+    /// What the scheduler may place on this node.
+    pub fn capacity(&self) -> NodeCapacity {
+        NodeCapacity {
+            name: self.name.clone(),
+            gpus: self
+                .gpus
+                .iter()
+                .map(|g| GpuSlot {
+                    index: g.index,
+                    kind: g.kind.clone(),
+                })
+                .collect(),
+            cpus: self.cpus,
+            available: self.down.is_none(),
+            unknown: self.wants_probe() != (false, false),
+        }
+    }
+
+    /// Whether this ssh node's GPUs and CPUs are still to be found on it: the cluster file
+    /// gives none, and the node has not answered a probe yet.
+    pub fn wants_probe(&self) -> (bool, bool) {
+        let gpus = self.gpus.is_empty() && self.gpu_source == GPUS_NOT_PROBED;
+        (gpus, self.cpus_to_probe)
+    }
+
+    /// Takes what a probe of this ssh node found (see [`Node::wants_probe`]): its GPUs
+    /// (`nvidia-smi`), its CPUs (`nproc`). A node that answered but could not say is not
+    /// asked again (none; the cluster file can give them).
+    pub fn take_probe(&mut self, probe: &NodeProbe) {
+        match &probe.gpus {
+            Some(Ok(list)) => {
+                self.gpu_source = if list.is_empty() {
+                    "none (nvidia-smi found no GPU)".into()
+                } else {
+                    "nvidia-smi".into()
+                };
+                self.gpus = list.clone();
+            }
+            Some(Err(e)) => self.gpu_source = format!("none (nvidia-smi failed: {e})"),
+            None => {}
+        }
+        match probe.cpus {
+            Some(Ok(n)) => {
+                self.cpus = n;
+                self.cpus_to_probe = false;
+            }
+            Some(Err(_)) => self.cpus_to_probe = false,
+            None => {}
+        }
+    }
+}
+
+/// What asking an ssh node found: `None` for what was not asked (or the node did not
+/// answer).
+#[derive(Clone, Debug, Default)]
+pub struct NodeProbe {
+    pub gpus: Option<Result<Vec<GpuInfo>, String>>,
+    pub cpus: Option<Result<Milli, String>>,
+}
+
+/// The `gpu_source` of an ssh node whose GPUs are to be found with `nvidia-smi`.
+const GPUS_NOT_PROBED: &str = "none (remote node: not probed)";
+
 /// The cluster: its name and its nodes. `nodes[0]` is the head.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
@@ -782,7 +846,7 @@ fn detect_on(
     for p in planned {
         let (gpus, gpu_source) = match p.gpus {
             GpuPlan::Declared(g, src) => (g, src.to_string()),
-            GpuPlan::RemoteUnknown => (Vec::new(), "none (remote node: not probed)".to_string()),
+            GpuPlan::RemoteUnknown => (Vec::new(), GPUS_NOT_PROBED.to_string()),
             GpuPlan::Nvml => match nvml.get_or_insert_with(|| machine.nvml()) {
                 Err(e) => (Vec::new(), format!("none (NVML unavailable: {e})")),
                 Ok(probe) => {
@@ -844,22 +908,7 @@ fn detect_on(
 impl Inventory {
     /// The scheduler's view: one [`NodeCapacity`] per node, in node order.
     pub fn capacities(&self) -> Vec<NodeCapacity> {
-        self.nodes
-            .iter()
-            .map(|n| NodeCapacity {
-                name: n.name.clone(),
-                gpus: n
-                    .gpus
-                    .iter()
-                    .map(|g| GpuSlot {
-                        index: g.index,
-                        kind: g.kind.clone(),
-                    })
-                    .collect(),
-                cpus: n.cpus,
-                available: n.down.is_none(),
-            })
-            .collect()
+        self.nodes.iter().map(Node::capacity).collect()
     }
 
     /// The node called `name`, with its position (its scheduler index).

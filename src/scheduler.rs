@@ -59,6 +59,11 @@ pub struct NodeCapacity {
     pub gpus: Vec<GpuSlot>,
     pub cpus: Milli,
     pub available: bool,
+    /// Its GPUs or CPUs are not known yet (a remote node that has not answered): nothing
+    /// is placed on it, but no job is refused as one that can never run for want of it
+    /// (see [`Scheduler::check_fits_ever`], [`Scheduler::set_capacity`]).
+    #[serde(default)]
+    pub unknown: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,7 +247,7 @@ fn fit_alternative(
 /// fits this node), ignoring its `available` flag.
 fn fit_node(node: usize, cap: &NodeCapacity, st: &NodeState, nd: &NodeDemand) -> Option<NodeFit> {
     let cpus_after = st.cpus_used + nd.cpus;
-    if cpus_after > cap.cpus {
+    if cap.unknown || cpus_after > cap.cpus {
         return None;
     }
     if nd.accelerators.is_empty() {
@@ -461,6 +466,13 @@ fn describe_node_demand(nd: &NodeDemand) -> String {
     }
 }
 
+/// `cap` with its GPUs sorted by index and a repeated index dropped (the first is kept).
+fn normalised(mut cap: NodeCapacity) -> NodeCapacity {
+    cap.gpus.sort_by_key(|g| g.index);
+    cap.gpus.dedup_by_key(|g| g.index);
+    cap
+}
+
 /// The pending queue and running allocations of one cluster.
 #[derive(Clone, Debug)]
 pub struct Scheduler {
@@ -487,14 +499,7 @@ impl Scheduler {
     /// A scheduler for these nodes, all idle. Each node's GPUs are sorted by index;
     /// a repeated index on one node is dropped (the first one is kept).
     pub fn new(nodes: Vec<NodeCapacity>) -> Self {
-        let nodes: Vec<NodeCapacity> = nodes
-            .into_iter()
-            .map(|mut n| {
-                n.gpus.sort_by_key(|g| g.index);
-                n.gpus.dedup_by_key(|g| g.index);
-                n
-            })
-            .collect();
+        let nodes: Vec<NodeCapacity> = nodes.into_iter().map(normalised).collect();
         let state = nodes.iter().map(NodeState::empty).collect();
         Scheduler {
             nodes,
@@ -516,7 +521,8 @@ impl Scheduler {
     }
 
     /// `Err(Unfit::Never)` if `d` could not run on this cluster even when it is
-    /// empty (unavailable nodes count: they may come back).
+    /// empty (unavailable nodes count: they may come back; a node whose capacity is not
+    /// known yet counts as one that can hold it).
     pub fn check_fits_ever(&self, d: &Demand) -> Result<(), Unfit> {
         let never = |s: String| Err(Unfit::Never(s));
         let nd = &d.per_node;
@@ -543,7 +549,9 @@ impl Scheduler {
             .nodes
             .iter()
             .enumerate()
-            .filter(|(i, cap)| fit_node(*i, cap, &NodeState::empty(cap), nd).is_some())
+            .filter(|(i, cap)| {
+                cap.unknown || fit_node(*i, cap, &NodeState::empty(cap), nd).is_some()
+            })
             .count();
         if can_hold >= want {
             return Ok(());
@@ -1005,6 +1013,30 @@ impl Scheduler {
 
     /// Marks a node (un)available for new jobs; running jobs are not touched.
     /// No-op for an unknown node.
+    /// Replaces the capacity of a node on which nothing runs (its GPUs and CPUs, found
+    /// after the start: a remote node that did not answer then). Returns false, changing
+    /// nothing, when a job runs there or there is no such node. A reservation on the node
+    /// is dropped (the next pass makes a new one).
+    pub fn set_capacity(&mut self, node: usize, cap: NodeCapacity) -> bool {
+        let (Some(old), Some(state)) = (self.nodes.get_mut(node), self.state.get_mut(node)) else {
+            return false;
+        };
+        if state.jobs != 0 {
+            return false;
+        }
+        let cap = normalised(cap);
+        *state = NodeState::empty(&cap);
+        *old = cap;
+        if self
+            .reservation
+            .as_ref()
+            .is_some_and(|(_, t)| t.nodes.iter().any(|ng| ng.node == node))
+        {
+            self.reservation = None;
+        }
+        true
+    }
+
     pub fn set_available(&mut self, node: usize, available: bool) {
         if let Some(n) = self.nodes.get_mut(node) {
             n.available = available;
@@ -1119,6 +1151,7 @@ mod tests {
             gpus,
             cpus: Milli::from_units(cpus),
             available: true,
+            unknown: false,
         }
     }
 
@@ -1194,6 +1227,40 @@ mod tests {
         assert_eq!(gpu_indices(&started[0].1), vec![0, 1, 2, 3]);
         assert_eq!(s.pending_len(), 0);
         assert_eq!(s.running_len(), 1);
+    }
+
+    /// A node whose GPUs and CPUs are not known yet (it did not answer at start) gets no
+    /// job, but no job is refused for want of it; once they are set it takes jobs. A node
+    /// with a job on it keeps its capacity.
+    #[test]
+    fn set_capacity_fills_an_idle_node_and_leaves_a_busy_one() {
+        let unknown = NodeCapacity {
+            unknown: true,
+            cpus: Milli::from_units(64),
+            ..node("w1", &[("H100", 8)], 64)
+        };
+        let mut s = Scheduler::new(vec![node("head", &[("H100", 1)], 4), unknown]);
+        let two = demand(2, &[("H100", 1000)], DEFAULT_JOB_CPUS);
+        assert!(s.check_fits_ever(&two).is_ok(), "w1 may hold it");
+        assert!(s.check_fits_ever(&demand(3, &[], Milli::ONE)).is_err());
+        s.enqueue(1, two);
+        s.enqueue(9, demand(1, &[], Milli::ONE));
+        assert_eq!(ids(&s.schedule()), vec![9], "nothing goes to w1 yet");
+        s.release(9);
+        assert!(s.set_capacity(1, node("w1", &[("H100", 2)], 8)));
+        let started = s.schedule();
+        assert_eq!(ids(&started), vec![1]);
+        assert_eq!(started[0].1.nodes[1].node, 1);
+        assert!(
+            !s.set_capacity(1, node("w1", &[("H100", 8)], 64)),
+            "job 1 runs there"
+        );
+        assert!(!s.set_capacity(7, node("w7", &[], 1)), "no such node");
+        s.release(1);
+        s.enqueue(2, demand(1, &[("H100", 2000)], Milli::from_units(8)));
+        let started = s.schedule();
+        assert_eq!(ids(&started), vec![2]);
+        assert_eq!(started[0].1.nodes[0].node, 1, "only w1 has 2 H100");
     }
 
     /// What a node would grant a job if it ran nothing: the prestart's guess of where and
@@ -1566,6 +1633,7 @@ mod tests {
                     gpus,
                     cpus: Milli::from_units(cpus),
                     available: true,
+                    unknown: false,
                 }
             });
         prop::collection::vec(node, 1..=4)

@@ -373,6 +373,93 @@ fn ranks_on_a_node_reached_as_root_run_as_the_submitter() {
     }
 }
 
+/// A second sshd of the test's, on `addr` (same host key and users), stopped on drop.
+struct ExtraSshd(std::process::Child);
+
+impl ExtraSshd {
+    fn start(addr: &str, tmp: &std::path::Path) -> ExtraSshd {
+        let base = std::fs::read_to_string("/run/skyspool-test-sshd/sshd_config")
+            .expect("scripts/test-sshd's config");
+        let text: String = base
+            .lines()
+            .filter(|l| !l.starts_with("ListenAddress") && !l.starts_with("PidFile"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = tmp.join("sshd_config");
+        std::fs::write(
+            &cfg,
+            format!(
+                "ListenAddress {addr}\nPidFile {}\n{text}",
+                tmp.join("sshd.pid").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-f")
+            .arg(&cfg)
+            .spawn()
+            .expect("sshd");
+        ExtraSshd(child)
+    }
+}
+
+impl Drop for ExtraSshd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A worker that does not answer when the daemon starts (its GPUs and CPUs not in the
+/// cluster file) is asked for them once it answers, and then takes jobs: no restart needed.
+#[test]
+fn a_worker_that_comes_up_later_is_probed_then_and_takes_jobs() {
+    if !sshd_up() {
+        return;
+    }
+    let text = format!(
+        "nodes:\n\
+         \x20 - name: head\n    host: local\n    accelerators: {{}}\n    cpus: 1\n\
+         \x20 - name: late\n    host: skyspool-runner@127.0.0.4\n    identity: {KEY}\n"
+    );
+    let mut d = start_with_cluster(&text, &[]);
+    let line = |d: &Daemon| {
+        std::fs::read_to_string(d.path("nodes"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("late "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line(&d).contains("0/0") && line(&d).contains("DOWN"),
+        "{}",
+        line(&d)
+    );
+    let id = d.submit(
+        "two.yaml",
+        "num_nodes: 2\nrun: echo \"on $SKYPILOT_NODE_RANK\"\n",
+    );
+    assert_eq!(d.status(id), "PENDING");
+    let tmp = tempfile::tempdir().unwrap();
+    let _sshd = ExtraSshd::start("127.0.0.4:22", tmp.path());
+    let nproc = std::thread::available_parallelism().unwrap().get();
+    wait_until(
+        DEADLINE,
+        "the late worker to be up with its CPUs counted",
+        || {
+            let l = line(&d);
+            l.contains(" up ") && l.contains("none (nvidia-smi found no GPU)")
+        },
+        || d.diagnostics(),
+    );
+    d.wait_done(id, "SUCCEEDED");
+    assert!(line(&d).contains(&format!("/{nproc} ")), "{}", line(&d));
+    let log = d.log(id);
+    assert!(log.contains("on 0") && log.contains("on 1"), "{log}");
+}
+
 /// Waits until every process of `pids` has ended.
 fn wait_gone(d: &Daemon, pids: Vec<u32>, what: &str) {
     for pid in pids {
