@@ -316,6 +316,7 @@ pub fn kill_remote_rank(target: &SshTarget, tag: &str, rank: u32) {
             Duration::from_secs(15),
         );
     }
+    let _ = target.run(&remote::sweep_command(tag, rank), Duration::from_secs(15));
     let _ = target.run(
         &format!("rm -rf {}", remote::shell_quote(&dir)),
         Duration::from_secs(15),
@@ -2142,7 +2143,9 @@ fn spawn_remote_rank(
     let env = rank_env(plan, phase, node);
     let text = script_text(body, &cd, &exports(&env));
     let user = plan.user.switch.then_some(plan.user.name.as_str());
-    let mut cmd = target.command(&remote::rank_wrapper(&dir, phase, user));
+    let mut cmd = target.command(&remote::rank_wrapper(
+        &dir, phase, user, &plan.tag, node.rank,
+    ));
     cmd.stdin(Stdio::piped());
     let reader = attach_output(&mut cmd, sink)?;
     own_group_with_default_signals(&mut cmd);

@@ -199,20 +199,51 @@ pub fn shell_quote(s: &str) -> String {
 /// The remote side of one rank of one phase: saves the script it reads on stdin in a
 /// private directory, runs it with bash in a session (and so a process group) of its own,
 /// records that group's id for cancels, waits, kills what the job left behind, and exits
-/// with the job's code.
+/// with the job's code. What it left behind is its process group, and, once the rank is
+/// over (after `run`, or a failed `setup`), every process of the rank that left the group
+/// (`setsid`, a daemon): see [`sweep_command`].
 ///
 /// `user` is the job's submitter when the head runs jobs as their submitters (a daemon run
 /// as root). Where the node is reached as root, the rank then runs as that user too (see
 /// [`switch_user`]); where it is reached as anyone else, it runs as that ssh user, the only
 /// account the head can act as there.
-pub fn rank_wrapper(remote_dir: &str, phase: &str, user: Option<&str>) -> String {
+pub fn rank_wrapper(
+    remote_dir: &str,
+    phase: &str,
+    user: Option<&str>,
+    tag: &str,
+    rank: u32,
+) -> String {
     let d = shell_quote(remote_dir);
     let switch = user.map(|u| switch_user(u, phase)).unwrap_or_default();
+    let rank_over = match phase {
+        "setup" => "[ $rc != 0 ]",
+        _ => "true",
+    };
     format!(
         "{} d={d}; cat > \"$d/{phase}.sh\" || exit 255; set --; {switch}\
          setsid \"$@\" bash --noprofile --norc \"$d/{phase}.sh\" </dev/null & p=$!; \
-         echo $p > \"$d/{phase}.pid\"; wait $p; rc=$?; kill -KILL -- -$p 2>/dev/null; exit $rc",
-        private_dir(remote_dir)
+         echo $p > \"$d/{phase}.pid\"; wait $p; rc=$?; kill -KILL -- -$p 2>/dev/null; \
+         if {rank_over}; then {}; fi; exit $rc",
+        private_dir(remote_dir),
+        sweep_command(tag, rank)
+    )
+}
+
+/// Shell commands that SIGKILL, until none is left, every process on the node whose
+/// environment holds the job's tag (`SKYSPOOL_JOB_TAG`, which every process of the job
+/// inherits, daemonized ones included) and this rank's `SKYPILOT_NODE_RANK` (or
+/// `SKYPILOT_SETUP_NODE_RANK`): another rank of the job on the same machine keeps its own.
+/// The remote counterpart of the head's subreaper; like it, it misses only a process that
+/// rewrote its environment. Run as the ssh user, it sees only that user's processes.
+pub fn sweep_command(tag: &str, rank: u32) -> String {
+    let t = shell_quote(&format!("{}={tag}", crate::executor::TAG_VAR));
+    format!(
+        "for _ in 1 2 3 4 5 6 7 8 9 10; do \
+         l=$(grep -lzxF -e {t} /proc/[0-9]*/environ 2>/dev/null | \
+         xargs -r grep -lzxE 'SKYPILOT_(SETUP_)?NODE_RANK={rank}' 2>/dev/null | \
+         sed 's|^/proc/||; s|/environ$||'); [ -n \"$l\" ] || break; \
+         kill -KILL $l 2>/dev/null; sleep 0.05; done"
     )
 }
 
@@ -339,7 +370,7 @@ mod tests {
         use std::io::Write;
         let mut child = Command::new("sh")
             .arg("-c")
-            .arg(rank_wrapper(&dir.to_string_lossy(), "run", user))
+            .arg(rank_wrapper(&dir.to_string_lossy(), "run", user, "t-1", 1))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -416,7 +447,7 @@ mod tests {
 
     #[test]
     fn wrapper_names_its_files() {
-        let w = rank_wrapper("/tmp/skyspool-x-r1", "run", None);
+        let w = rank_wrapper("/tmp/skyspool-x-r1", "run", None, "x", 1);
         assert!(w.contains("/tmp/skyspool-x-r1"));
         assert!(w.contains("run.pid"));
         assert!(signal_command("/tmp/d", "run", "TERM").contains("kill -TERM -- -$p"));

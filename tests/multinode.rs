@@ -195,6 +195,36 @@ fn failing_rank_stops_the_others_everywhere() {
     }
 }
 
+/// A process a remote rank daemonizes out of its process group (`setsid`) is killed when
+/// the rank is over, like one on the head (its subreaper): found by the job's tag and the
+/// rank, so another rank of the job on the same machine runs on untouched.
+#[test]
+fn a_remote_rank_leaves_no_daemonized_process_behind() {
+    let Some(mut d) = start() else { return };
+    let s = d.scratch();
+    let id = d.submit(
+        "daemonize.yaml",
+        &format!(
+            "num_nodes: 3\nresources:\n  accelerators: H100:1\nrun: |\n  \
+             case $SKYPILOT_NODE_RANK in\n  \
+             1) setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo $! >> {s}/escaped ;;\n  \
+             2) sleep 3; echo rank 2 survived ;;\n  \
+             esac\n",
+            s = s.display()
+        ),
+    );
+    wait_until(
+        DEADLINE,
+        "rank 1's daemonized sleep",
+        || !pids_in(&s.join("escaped")).is_empty(),
+        || d.diagnostics(),
+    );
+    let escaped = pids_in(&s.join("escaped"));
+    wait_gone(&d, escaped.clone(), "rank 1's daemonized sleep");
+    d.wait_done(id, "SUCCEEDED");
+    assert!(d.log(id).contains("rank 2 survived"), "{}", d.log(id));
+}
+
 #[test]
 fn cancel_stops_every_node() {
     let Some(mut d) = start() else { return };
