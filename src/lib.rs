@@ -7,11 +7,15 @@
 //! - [`inventory`]: nodes and GPUs (NVML, flags or a cluster file).
 //! - [`spool`]: every on-disk file and atomic move (`spool-layout.md` is its contract).
 //! - [`journal`]: the admission journal (a batch made durable with one fsync).
-//! - [`executor`]: the per-job supervisor that runs setup/run and records the outcome.
+//! - [`executor`]: the per-job supervisor that runs setup/run and records the outcome, and
+//!   the launcher that forks supervisors.
 //! - [`spawn`]: starts a job's process as its user without copying the supervisor.
 //! - [`watcher`]: inotify on the spool.
 //! - [`recheck`]: submissions to look at again when a writer still had them open.
 //! - [`daemon`]: the event loop tying them together.
+//! - [`remote`]: ssh and rsync to other nodes.
+//! - [`queue`]: the `queue` table.
+//! - [`view`], [`fuse`]: what the daemon shares with the FUSE mount, and the mount.
 //! - [`cli`]: the command-line front end.
 
 pub mod cli;
