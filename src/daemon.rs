@@ -391,6 +391,9 @@ struct Daemon {
     tx: mpsc::UnboundedSender<Msg>,
     /// Remote nodes being asked for their GPUs and CPUs (see [`Msg::NodeProbed`]).
     probing: HashSet<usize>,
+    /// Queued jobs told they can never run on the cluster as it is (see
+    /// [`Daemon::warn_unfit_pending`]).
+    warned_unfit: HashSet<JobId>,
     kill_grace: Duration,
     am_root: bool,
     /// `queue`/`nodes` need rewriting.
@@ -695,6 +698,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         next_id,
         tx,
         probing: HashSet::new(),
+        warned_unfit: HashSet::new(),
         kill_grace: cfg.kill_grace,
         am_root: nix::unistd::geteuid().is_root(),
         dirty: true,
@@ -765,6 +769,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
             .join(", ")
     );
     d.recover()?;
+    d.warn_unfit_pending();
     d.rescan();
     d.after_batch();
     d.start_health_checks();
@@ -939,6 +944,39 @@ impl Admission {
 impl Daemon {
     // ------------------------------------------------------------------ records
 
+    /// Says, in the daemon's log and each job's `log`, which queued jobs can never run on
+    /// the cluster as it is now: its nodes changed since they were admitted (a restart with
+    /// another cluster file or fewer GPUs, a node found smaller than thought). They stay
+    /// queued, nothing is lost: the cluster put back runs them, `cancel` drops them. A node
+    /// not known yet counts as able to hold anything. Each job is told once per daemon.
+    fn warn_unfit_pending(&mut self) {
+        let unfit: Vec<(JobId, String)> = self
+            .sched
+            .pending_ids()
+            .filter(|id| !self.warned_unfit.contains(id))
+            .filter_map(|id| {
+                let demand = self.sched.pending_demand(id)?;
+                let why = self.sched.check_fits_ever(demand).err()?;
+                Some((id, why.to_string()))
+            })
+            .collect();
+        let cluster = &self.inventory.cluster_name;
+        for (id, why) in unfit {
+            self.warned_unfit.insert(id);
+            note!(
+                "job {id} can never run on cluster {cluster} as it is now: {why}; it stays queued"
+            );
+            let _ = self.spool.append_log(
+                id,
+                &format!(
+                    "skyspool: this job can never run on cluster {cluster} as it is now: {why}. \
+                     It stays queued (it runs if the cluster gets what it needs); cancel it to \
+                     drop it."
+                ),
+            );
+        }
+    }
+
     fn enqueue(&mut self, id: JobId) {
         if let Some(info) = self.jobs.get(&id) {
             let since = epoch_ms(&info.submitted);
@@ -1089,6 +1127,7 @@ impl Daemon {
                     );
                     self.inventory.nodes[i] = found;
                     self.dirty = true;
+                    self.warn_unfit_pending();
                 }
             }
             Msg::Launched(gen, pid) => {

@@ -584,3 +584,37 @@ fn crash_after_hand_over_before_info_is_readopted() {
     );
     assert_eq!(count_lines(&ran, "b"), 1);
 }
+
+/// A queued job that the cluster can no longer hold after a restart (fewer GPUs) is told
+/// so in its `log` and in the daemon's, and stays queued (nothing is lost: the GPUs put
+/// back would run it); it never starts on what is left, and `cancel` drops it.
+#[test]
+fn a_queued_job_the_restarted_cluster_cannot_hold_is_told_and_kept() {
+    let mut d = Daemon::start(&["--gpus", "H100:2"]);
+    let s = d.scratch();
+    let gate = Gate::new(&s, "hold");
+    let holder = d.submit("hold.yaml", &held_job("hold", &s.join("ran"), &gate));
+    wait_held_running(&d, holder, "the holder to run");
+    let big = d.submit("big.yaml", &once_job("big", Some("H100:2"), &s.join("ran")));
+    assert_eq!(d.status(big), "PENDING");
+    d.kill9();
+    for a in d.args.iter_mut().filter(|a| *a == "H100:2") {
+        *a = "H100:1".into();
+    }
+    d.spawn();
+    d.wait_daemon_log(
+        &format!("job {big} can never run on cluster"),
+        "the daemon to say job 2 can never run",
+    );
+    let log = d.log(big);
+    assert!(
+        log.contains("this job can never run on cluster") && log.contains("It stays queued"),
+        "{log}"
+    );
+    gate.open();
+    d.wait_done(holder, "SUCCEEDED");
+    assert_eq!(d.status(big), "PENDING", "{}", d.diagnostics());
+    d.cancel(big);
+    d.wait_done(big, "CANCELLED");
+    assert!(!d.log(big).contains("big-ran"), "{}", d.log(big));
+}
