@@ -1083,7 +1083,6 @@ impl Daemon {
     fn handle_msg(&mut self, msg: Msg) {
         match msg {
             Msg::NodeHealth(i, down) => {
-                let ssh_dir = self.ssh_dir();
                 let Some(node) = self.inventory.nodes.get_mut(i) else {
                     return;
                 };
@@ -1097,10 +1096,12 @@ impl Daemon {
                     self.dirty = true;
                 }
                 // A node that did not answer the start-up probe is asked now that it does.
-                let wants = node.wants_probe();
-                let target = SshTarget::of(node, &ssh_dir)
-                    .filter(|_| node.down.is_none() && wants != (false, false));
-                if let Some(target) = target.filter(|_| self.probing.insert(i)) {
+                let (up, wants) = (node.down.is_none(), node.wants_probe());
+                if !up || wants == (false, false) || self.probing.contains(&i) {
+                    return;
+                }
+                if let Some(target) = SshTarget::of(&self.inventory.nodes[i], &self.ssh_dir()) {
+                    self.probing.insert(i);
                     let tx = self.tx.clone();
                     tokio::task::spawn_blocking(move || {
                         let _ = tx.send(Msg::NodeProbed(i, probe_node(&target, wants)));

@@ -330,9 +330,12 @@ pub fn kill_remote_rank(target: &SshTarget, tag: &str, rank: u32) {
             Duration::from_secs(15),
         );
     }
-    let _ = target.run(&remote::sweep_command(tag, rank), Duration::from_secs(15));
     let _ = target.run(
-        &format!("rm -rf {}", remote::shell_quote(&dir)),
+        &format!(
+            "{}; rm -rf {}",
+            remote::sweep_command(tag, rank),
+            remote::shell_quote(&dir)
+        ),
         Duration::from_secs(15),
     );
 }

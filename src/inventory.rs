@@ -42,7 +42,8 @@ pub struct Node {
     pub gpus: Vec<GpuInfo>,
     pub cpus: Milli,
     /// An ssh node whose cluster file entry gives no `cpus`: they are counted on the node
-    /// (`nproc` over ssh) when the daemon starts; 0 until then.
+    /// (`nproc` over ssh) when the daemon starts, or when the node first answers after
+    /// that; 0 until then.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cpus_to_probe: bool,
     /// Where `gpus` came from: `nvml`, `declared (--gpus)`, `declared (config)`,

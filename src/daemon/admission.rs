@@ -294,17 +294,7 @@ impl Daemon {
                     },
                 );
             }
-            note!(
-                "job {id} ({}) admitted from {} for {}, needs {}",
-                info.name,
-                info.source,
-                info.user,
-                info.resources
-            );
-            self.jobs.insert(id, info);
-            self.touched.insert(id);
-            let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
-            self.dirty = true;
+            self.record_admitted(id, info, "");
             let launched = this_early.is_some_and(|e| e.launched.is_some());
             let spec = if launched {
                 Some(adm.spec)
@@ -415,18 +405,8 @@ impl Daemon {
         }
         let _ = spool::sync_dir(&self.spool.jobs());
         let _ = spool::sync_dir(&self.spool.state_dir(State::Pending));
-        note!(
-            "job {id} ({}) admitted from {} (through the mount) for {}, needs {}",
-            info.name,
-            info.source,
-            info.user,
-            info.resources
-        );
-        self.jobs.insert(id, info);
-        self.touched.insert(id);
-        let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
+        self.record_admitted(id, info, " (through the mount)");
         self.enqueue(id);
-        self.dirty = true;
         Ok(id)
     }
 
@@ -542,5 +522,21 @@ impl Daemon {
             exit_codes: vec![],
             reason: None,
         }
+    }
+
+    /// Takes a job just published into the records: said in the daemon's log (`how` it
+    /// came, after its source), watched, and shown at the next render.
+    pub(super) fn record_admitted(&mut self, id: JobId, info: JobInfo, how: &str) {
+        note!(
+            "job {id} ({}) admitted from {}{how} for {}, needs {}",
+            info.name,
+            info.source,
+            info.user,
+            info.resources
+        );
+        self.jobs.insert(id, info);
+        self.touched.insert(id);
+        let _ = self.watcher.watch_job(id, &self.spool.job_dir(id));
+        self.dirty = true;
     }
 }
