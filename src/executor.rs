@@ -758,21 +758,13 @@ mod tests {
         let script = format!(
             "{GATE_LINE}printf '%s|' \"$KEEP\" \"$CHANGE\" \"${{NEW-unset}}\" \"${{GONE-unset}}\" \"${{_skyspool_env-unset}}\""
         );
-        let mut child = Command::new("/bin/bash")
-            .args(["--noprofile", "--norc", "-c", &script])
-            .env_clear()
-            .envs(&from)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(line.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = crate::output_with_stdin(
+            Command::new("/bin/bash")
+                .args(["--noprofile", "--norc", "-c", &script])
+                .env_clear()
+                .envs(&from),
+            line.as_bytes(),
+        );
         assert_eq!(
             String::from_utf8(out.stdout).unwrap(),
             format!("same|{odd}||unset|unset|")

@@ -49,3 +49,27 @@ pub(crate) fn root_or_skip(test: &str) -> bool {
     eprintln!("SKIPPED (not a pass): {why}");
     false
 }
+
+/// Runs `cmd` with `input` on its stdin and its stdout and stderr captured (unit tests that
+/// feed a shell a script).
+#[cfg(test)]
+pub(crate) fn output_with_stdin(
+    cmd: &mut std::process::Command,
+    input: &[u8],
+) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}

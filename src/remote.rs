@@ -367,22 +367,16 @@ mod tests {
         user: Option<&str>,
         script: &str,
     ) -> (i32, String, String) {
-        use std::io::Write;
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(rank_wrapper(&dir.to_string_lossy(), "run", user, "t-1", 1))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = crate::output_with_stdin(
+            Command::new("sh").arg("-c").arg(rank_wrapper(
+                &dir.to_string_lossy(),
+                "run",
+                user,
+                "t-1",
+                1,
+            )),
+            script.as_bytes(),
+        );
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -1236,7 +1236,6 @@ mod tests {
     fn set_capacity_fills_an_idle_node_and_leaves_a_busy_one() {
         let unknown = NodeCapacity {
             unknown: true,
-            cpus: Milli::from_units(64),
             ..node("w1", &[("H100", 8)], 64)
         };
         let mut s = Scheduler::new(vec![node("head", &[("H100", 1)], 4), unknown]);
