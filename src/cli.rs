@@ -170,8 +170,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Submit { files, detach } => submit(&Spool::at(&cli.spool), &files, detach),
         Command::Queue { active } => {
-            let rows = queue_rows(&Spool::at(&cli.spool), active)?;
-            print!("{}", queue::render_rows(&rows));
+            print_queue(&Spool::at(&cli.spool), active)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Logs { id, follow } => logs(&Spool::at(&cli.spool), id, follow),
@@ -208,53 +207,74 @@ pub fn status_exit_code(s: Status) -> u8 {
     }
 }
 
+/// Prints `skyspool queue`: the rows of [`queue_rows`], laid out.
+fn print_queue(spool: &Spool, active: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let table = std::fs::read_to_string(spool.root().join("queue")).ok();
+    let rows = queue_rows(spool, table.as_deref(), active)?;
+    let mut out = std::io::stdout().lock();
+    match out
+        .write_all(queue::render_rows(&rows).as_bytes())
+        .and_then(|()| out.flush())
+    {
+        // (`skyspool queue | head`: the reader has what it wanted.)
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// The rows of `skyspool queue`, newest first. Rows that cannot have changed since the
-/// daemon last wrote its `queue` file are taken from it: an ended job's (final), and a
-/// pending job's while it is still linked from `pending/` (nothing in a pending row changes
-/// before it leaves). Every other job is read from its records (`info.json`, `status`). With
-/// 10,000 finished jobs this reads one file and a directory instead of 20,000 files.
-fn queue_rows(spool: &Spool, active: bool) -> anyhow::Result<Vec<[String; 8]>> {
-    use std::collections::{BTreeMap, BTreeSet};
+/// daemon last wrote its `queue` file (`table`) are taken from it: an ended job's (final),
+/// and a pending job's while it is still linked from `pending/` (nothing in a pending row
+/// changes before it leaves). Every other job is read from its records (`info.json`,
+/// `status`). With 10,000 finished jobs this reads one file and a directory instead of
+/// 20,000 files, and cuts the file's rows without copying them.
+fn queue_rows<'t>(
+    spool: &Spool,
+    table: Option<&'t str>,
+    active: bool,
+) -> anyhow::Result<Vec<queue::Cells<'t>>> {
     let now = chrono::Utc::now();
     // pending/ before running/: a job moving between them is seen in one of the two.
-    let pending: BTreeSet<JobId> = spool
-        .state_ids(spool::State::Pending)
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let ids: BTreeSet<JobId> = if active {
+    // (Sorted: both are looked up by binary search.)
+    let pending = spool.state_ids(spool::State::Pending).unwrap_or_default();
+    let ids = if active {
         let mut ids = pending.clone();
         ids.extend(spool.state_ids(spool::State::Running).unwrap_or_default());
+        ids.sort_unstable();
+        ids.dedup();
         ids
     } else {
-        spool.job_ids()?.into_iter().collect()
+        spool.job_ids()?
     };
-    let mut rows: BTreeMap<JobId, [String; 8]> = BTreeMap::new();
-    let table = std::fs::read_to_string(spool.root().join("queue")).ok();
-    for cells in table
-        .as_deref()
-        .and_then(queue::parse_table)
-        .unwrap_or_default()
-    {
+    let has = |set: &[JobId], id: &JobId| set.binary_search(id).is_ok();
+    let mut relative = queue::Relative::new(now);
+    let mut rows: Vec<(JobId, queue::Cells<'t>)> = Vec::with_capacity(ids.len());
+    for cells in table.and_then(queue::parse_table).unwrap_or_default() {
         let Ok(id) = cells[0].parse::<JobId>() else {
             continue;
         };
-        if !ids.contains(&id) {
+        if !has(&ids, &id) {
             continue;
         }
         let status = spool::Status::parse(&cells[7]);
         let current = match status {
             // (Listing only active jobs, an ended one is checked against its records.)
             Some(s) if s.is_terminal() => !active,
-            Some(spool::Status::Pending) => pending.contains(&id),
+            Some(spool::Status::Pending) => has(&pending, &id),
             _ => false,
         };
         if current {
-            rows.insert(id, queue::relative_cells(cells, now));
+            rows.push((id, relative.cells(cells)));
         }
     }
+    // A table the daemon wrote lists each job once, newest first; anything else is sorted
+    // the same way below.
+    rows.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
+    rows.dedup_by_key(|r| r.0);
+    let from_table: Vec<JobId> = rows.iter().rev().map(|r| r.0).collect();
     for &id in &ids {
-        if rows.contains_key(&id) {
+        if has(&from_table, &id) {
             continue;
         }
         let Some(info) = current_info(spool, id) else {
@@ -263,9 +283,13 @@ fn queue_rows(spool: &Spool, active: bool) -> anyhow::Result<Vec<[String; 8]>> {
         if active && info.status.is_terminal() {
             continue;
         }
-        rows.insert(id, queue::row_cells(&info, now, TimeStyle::Relative));
+        rows.push((
+            id,
+            queue::row_cells(&info, now, TimeStyle::Relative).map(std::borrow::Cow::Owned),
+        ));
     }
-    Ok(rows.into_values().rev().collect())
+    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    Ok(rows.into_iter().map(|(_, cells)| cells).collect())
 }
 
 /// A job's record with its current status (`status` is authoritative, `info.json` may lag).

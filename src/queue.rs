@@ -2,6 +2,7 @@
 
 use crate::spool::JobInfo;
 use chrono::{DateTime, Local, Utc};
+use std::borrow::Cow;
 
 /// How times are shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,19 +97,31 @@ pub fn row_cells(job: &JobInfo, now: DateTime<Utc>, style: TimeStyle) -> [String
 /// spaces, no trailing blanks (for `cut`/`awk` users). Written by hand rather than with a
 /// table crate: the daemon re-lays out 10,000-row queues many times a second, and comfy-table
 /// took ~100 ms for that (measured), which saturated the daemon.
-fn layout<'a>(rows: impl Iterator<Item = &'a [String; 8]> + Clone) -> String {
-    let mut widths: [usize; 8] = HEADER.map(|h| h.chars().count());
+fn layout<'a, S: AsRef<str> + 'a>(rows: impl Iterator<Item = &'a [S; 8]> + Clone) -> String {
+    let mut widths: [usize; 8] = HEADER.map(width);
+    let mut bytes = 0;
     for row in rows.clone() {
         for (w, cell) in widths.iter_mut().zip(row.iter()) {
-            *w = (*w).max(cell.chars().count());
+            let cell = cell.as_ref();
+            *w = (*w).max(width(cell));
+            bytes += cell.len();
         }
     }
-    let mut out = String::new();
+    let mut out = String::with_capacity(bytes + widths.iter().sum::<usize>() + 17);
     push_line(&mut out, HEADER.iter().copied(), &widths);
     for row in rows {
-        push_line(&mut out, row.iter().map(String::as_str), &widths);
+        push_line(&mut out, row.iter().map(AsRef::as_ref), &widths);
     }
     out
+}
+
+/// A cell's width in characters (as `layout` pads them).
+fn width(cell: &str) -> usize {
+    if cell.is_ascii() {
+        cell.len()
+    } else {
+        cell.chars().count()
+    }
 }
 
 /// Appends one line of the table: each cell padded to its column's width plus two spaces,
@@ -119,7 +132,7 @@ fn push_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>, widths:
     for (i, cell) in cells.enumerate() {
         out.push_str(cell);
         if i + 1 < widths.len() {
-            let mut pad = widths[i].saturating_sub(cell.chars().count()) + 2;
+            let mut pad = widths[i].saturating_sub(width(cell)) + 2;
             while pad > 0 {
                 let n = pad.min(SPACES.len());
                 out.push_str(&SPACES[..n]);
@@ -132,9 +145,15 @@ fn push_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>, widths:
     out.push('\n');
 }
 
+/// One row's cells: borrowed from the table they were cut from where they could be,
+/// owned where they were made.
+pub type Cells<'a> = [Cow<'a, str>; 8];
+
 /// The rows of a table [`layout`] made (the `queue` file), each cut into its 8 cells at the
 /// header's column starts (so a cell may hold spaces). `None` when the header is not ours.
-pub fn parse_table(text: &str) -> Option<Vec<[String; 8]>> {
+/// The cells of an ASCII line are slices of `text` (a 10,000-row table is cut without
+/// allocating a cell).
+pub fn parse_table(text: &str) -> Option<Vec<Cells<'_>>> {
     let mut lines = text.lines();
     let header: Vec<char> = lines.next()?.chars().collect();
     let mut starts = [0usize; 8];
@@ -156,30 +175,57 @@ pub fn parse_table(text: &str) -> Option<Vec<[String; 8]>> {
             // Character and byte offsets agree: slice the line itself.
             let len = line.len();
             rows.push(std::array::from_fn(|i| {
-                line[starts[i].min(len)..end(i, len)].trim().to_string()
+                Cow::Borrowed(line[starts[i].min(len)..end(i, len)].trim())
             }));
         } else {
             let chars: Vec<char> = line.chars().collect();
             let len = chars.len();
             rows.push(std::array::from_fn(|i| {
                 let cell: String = chars[starts[i].min(len)..end(i, len)].iter().collect();
-                cell.trim().to_string()
+                Cow::Owned(cell.trim().to_string())
             }));
         }
     }
     Some(rows)
 }
 
-/// A `queue` file row (absolute times) as `skyspool queue` shows it (relative times). Only
-/// for rows whose cells cannot have changed since the file was written (ended jobs, and
-/// pending jobs still linked from `pending/`).
-pub fn relative_cells(mut cells: [String; 8], now: DateTime<Utc>) -> [String; 8] {
-    for i in [3, 4] {
-        if let Some(t) = parse_local(&cells[i]) {
-            cells[i] = format_time(Some(t), now, TimeStyle::Relative);
+/// Turns the absolute times of `queue` file rows into relative ones, as `skyspool queue`
+/// shows them. Only for rows whose cells cannot have changed since the file was written
+/// (ended jobs, and pending jobs still linked from `pending/`). Each distinct time is read
+/// once: jobs submitted together share their second.
+pub struct Relative<'a> {
+    now: DateTime<Utc>,
+    seen: std::collections::HashMap<&'a str, Option<String>>,
+}
+
+impl<'a> Relative<'a> {
+    pub fn new(now: DateTime<Utc>) -> Self {
+        Self {
+            now,
+            seen: std::collections::HashMap::new(),
         }
     }
-    cells
+
+    /// `cells` with its SUBMITTED and STARTED cells relative to `now`.
+    pub fn cells(&mut self, mut cells: Cells<'a>) -> Cells<'a> {
+        for i in [3, 4] {
+            let Cow::Borrowed(cell) = cells[i] else {
+                // (Cut from a non-ASCII line: never one of ours.)
+                if let Some(t) = parse_local(&cells[i]) {
+                    cells[i] = Cow::Owned(format_time(Some(t), self.now, TimeStyle::Relative));
+                }
+                continue;
+            };
+            let now = self.now;
+            let relative = self.seen.entry(cell).or_insert_with(|| {
+                parse_local(cell).map(|t| format_time(Some(t), now, TimeStyle::Relative))
+            });
+            if let Some(r) = relative {
+                cells[i] = Cow::Owned(r.clone());
+            }
+        }
+        cells
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in local time (what [`TimeStyle::Absolute`] writes), read by
@@ -203,7 +249,7 @@ fn parse_local(cell: &str) -> Option<DateTime<Utc>> {
 }
 
 /// Lays out rows given newest first.
-pub fn render_rows(rows: &[[String; 8]]) -> String {
+pub fn render_rows<S: AsRef<str>>(rows: &[[S; 8]]) -> String {
     layout(rows.iter())
 }
 
@@ -410,12 +456,21 @@ mod tests {
         let text = render(&[&a, &b], now, TimeStyle::Absolute);
         let rows = parse_table(&text).expect("our own header");
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0], row_cells(&b, now, TimeStyle::Absolute));
-        assert_eq!(rows[1], row_cells(&a, now, TimeStyle::Absolute));
         assert_eq!(
-            relative_cells(rows[1].clone(), now),
-            row_cells(&a, now, TimeStyle::Relative)
+            rows[0],
+            row_cells(&b, now, TimeStyle::Absolute).map(Cow::<str>::Owned)
         );
+        assert_eq!(
+            rows[1],
+            row_cells(&a, now, TimeStyle::Absolute).map(Cow::<str>::Owned)
+        );
+        let mut relative = Relative::new(now);
+        for _ in 0..2 {
+            assert_eq!(
+                relative.cells(rows[1].clone()),
+                row_cells(&a, now, TimeStyle::Relative).map(Cow::<str>::Owned)
+            );
+        }
         assert!(parse_table("NOT A QUEUE\n1 2 3\n").is_none());
     }
 
