@@ -1309,6 +1309,59 @@ fn finish_claimed_entries(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The stem of `name` when it is a temporary file the daemon writes and renames at once:
+/// `.STEM.tmp.PID` ([`write_atomic`]) or a state link's `.ID.tmp` ([`Spool::link_state`]).
+fn is_daemon_temp(name: &OsStr) -> Option<&str> {
+    let rest = name.to_str()?.strip_prefix('.')?;
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let (stem, pid) = rest.rsplit_once(".tmp")?;
+    let ours = pid.is_empty() || pid.strip_prefix('.').is_some_and(digits);
+    (ours && !stem.is_empty()).then_some(stem)
+}
+
+impl Spool {
+    /// Removes the temporary files a killed daemon left where the daemon writes them (the
+    /// spool's root, `rejected/`, the state directories): written and renamed by one step of
+    /// a daemon, they were never renamed when it died there. Only this user's regular files
+    /// and links of the daemon's naming are removed (`rejected/` is writable by everyone).
+    /// Run at start-up, under the daemon's lock. Returns how many were removed.
+    pub fn remove_stale_temps(&self) -> usize {
+        let mut dirs = vec![self.root.clone(), self.rejected()];
+        dirs.extend(State::ALL.into_iter().map(|s| self.state_dir(s)));
+        dirs.iter().map(|dir| remove_own_temps(dir, |_| true)).sum()
+    }
+
+    /// [`Spool::remove_stale_temps`] in job `id`'s directory, for its `info.json` only (the
+    /// daemon's; where the filesystem cannot exchange files, it is replaced through a
+    /// temporary file). A `status` temporary may be a live supervisor's, so it stays.
+    pub fn remove_stale_info_temps(&self, id: JobId) -> usize {
+        remove_own_temps(&self.job_dir(id), |stem| stem == "info.json")
+    }
+}
+
+/// Removes `dir`'s temporary files of the daemon's naming ([`is_daemon_temp`]) whose stem
+/// `wanted` accepts, when they are this user's regular files or links.
+fn remove_own_temps(dir: &Path, wanted: impl Fn(&str) -> bool) -> usize {
+    let me = nix::unistd::geteuid().as_raw();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        if !is_daemon_temp(&entry.file_name()).is_some_and(&wanted) {
+            continue;
+        }
+        // (`DirEntry::metadata` does not follow a link.)
+        let ours = entry.metadata().is_ok_and(|m| {
+            m.uid() == me && (m.file_type().is_file() || m.file_type().is_symlink())
+        });
+        if ours && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Undoes what a launch left in a staging directory `dir` (see the daemon's early launch):
 /// its `.sky/supervisor.lock` removed, its `log` emptied. Only for a launch whose gate never
 /// opened.
@@ -1327,6 +1380,53 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a daemon killed between writing a temporary file and renaming it left behind
+    /// goes at the next start; anything else of a similar name stays.
+    #[test]
+    fn stale_temps_are_removed_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spool = Spool::create(tmp.path().join("s")).unwrap();
+        let gone = [
+            spool.root().join(".nodes.json.tmp.4242"),
+            spool.rejected().join(".bad.yaml.reason.tmp.17"),
+            spool.rejected().join(".bad.yaml.tmp.17"),
+        ];
+        for p in &gone {
+            fs::write(p, "x").unwrap();
+        }
+        let link = spool.state_dir(State::Pending).join(".5.tmp");
+        std::os::unix::fs::symlink("../jobs/5", &link).unwrap();
+        let kept = [
+            spool.rejected().join("bad.yaml.tmp.17"),
+            spool.rejected().join(".bad.yaml.tmp.17x"),
+            spool.rejected().join(".tmp.17"),
+            spool.rejected().join(".notes"),
+            spool.incoming().join(".job.yaml.tmp.99"),
+        ];
+        for p in &kept {
+            fs::write(p, "x").unwrap();
+        }
+        fs::create_dir(spool.rejected().join(".dir.tmp.3")).unwrap();
+        assert_eq!(spool.remove_stale_temps(), 4);
+        for p in gone.iter().chain([&link]) {
+            assert!(fs::symlink_metadata(p).is_err(), "{} stayed", p.display());
+        }
+        for p in &kept {
+            assert!(p.exists(), "{} went", p.display());
+        }
+        assert!(spool.rejected().join(".dir.tmp.3").is_dir());
+        assert_eq!(spool.remove_stale_temps(), 0);
+
+        let job = spool.job_dir(7);
+        fs::create_dir_all(&job).unwrap();
+        for name in [".info.json.tmp.8", ".status.tmp.9", "info.json"] {
+            fs::write(job.join(name), "x").unwrap();
+        }
+        assert_eq!(spool.remove_stale_info_temps(7), 1);
+        assert!(!job.join(".info.json.tmp.8").exists());
+        assert!(job.join(".status.tmp.9").exists() && job.join("info.json").exists());
+    }
 
     #[test]
     fn status_words_round_trip() {

@@ -698,11 +698,17 @@ fn torture_sigkill_cycles() {
         .into_iter()
         .filter(|n| !n.starts_with('.'))
         .collect();
-    // Temporary files a killed daemon left behind (never cleaned up): counted, not failed.
-    let leftover_temps = walk_names(&d.spool)
+    // Temporary files a killed daemon left behind: each start removes them.
+    let leftovers: Vec<String> = walk_names(&d.spool)
         .into_iter()
         .filter(|n| n.starts_with('.') && n.contains(".tmp"))
-        .count();
+        .collect();
+    let leftover_temps = leftovers.len();
+    problems.check(
+        leftovers.is_empty(),
+        "temporary files a killed daemon left behind, still there after its restart",
+        || format!("{leftovers:?}"),
+    );
     let rejections_of = |file: &str| -> Vec<String> {
         rejected_names
             .iter()

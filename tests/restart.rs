@@ -192,6 +192,53 @@ fn staging_prepared_ahead_uses_no_id_across_a_restart() {
     assert_eq!(count_lines(&ran, "two"), 1);
 }
 
+/// What a daemon killed between writing a temporary file and renaming it leaves behind (a
+/// rejection's reason, a state link, `nodes.json`, a running job's `info.json`) is gone once
+/// the next daemon has started; a user's file of a like name (in `incoming/`, the safe
+/// protocol's) and a job's `status` temporary (a live supervisor's) are not.
+#[test]
+fn temporaries_of_a_killed_daemon_are_removed_at_the_next_start() {
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
+    let s = d.scratch();
+    let gate = Gate::new(&s, "hold");
+    let id = d.submit("held.yaml", &held_job("held", &s.join("ran"), &gate));
+    wait_held_running(&d, id, "the held job to run");
+    d.kill9();
+    let job = format!("jobs/{id}");
+    let stale = [
+        ".nodes.json.tmp.4000001".to_string(),
+        "rejected/.bad.yaml.reason.tmp.4000001".into(),
+        "rejected/.bad.yaml.tmp.4000001".into(),
+        format!("{job}/.info.json.tmp.4000001"),
+    ];
+    let kept = [
+        "incoming/.mine.yaml.tmp".to_string(),
+        format!("{job}/.status.tmp.4000002"),
+    ];
+    for rel in stale.iter().chain(&kept) {
+        fs::write(d.path(rel), "half written").expect("plant a temporary file");
+    }
+    let link = d.path(&format!("running/.{id}.tmp"));
+    std::os::unix::fs::symlink(format!("../jobs/{id}"), &link).expect("plant a link");
+    d.spawn();
+    wait_until(
+        DEADLINE,
+        "the killed daemon's temporary files to be removed",
+        || stale.iter().all(|rel| !d.path(rel).exists()) && fs::symlink_metadata(&link).is_err(),
+        || d.diagnostics(),
+    );
+    for rel in &kept {
+        assert!(d.path(rel).exists(), "{rel} was removed");
+    }
+    assert!(
+        d.daemon_log().contains("removed 5 temporary file(s)"),
+        "{}",
+        d.daemon_log()
+    );
+    gate.open();
+    d.wait_done(id, "SUCCEEDED");
+}
+
 /// A cancel requested while no daemon runs is carried out by the next start.
 #[test]
 fn cancel_made_while_daemon_is_down_is_applied_at_start() {

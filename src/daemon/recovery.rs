@@ -15,6 +15,7 @@ impl Daemon {
             }
         };
         self.replay_journal();
+        let mut temps = self.spool.remove_stale_temps();
         for id in self.spool.job_ids()? {
             let info = match self.spool.read_info(id) {
                 Ok(i) => i,
@@ -33,6 +34,7 @@ impl Daemon {
                 if settled {
                     self.fix_link(id, State::Done);
                 } else {
+                    temps += self.spool.remove_stale_info_temps(id);
                     // It ended while no daemon watched: settle it like any ended job.
                     self.adopt_launch_record(id);
                     let placement = self.placement_of(id);
@@ -43,6 +45,7 @@ impl Daemon {
             }
             self.jobs.insert(id, info);
             self.touched.insert(id);
+            temps += self.spool.remove_stale_info_temps(id);
             let private = self.spool.job_private(id);
             if private.join("supervisor.lock").exists() {
                 self.recover_launched(id);
@@ -50,6 +53,9 @@ impl Daemon {
                 self.fix_link(id, State::Pending);
                 self.enqueue(id);
             }
+        }
+        if temps > 0 {
+            note!("removed {temps} temporary file(s) a killed daemon left behind");
         }
         // Jobs fully staged before the crash: only publishing was left (and the round that
         // makes them durable, which may not have run).
