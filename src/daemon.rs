@@ -419,6 +419,9 @@ struct Daemon {
     touched: BTreeSet<JobId>,
     /// What the FUSE mount shows.
     view: Arc<View>,
+    /// Whether the view holds the job records: only for a mount. Without one it holds just
+    /// the `nodes` snapshot (the `nodes` file is rendered from it), and no record is copied.
+    view_jobs: bool,
     /// Names in `incoming/` handed back for lack of space: left alone until the retry.
     deferred: HashSet<OsString>,
     /// Names in `incoming/` a writer still had open when looked at: looked at again soon.
@@ -713,6 +716,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
         starve_check_at: None,
         touched: BTreeSet::new(),
         view: Arc::clone(&view),
+        view_jobs: cfg.mount.is_some(),
         deferred: HashSet::new(),
         rechecks: crate::recheck::Rechecks::default(),
         launcher: None,
@@ -1347,6 +1351,14 @@ impl Daemon {
             None => std::mem::take(&mut self.touched),
         };
         self.queue_stale.extend(touched.iter().copied());
+        if !self.view_jobs && nodes.is_none() {
+            return;
+        }
+        let touched = if self.view_jobs {
+            touched
+        } else {
+            BTreeSet::new()
+        };
         let jobs = &self.jobs;
         self.view.update(|v| {
             for id in touched {

@@ -288,12 +288,31 @@ impl Default for QueueCache {
     }
 }
 
-/// A job's cells, their widths, and its line as laid out with [`QueueCache::widths`].
+/// A job's line as laid out with [`QueueCache::widths`], and the widths of its cells (which
+/// find the cells in the line again: the cells are not kept twice).
 #[derive(Debug)]
 struct CachedRow {
-    cells: [String; 8],
     widths: [usize; 8],
     line: String,
+}
+
+impl CachedRow {
+    /// The cells of the line, it being laid out with `layout`.
+    fn cells<'a>(&'a self, layout: &[usize; 8]) -> [&'a str; 8] {
+        let line = self.line.trim_end_matches('\n');
+        let mut at = 0;
+        std::array::from_fn(|i| {
+            let (from, to) = (at, at + self.widths[i]);
+            at += layout[i] + 2;
+            if line.is_ascii() {
+                line.get(from.min(line.len())..to.min(line.len()))
+                    .unwrap_or("")
+            } else {
+                let byte = |c: usize| line.char_indices().nth(c).map_or(line.len(), |(b, _)| b);
+                &line[byte(from)..byte(to)]
+            }
+        })
+    }
 }
 
 impl QueueCache {
@@ -315,7 +334,6 @@ impl QueueCache {
             *count.entry(w).or_default() += 1;
         }
         let mut row = CachedRow {
-            cells,
             widths,
             line: String::new(),
         };
@@ -328,17 +346,19 @@ impl QueueCache {
         if table != self.widths {
             // A column got wider or narrower: every line is laid out again (rare: the
             // widths of ids, names and statuses settle quickly).
-            self.widths = table;
+            let old = std::mem::replace(&mut self.widths, table);
             self.len = 0;
+            let mut line = String::new();
             for r in self.rows.values_mut() {
-                r.line.clear();
-                push_line(&mut r.line, r.cells.iter().map(String::as_str), &table);
+                line.clear();
+                push_line(&mut line, r.cells(&old).into_iter(), &table);
+                r.line.clone_from(&line);
                 self.len += r.line.len();
             }
         }
         push_line(
             &mut row.line,
-            row.cells.iter().map(String::as_str),
+            cells.iter().map(String::as_str),
             &self.widths,
         );
         self.len += row.line.len();
