@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use std::fs;
-use std::io::{BufRead, Read};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -410,6 +410,20 @@ fn submissions_through_cp_rsync_and_scp() {
     assert!(m
         .read("incoming/renamed-bad.yaml.reason")
         .contains("acelerators"));
+    // Renamed while its writer still has it open: the rename is only a new name (after a
+    // short wait for a close that may be on its way), and the writer's close submits it.
+    let jobs_before = m.d.job_ids().len();
+    let mut open = fs::File::create(inc.join(".open.yaml.tmp")).unwrap();
+    open.write_all(b"name: open\nrun: echo open\n").unwrap();
+    fs::rename(inc.join(".open.yaml.tmp"), inc.join("open.yaml")).unwrap();
+    assert_eq!(m.d.job_ids().len(), jobs_before, "submitted while open");
+    drop(open);
+    let opened = m.receipt_id("open.yaml");
+    assert_eq!(m.d.job_ids().len(), jobs_before + 1);
+    assert_eq!(
+        m.read(&format!("jobs/{opened}/job.yaml")),
+        "name: open\nrun: echo open\n"
+    );
 
     // Names that can never be jobs, directories, links.
     let err = fs::write(inc.join("notes.txt"), b"hello").unwrap_err();

@@ -25,6 +25,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const TTL_LIVE: Duration = Duration::ZERO;
 /// Nodes whose attributes never change (the fixed directories, a job's directory).
 const TTL_FIXED: Duration = Duration::from_secs(1);
+/// How long a rename in `incoming/` waits for the file's last writer to be released (see
+/// [`Shared::wait_closed`]).
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 const GEN: Generation = Generation(0);
 
@@ -901,6 +904,13 @@ impl Shared {
         let Some(dst) = to.to_str().map(str::to_string) else {
             return reply.error(Errno::EINVAL);
         };
+        let open = match lock(&self.incoming).entries.get(&src) {
+            Some(Entry::Buf(b)) => Some(Arc::clone(b)),
+            _ => None,
+        };
+        if let Some(buf) = open {
+            self.wait_closed(&buf, CLOSE_GRACE);
+        }
         let mut inc = lock(&self.incoming);
         let buf = match inc.entries.get(&src) {
             Some(Entry::Buf(b)) => Arc::clone(b),
@@ -963,6 +973,35 @@ impl Shared {
             Ok(_) => reply.ok(),
             Err(_) => reply.error(Errno::EINVAL),
         });
+    }
+
+    /// Waits (at most `grace`) until no handle has `buf` open for writing. A writer's
+    /// `close()` returns once its FLUSH is answered; its RELEASE follows on its own and may
+    /// be handled on another FUSE thread after a rename the writer made right after closing
+    /// (rsync, the safe protocol): that rename must find the file closed, so that it submits
+    /// it (and fails when it is rejected) rather than leave it to the close. A file still
+    /// open after `grace` is renamed as open (it is submitted when its writer closes it).
+    fn wait_closed(&self, buf: &BufRef, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        let (count, cv) = &self.releases;
+        let mut seen = lock(count);
+        while lock(buf).open_writers > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            seen = match cv.wait_timeout(seen, left) {
+                Ok((g, _)) => g,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+    }
+
+    /// Tells [`Shared::wait_closed`] that a write handle was released.
+    fn released(&self) {
+        let (count, cv) = &self.releases;
+        *lock(count) += 1;
+        cv.notify_all();
     }
 
     fn unlink_in_incoming(&self, req: &Request, name: &OsStr) -> Res<()> {
@@ -1609,6 +1648,7 @@ impl Filesystem for SkyFs {
             if let Some((name, bytes, uid, gid)) = self.sh.take_submission(&buf, None) {
                 self.sh.submit(name, bytes, uid, gid, buf, true, |_| {});
             }
+            self.sh.released();
         }
         reply.ok();
     }
