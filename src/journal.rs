@@ -84,6 +84,9 @@ pub struct Journal {
     since: Option<std::time::Instant>,
     /// How long records wait at most for a checkpoint.
     after: std::time::Duration,
+    /// Lines start-up could not act on (see [`Journal::keep_only`]): they stay in the file
+    /// appends go to, moved to the other one at each checkpoint, until a start acts on them.
+    carried: Vec<u8>,
 }
 
 impl Journal {
@@ -110,6 +113,7 @@ impl Journal {
             sealed: None,
             since: None,
             after: CHECKPOINT_AFTER,
+            carried: Vec::new(),
         })
     }
 
@@ -199,7 +203,10 @@ impl Journal {
     /// file waits for one (an earlier checkpoint failed); else [`Journal::checkpoint_after`]
     /// after the oldest record since the last one; `None` while there are no records.
     pub fn checkpoint_due(&self, now: std::time::Instant) -> Option<std::time::Instant> {
-        if self.sealed.is_some() || self.parts[self.current].len >= Journal::SWITCH_BYTES {
+        let own = self.parts[self.current]
+            .len
+            .saturating_sub(self.carried.len() as u64);
+        if self.sealed.is_some() || own >= Journal::SWITCH_BYTES {
             return Some(now);
         }
         self.since.map(|t| t + self.after)
@@ -208,17 +215,34 @@ impl Journal {
     /// Starts a checkpoint: seals the file appends went to (appends go to the other one
     /// from now on) and returns it; a checkpoint (`syncfs`) started after this call makes
     /// every record in it unneeded, and [`Journal::checkpointed`] then empties it. A file
-    /// sealed before and not emptied (its checkpoint failed) is returned again. `None`:
-    /// nothing to checkpoint, or the other file still holds records an earlier daemon left
-    /// (start-up could not restore them; they stay for the next start).
+    /// sealed before and not emptied (its checkpoint failed) is returned again. The lines
+    /// start-up left ([`Journal::keep_only`]) are written to the other file first, so that
+    /// the same checkpoint makes them durable there. `None`: nothing to checkpoint (no
+    /// line but those), the other file is not empty, or the lines left cannot be written.
     pub fn seal(&mut self) -> Option<usize> {
         if self.sealed.is_some() {
             return self.sealed;
         }
         let other = 1 - self.current;
-        if self.parts[self.current].len == 0 || self.parts[other].len != 0 {
+        let carried = self.carried.len() as u64;
+        if self.parts[self.current].len <= carried || self.parts[other].len != 0 {
             self.since = None;
             return None;
+        }
+        if carried > 0 {
+            let part = &mut self.parts[other];
+            if let Err(e) = part.file.write_all(&self.carried) {
+                // Nothing sealed: the lines stay where they are. (A partial line is
+                // skipped when read, and the file is emptied at the next try's start.)
+                eprintln!("skyspool: journal: cannot move the lines start-up left: {e}");
+                if part.file.set_len(0).is_ok() {
+                    part.len = 0;
+                } else {
+                    part.len = part.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+                }
+                return None;
+            }
+            part.len = carried;
         }
         self.sealed = Some(self.current);
         self.current = other;
@@ -241,24 +265,87 @@ impl Journal {
         }
     }
 
-    /// Whether either file holds a record.
+    /// Whether either file holds a record other than the lines start-up left.
     pub fn holds_records(&self) -> bool {
-        self.parts.iter().any(|p| p.len > 0)
+        self.parts.iter().map(|p| p.len).sum::<u64>() > self.carried.len() as u64
     }
 
     /// Empties both files and syncs them (at start-up, once every record's job is whole and
-    /// durable).
+    /// durable; at a clean stop, after a last `syncfs`), but for the lines start-up left
+    /// ([`Journal::keep_only`]), which are written again to the first file and synced there.
     pub fn clear(&mut self) -> io::Result<()> {
-        for part in &mut self.parts {
-            part.file.set_len(0)?;
-            part.file.sync_all()?;
-            part.len = 0;
+        // In an order that leaves every line kept in a durable file whatever step fails:
+        // copied to the second file, then the first one made of them alone, then the second
+        // one emptied. (A line twice in the journal is read as once.)
+        let carried = std::mem::take(&mut self.carried);
+        let result = (|| -> io::Result<()> {
+            let [first, second] = &mut self.parts;
+            if !carried.is_empty() {
+                second.file.write_all(&carried)?;
+                second.file.sync_data()?;
+            }
+            first.file.set_len(0)?;
+            first.len = 0;
+            first.file.write_all(&carried)?;
+            first.len = carried.len() as u64;
+            first.file.sync_all()?;
+            second.file.set_len(0)?;
+            second.len = 0;
+            second.file.sync_all()
+        })();
+        self.carried = carried;
+        if result.is_err() {
+            for part in &mut self.parts {
+                part.len = part.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+            }
         }
+        result?;
         self.current = 0;
         self.sealed = None;
         self.since = None;
         Ok(())
     }
+
+    /// At start-up, when the records of some jobs could not be acted on (their job could not
+    /// be given back its files): the journal keeps every line of those jobs (`ids`), and only
+    /// those, for the next start, as [`Journal::clear`] leaves them, through every
+    /// checkpoint and clean stop of this daemon. The other lines are dropped (their jobs are
+    /// whole and durable).
+    pub fn keep_only(&mut self, ids: &std::collections::BTreeSet<JobId>) -> io::Result<()> {
+        let mut kept = Vec::new();
+        for line in self.lines() {
+            if line_job(&line).is_some_and(|id| ids.contains(&id)) {
+                kept.extend_from_slice(&line);
+                kept.push(b'\n');
+            }
+        }
+        self.carried = kept;
+        self.clear()
+    }
+}
+
+/// The job a line is about: an admission record's, an end's or a taken-back record's.
+fn line_job(line: &[u8]) -> Option<JobId> {
+    #[derive(Deserialize)]
+    struct EndId {
+        end: IdOnly,
+    }
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: JobId,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Line {
+        Record(IdOnly),
+        End(EndId),
+        Void(Void),
+    }
+    Some(match serde_json::from_slice::<Line>(line).ok()? {
+        Line::Record(r) => r.id,
+        Line::End(e) => e.end.id,
+        Line::Void(v) => v.void,
+    })
 }
 
 /// `items` as JSON, one per line.
@@ -426,6 +513,64 @@ mod tests {
         for p in Journal::paths(dir.path()) {
             assert_eq!(std::fs::metadata(p).unwrap().len(), 0);
         }
+    }
+
+    /// The lines of jobs start-up could not restore outlive every checkpoint and clean
+    /// stop of the daemon that found them, take no part in when a checkpoint is due, and
+    /// are read by the next start; every other line goes as before.
+    #[test]
+    fn lines_start_up_could_not_act_on_stay_through_checkpoints_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(&[record(1), record(2)]).unwrap();
+        let mut two = record(2).info;
+        two.status = crate::spool::Status::Succeeded;
+        j.append_ends(&[&two]).unwrap();
+        j.void(3).unwrap();
+        j.append(&[record(4)]).unwrap();
+        drop(j);
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.keep_only(&[2, 3].into_iter().collect()).unwrap();
+        let ids = |j: &Journal| j.records().iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(&j), vec![2]);
+        assert_eq!(j.ends(), vec![two.clone()]);
+        let now = std::time::Instant::now;
+        assert!(!j.holds_records(), "only kept lines");
+        assert!(
+            j.checkpoint_due(now()).is_none(),
+            "no timer for kept lines alone"
+        );
+        assert_eq!(j.seal(), None, "nothing to checkpoint");
+        // A checkpoint moves them to the file appends go to next, then empties the other.
+        for round in 5..8 {
+            j.append(&[record(round)]).unwrap();
+            assert!(j.holds_records());
+            let sealed = j.seal().expect("a new record to checkpoint");
+            let mut both = ids(&j);
+            both.sort_unstable();
+            assert_eq!(both, vec![2, 2, round], "kept lines in both files");
+            j.checkpointed(sealed);
+            assert_eq!(ids(&j), vec![2]);
+            assert_eq!(j.ends(), vec![two.clone()]);
+        }
+        // Many kept bytes do not make a checkpoint due at once.
+        j.carried
+            .extend(std::iter::repeat_n(b' ', Journal::SWITCH_BYTES as usize));
+        j.parts[j.current].len += Journal::SWITCH_BYTES;
+        assert!(j.checkpoint_due(now()).is_none());
+        j.carried
+            .truncate(j.carried.len() - Journal::SWITCH_BYTES as usize);
+        j.parts[j.current].len -= Journal::SWITCH_BYTES;
+        // A clean stop's clear keeps them, synced in the first file alone.
+        j.append(&[record(9)]).unwrap();
+        j.clear().unwrap();
+        let [first, second] = Journal::paths(dir.path());
+        assert_eq!(std::fs::metadata(&second).unwrap().len(), 0);
+        assert!(std::fs::metadata(&first).unwrap().len() > 0);
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(ids(&j), vec![2]);
+        assert_eq!(j.ends(), vec![two]);
     }
 
     #[test]

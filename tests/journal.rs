@@ -54,6 +54,18 @@ const NO_TIMED_CHECKPOINTS: [&str; 6] = [
 /// test sees the journal emptied while the daemon runs.
 const QUICK_CHECKPOINTS: [&str; 2] = ["--checkpoint-after", "0.2"];
 
+/// A daemon with no GPUs, 4 CPUs and [`QUICK_CHECKPOINTS`].
+fn start_checkpointing_quickly() -> Daemon {
+    Daemon::start(&[
+        "--gpus",
+        "none",
+        "--cpus",
+        "4",
+        QUICK_CHECKPOINTS[0],
+        QUICK_CHECKPOINTS[1],
+    ])
+}
+
 fn waits_for_journal_to_empty(d: &Daemon) {
     wait_until(
         DEADLINE,
@@ -65,14 +77,7 @@ fn waits_for_journal_to_empty(d: &Daemon) {
 
 #[test]
 fn a_job_whose_files_a_power_cut_lost_is_restored_from_its_record_and_runs_once() {
-    let mut d = Daemon::start(&[
-        "--gpus",
-        "none",
-        "--cpus",
-        "4",
-        QUICK_CHECKPOINTS[0],
-        QUICK_CHECKPOINTS[1],
-    ]);
+    let mut d = start_checkpointing_quickly();
     let s = d.scratch();
     let ran = s.join("ran");
     let yaml = |name: &str| {
@@ -138,6 +143,68 @@ fn a_job_whose_files_a_power_cut_lost_is_restored_from_its_record_and_runs_once(
     assert_eq!(next, lost + 1);
     d.wait_done(next, "SUCCEEDED");
     d.stop();
+}
+
+/// A record start-up cannot act on (a directory stands where the job's `job.yaml` would be
+/// written again) stays in the journal, alone, through the checkpoints of the daemon that
+/// found it and through its clean stop; the first start after the obstacle is gone gives
+/// the job back its files, and it runs once. (A clean stop used to empty the journal, and
+/// the job was lost.)
+#[test]
+fn a_record_start_up_could_not_act_on_stays_until_a_start_can() {
+    let mut d = start_checkpointing_quickly();
+    let s = d.scratch();
+    let ran = s.join("ran");
+    let yaml = |name: &str| format!("name: {name}\nrun: echo {name} >> '{}'\n", ran.display());
+    let first = d.submit("first.yaml", &yaml("first"));
+    d.wait_done(first, "SUCCEEDED");
+    waits_for_journal_to_empty(&d);
+    d.stop();
+
+    let lost = first + 1;
+    let record = serde_json::json!({
+        "id": lost,
+        "info": admitted_info(d.info(first), lost, "lost"),
+        "yaml": yaml("lost"),
+    });
+    append_line(&d, record.clone());
+    let kept = record.to_string().len() as u64 + 1;
+    let obstacle = d.job(lost).join("job.yaml");
+    fs::create_dir_all(&obstacle).expect("a directory where job.yaml goes");
+    d.spawn();
+    let told = format!("job {lost}: cannot be restored from the admission journal");
+    assert!(d.daemon_log().contains(&told), "{}", d.daemon_log());
+    assert_eq!(
+        d.journal_bytes(),
+        kept,
+        "only the line not acted on is kept"
+    );
+    // Jobs come and go, checkpoints run: the line stays, and only it.
+    for name in ["second", "third"] {
+        let id = d.submit_new(&format!("{name}.yaml"), &yaml(name));
+        assert!(id > lost, "job {id} took an ID at or below {lost}");
+        d.wait_done(id, "SUCCEEDED");
+        wait_until(
+            DEADLINE,
+            "a checkpoint to leave only the kept line",
+            || d.journal_bytes() == kept,
+            || d.diagnostics(),
+        );
+    }
+    d.stop();
+    assert_eq!(
+        d.journal_bytes(),
+        kept,
+        "a clean stop dropped the kept line"
+    );
+
+    fs::remove_dir(&obstacle).expect("the obstacle removed");
+    d.spawn();
+    d.wait_done(lost, "SUCCEEDED");
+    assert_eq!(count_lines(&ran, "lost"), 1, "the restored job runs once");
+    waits_for_journal_to_empty(&d);
+    d.stop();
+    assert_eq!(d.journal_bytes(), 0);
 }
 
 /// Submits a job that holds the only GPU until its gate opens; returns the gate and its ID.
@@ -342,9 +409,12 @@ fn a_finished_job_whose_end_a_power_cut_lost_is_settled_from_its_end_record_not_
         fs::read_to_string(d.job(gone).join("job.yaml")).expect("job.yaml"),
         yaml("gone")
     );
+    // What was restored in staging/ and then moved to jobs/ is synced where it is now.
+    assert!(!log.contains("not synced"), "{log}");
+    assert!(!log.contains("not restored"), "{log}");
     // A clean stop checkpoints: nothing is left for the next start.
     d.stop();
-    assert_eq!(d.journal_bytes(), 0);
+    assert_eq!(d.journal_bytes(), 0, "{}", d.daemon_log());
 }
 
 #[test]

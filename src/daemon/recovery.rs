@@ -120,14 +120,15 @@ impl Daemon {
 
     /// First thing at start-up: each job in the admission journal (see [`crate::journal`])
     /// gets back what a power cut lost of its admission (nothing, after a crash or a kill:
-    /// the files were written), made durable at once; then the journal is emptied. A job
-    /// that cannot be restored keeps its record for the next start.
+    /// the files were written), made durable at once; then the journal is emptied, but for
+    /// the lines of a job that could not be restored, which stay for the next start (see
+    /// [`crate::journal::Journal::keep_only`]).
     pub(super) fn replay_journal(&mut self) {
         let Some(journal) = self.journal.as_ref() else {
             return;
         };
         let records = journal.records();
-        let mut complete = true;
+        let mut failed = BTreeSet::new();
         let mut paths: Vec<(PathBuf, bool)> = Vec::new();
         for r in &records {
             match self.spool.restore_admission(r) {
@@ -147,7 +148,7 @@ impl Daemon {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    complete = false;
+                    failed.insert(r.id);
                     note!(
                         "job {}: cannot be restored from the admission journal: {e}",
                         r.id
@@ -156,8 +157,9 @@ impl Daemon {
             }
         }
         // Then the ends: a job that ended before the power cut is settled, never run again.
-        for end in journal.ends() {
-            match self.spool.restore_end(&end) {
+        let ends = journal.ends();
+        for end in &ends {
+            match self.spool.restore_end(end) {
                 Ok(written) if !written.is_empty() => {
                     note!(
                         "job {} ({}): its end ({}) restored from the journal",
@@ -169,7 +171,7 @@ impl Daemon {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    complete = false;
+                    failed.insert(end.id);
                     note!(
                         "job {}: its end cannot be restored from the journal: {e}",
                         end.id
@@ -177,16 +179,51 @@ impl Daemon {
                 }
             }
         }
+        // A job restored into staging/ and then settled from its end was moved to jobs/:
+        // what its admission's restore wrote is there now.
+        let staging = self.spool.staging();
+        for (path, _) in &mut paths {
+            let Ok(rest) = path.strip_prefix(&staging) else {
+                continue;
+            };
+            let mut parts = rest.components();
+            let Some(id) = parts
+                .next()
+                .and_then(|c| c.as_os_str().to_str())
+                .and_then(|s| s.parse::<JobId>().ok())
+            else {
+                continue;
+            };
+            if !staging.join(id.to_string()).exists() {
+                *path = self.spool.job_dir(id).join(parts.as_path());
+            }
+        }
         paths.sort();
         paths.dedup();
         if let Err(e) = spool::sync_all(&durables(&paths)) {
-            complete = false;
+            // Not known to be durable: every line stays.
+            failed.extend(
+                records
+                    .iter()
+                    .map(|r| r.id)
+                    .chain(ends.iter().map(|e| e.id)),
+            );
             note!("journal: restored jobs not synced: {e}");
         }
-        if complete {
-            if let Some(Err(e)) = self.journal.as_mut().map(|j| j.clear()) {
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        if failed.is_empty() {
+            if let Err(e) = journal.clear() {
                 note!("admission journal: cannot empty it: {e}");
             }
+        } else if let Err(e) = journal.keep_only(&failed) {
+            note!("admission journal: cannot keep only the lines of the jobs not restored: {e}");
+        } else {
+            note!(
+                "journal: the lines of {} job(s) not restored stay for the next start",
+                failed.len()
+            );
         }
     }
 
