@@ -79,26 +79,6 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
-/// Finds a `!!binary` tag (or its long forms) used as a tag: serde-saphyr decodes such values
-/// into strings, which would let a job's commands be hidden in base64.
-fn binary_tag_at(src: &str) -> Option<usize> {
-    for tag in ["!!binary", "!binary", "tag:yaml.org,2002:binary"] {
-        let mut from = 0;
-        while let Some(i) = src[from..].find(tag) {
-            let at = from + i;
-            let before = src[..at].chars().next_back();
-            let after = src[at + tag.len()..].chars().next();
-            let starts = before.is_none_or(|c| c.is_whitespace() || "-:[{,<".contains(c));
-            let ends = after.is_none_or(|c| c.is_whitespace() || c == '>' || c == ',');
-            if starts && ends {
-                return Some(at);
-            }
-            from = at + tag.len();
-        }
-    }
-    None
-}
-
 fn location(line: Option<usize>, column: Option<usize>) -> String {
     match (line, column) {
         (Some(l), Some(c)) => format!(":{l}:{c}"),
@@ -268,14 +248,6 @@ pub fn parse(
     let src = text.strip_prefix('\u{FEFF}').unwrap_or(text);
     let cx = Cx { src, origin };
     check_characters(&cx)?;
-    if let Some(at) = binary_tag_at(src) {
-        let (line, column) = line_col_of(src, at);
-        return Err(cx.err_at(
-            line,
-            column,
-            "binary (!!binary) values are not supported in a task YAML: write commands and values as text",
-        ));
-    }
     let root = read_tree(&cx)?;
     build_spec(&cx, &root, env_overrides)
 }
@@ -1518,6 +1490,39 @@ run: |
             .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
             .collect();
         assert!(parse_bytes(&garbage, "g.yaml", &none()).is_err());
+    }
+
+    /// A value whose tag is YAML's binary type is refused wherever it is, in any spelling
+    /// of the tag, with its position; the word `!binary` in a script or a comment is text.
+    #[test]
+    fn binary_values_are_refused_and_the_word_is_not() {
+        for (yaml, line) in [
+            ("run: !!binary ZWNobyBoaQ==\n", 1),
+            ("name: x\nrun: !binary ZWNobyBoaQ==\n", 2),
+            ("run: !<tag:yaml.org,2002:binary> ZWNobyBoaQ==\n", 1),
+            (
+                "%TAG !y! tag:yaml.org,2002:\n---\nrun: !y!binary ZWNobyBoaQ==\n",
+                3,
+            ),
+            ("envs:\n  A: !!binary aGk=\nrun: x\n", 2),
+            ("run: x\nfile_mounts:\n  /a: !!binary aGk=\n", 3),
+            ("!!binary cnVu: x\n", 1),
+        ] {
+            let e = err_has(yaml, &["binary (!!binary) values are not supported"]);
+            assert_eq!(e.line, Some(line), "{yaml:?}: {e}");
+        }
+        for yaml in [
+            "run: echo !!binary data\n",
+            "run: |\n  grep -v !binary file\n  echo \"!!binary\"\n",
+            "# a !!binary value would be refused\nrun: x\n",
+            "envs:\n  WHAT: \"!binary\"\nrun: x\n",
+        ] {
+            ok(yaml);
+        }
+        assert_eq!(
+            ok("run: |\n  grep -v !binary file\n").run.as_deref(),
+            Some("grep -v !binary file\n")
+        );
     }
 
     #[test]

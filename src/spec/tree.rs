@@ -38,6 +38,10 @@ impl Kind {
     }
 }
 
+/// Why a `!!binary` value is refused.
+pub(super) const BINARY_NOT_SUPPORTED: &str =
+    "binary (!!binary) values are not supported in a task YAML: write commands and values as text";
+
 /// Limit on the tree built from one document, on top of serde-saphyr's budget: counts every
 /// node plus the bytes of every string, so aliases to one big scalar cannot multiply memory.
 pub(super) const MAX_TREE_UNITS: usize = 8 << 20;
@@ -60,16 +64,30 @@ pub(super) fn charge<E: de::Error>(units: usize) -> Result<(), E> {
     })
 }
 
+/// Whether a node's tag, as the parser resolved it, is YAML's binary type: serde-saphyr
+/// decodes such a value (base64) into a string, which would let a job's commands be hidden.
+fn is_binary_tag(tag: &str) -> bool {
+    matches!(
+        tag,
+        "!!binary" | "!binary" | "tag:yaml.org,2002:binary" | "tag:yaml.org,2002:!binary"
+    )
+}
+
 impl<'de> Deserialize<'de> for Node {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s: serde_saphyr::Spanned<Kind> = serde_saphyr::Spanned::deserialize(d)?;
+        let s: serde_saphyr::Spanned<serde_saphyr::Tagged<Kind>> =
+            serde_saphyr::Spanned::deserialize(d)?;
+        let serde_saphyr::Tagged(kind, tag) = s.value;
+        if tag.as_deref().is_some_and(is_binary_tag) {
+            return Err(de::Error::custom(BINARY_NOT_SUPPORTED));
+        }
         let span = s.defined.span();
         let span = match (span.byte_offset(), span.byte_len()) {
             (Some(o), Some(l)) => Some((o as usize, l as usize)),
             _ => None,
         };
         Ok(Node {
-            kind: s.value,
+            kind,
             line: s.referenced.line() as usize,
             col: s.referenced.column() as usize,
             span,
@@ -142,9 +160,7 @@ impl<'de> Visitor<'de> for KindVisitor {
         Ok(Kind::Str(v))
     }
     fn visit_bytes<E: de::Error>(self, _v: &[u8]) -> Result<Kind, E> {
-        Err(E::custom(
-            "binary (!!binary) values are not supported in a task YAML",
-        ))
+        Err(E::custom(BINARY_NOT_SUPPORTED))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Kind, A::Error> {
         charge::<A::Error>(0)?;
