@@ -105,9 +105,9 @@ pub(crate) struct Shared {
     queue_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
     /// The `nodes` text and the snapshot it was rendered from.
     nodes_cache: Mutex<Option<NodesText>>,
-    /// How many write handles of `incoming/` files were released, and a condition that
-    /// is told each time (see [`Shared::wait_closed`]).
-    releases: (Mutex<u64>, std::sync::Condvar),
+    /// A condition told each time a write handle of an `incoming/` file is released (see
+    /// [`Shared::wait_closed`]).
+    releases: (Mutex<()>, std::sync::Condvar),
 }
 
 /// A live mount; unmounted by [`FuseMount::unmount`] (or when dropped).
@@ -143,7 +143,7 @@ pub fn mount(
         changed_at: Mutex::new(now),
         queue_cache: Mutex::new(None),
         nodes_cache: Mutex::new(None),
-        releases: (Mutex::new(0), std::sync::Condvar::new()),
+        releases: (Mutex::new(()), std::sync::Condvar::new()),
     });
     let mut helpers = Vec::new();
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {

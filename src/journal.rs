@@ -73,6 +73,14 @@ struct Part {
     len: u64,
 }
 
+impl Part {
+    /// Takes the file's length from the file, after a write that may have been partial
+    /// (`u64::MAX` when it cannot be read: never taken for empty).
+    fn reread_len(&mut self) {
+        self.len = self.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+    }
+}
+
 /// The two journal files of a spool (see the module documentation).
 pub struct Journal {
     parts: [Part; 2],
@@ -179,7 +187,7 @@ impl Journal {
             // A partial line is skipped when read; the next record starts on a line of its
             // own.
             let _ = part.file.write_all(b"\n");
-            part.len = part.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+            part.reread_len();
             return Err(e);
         }
         part.len += bytes.len() as u64;
@@ -235,11 +243,8 @@ impl Journal {
                 // Nothing sealed: the lines stay where they are. (A partial line is
                 // skipped when read, and the file is emptied at the next try's start.)
                 eprintln!("skyspool: journal: cannot move the lines start-up left: {e}");
-                if part.file.set_len(0).is_ok() {
-                    part.len = 0;
-                } else {
-                    part.len = part.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-                }
+                let _ = part.file.set_len(0);
+                part.reread_len();
                 return None;
             }
             part.len = carried;
@@ -295,9 +300,7 @@ impl Journal {
         })();
         self.carried = carried;
         if result.is_err() {
-            for part in &mut self.parts {
-                part.len = part.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-            }
+            self.parts.iter_mut().for_each(Part::reread_len);
         }
         result?;
         self.current = 0;
@@ -327,10 +330,6 @@ impl Journal {
 /// The job a line is about: an admission record's, an end's or a taken-back record's.
 fn line_job(line: &[u8]) -> Option<JobId> {
     #[derive(Deserialize)]
-    struct EndId {
-        end: IdOnly,
-    }
-    #[derive(Deserialize)]
     struct IdOnly {
         id: JobId,
     }
@@ -338,7 +337,7 @@ fn line_job(line: &[u8]) -> Option<JobId> {
     #[serde(untagged)]
     enum Line {
         Record(IdOnly),
-        End(EndId),
+        End(End<IdOnly>),
         Void(Void),
     }
     Some(match serde_json::from_slice::<Line>(line).ok()? {

@@ -208,20 +208,21 @@ impl<'a> Relative<'a> {
 
     /// `cells` with its SUBMITTED and STARTED cells relative to `now`.
     pub fn cells(&mut self, mut cells: Cells<'a>) -> Cells<'a> {
-        for i in [3, 4] {
-            let Cow::Borrowed(cell) = cells[i] else {
-                // (Cut from a non-ASCII line: never one of ours.)
-                if let Some(t) = parse_local(&cells[i]) {
-                    cells[i] = Cow::Owned(format_time(Some(t), self.now, TimeStyle::Relative));
-                }
-                continue;
+        let now = self.now;
+        let relative =
+            |cell: &str| parse_local(cell).map(|t| format_time(Some(t), now, TimeStyle::Relative));
+        for cell in &mut cells[3..5] {
+            let shown = match *cell {
+                Cow::Borrowed(text) => self
+                    .seen
+                    .entry(text)
+                    .or_insert_with(|| relative(text))
+                    .clone(),
+                // (Cut from a non-ASCII line, so not remembered by its text's lifetime.)
+                Cow::Owned(ref text) => relative(text),
             };
-            let now = self.now;
-            let relative = self.seen.entry(cell).or_insert_with(|| {
-                parse_local(cell).map(|t| format_time(Some(t), now, TimeStyle::Relative))
-            });
-            if let Some(r) = relative {
-                cells[i] = Cow::Owned(r.clone());
+            if let Some(shown) = shown {
+                *cell = Cow::Owned(shown);
             }
         }
         cells
@@ -282,7 +283,7 @@ impl Default for QueueCache {
         QueueCache {
             rows: Default::default(),
             counts: Default::default(),
-            widths: HEADER.map(|h| h.chars().count()),
+            widths: HEADER.map(width),
             len: 0,
         }
     }
@@ -318,7 +319,7 @@ impl CachedRow {
 impl QueueCache {
     pub fn update(&mut self, job: &JobInfo) {
         let cells = row_cells(job, Utc::now(), TimeStyle::Absolute);
-        let widths = cells.each_ref().map(|c| c.chars().count());
+        let widths = cells.each_ref().map(|c| width(c));
         if let Some(old) = self.rows.remove(&job.id) {
             self.len -= old.line.len();
             for (count, w) in self.counts.iter_mut().zip(old.widths) {
@@ -338,7 +339,7 @@ impl QueueCache {
             line: String::new(),
         };
         let table: [usize; 8] = std::array::from_fn(|i| {
-            let header = HEADER[i].chars().count();
+            let header = width(HEADER[i]);
             self.counts[i]
                 .last_key_value()
                 .map_or(header, |(w, _)| (*w).max(header))

@@ -982,25 +982,16 @@ impl Shared {
     /// it (and fails when it is rejected) rather than leave it to the close. A file still
     /// open after `grace` is renamed as open (it is submitted when its writer closes it).
     fn wait_closed(&self, buf: &BufRef, grace: Duration) {
-        let deadline = Instant::now() + grace;
-        let (count, cv) = &self.releases;
-        let mut seen = lock(count);
-        while lock(buf).open_writers > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            seen = match cv.wait_timeout(seen, left) {
-                Ok((g, _)) => g,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
-        }
+        let (mutex, cv) = &self.releases;
+        // (A poisoned wait only ends the wait early.)
+        let _ = cv.wait_timeout_while(lock(mutex), grace, |_| lock(buf).open_writers > 0);
     }
 
-    /// Tells [`Shared::wait_closed`] that a write handle was released.
+    /// Tells [`Shared::wait_closed`] that a write handle was released (taking the mutex
+    /// first, so that a waiter between its look and its wait is not missed).
     fn released(&self) {
-        let (count, cv) = &self.releases;
-        *lock(count) += 1;
+        let (mutex, cv) = &self.releases;
+        drop(lock(mutex));
         cv.notify_all();
     }
 
