@@ -28,13 +28,16 @@ impl Daemon {
             let settled = info.status.is_terminal();
             let mut info = info;
             info.status = status;
+            if !(settled && status.is_terminal()) {
+                // Its records may still be rewritten: a dead daemon's temporary goes.
+                temps += self.spool.remove_stale_info_temps(id);
+            }
             if status.is_terminal() {
                 self.jobs.insert(id, info);
                 self.touched.insert(id);
                 if settled {
                     self.fix_link(id, State::Done);
                 } else {
-                    temps += self.spool.remove_stale_info_temps(id);
                     // It ended while no daemon watched: settle it like any ended job.
                     self.adopt_launch_record(id);
                     let placement = self.placement_of(id);
@@ -45,7 +48,6 @@ impl Daemon {
             }
             self.jobs.insert(id, info);
             self.touched.insert(id);
-            temps += self.spool.remove_stale_info_temps(id);
             let private = self.spool.job_private(id);
             if private.join("supervisor.lock").exists() {
                 self.recover_launched(id);
