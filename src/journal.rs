@@ -226,33 +226,33 @@ impl Journal {
     /// sealed before and not emptied (its checkpoint failed) is returned again. The lines
     /// start-up left ([`Journal::keep_only`]) are written to the other file first, so that
     /// the same checkpoint makes them durable there. `None`: nothing to checkpoint (no
-    /// line but those), the other file is not empty, or the lines left cannot be written.
-    pub fn seal(&mut self) -> Option<usize> {
+    /// line but those), or the other file is not empty. An error: the lines left could not
+    /// be written there, and nothing is sealed.
+    pub fn seal(&mut self) -> io::Result<Option<usize>> {
         if self.sealed.is_some() {
-            return self.sealed;
+            return Ok(self.sealed);
         }
         let other = 1 - self.current;
         let carried = self.carried.len() as u64;
         if self.parts[self.current].len <= carried || self.parts[other].len != 0 {
             self.since = None;
-            return None;
+            return Ok(None);
         }
         if carried > 0 {
             let part = &mut self.parts[other];
             if let Err(e) = part.file.write_all(&self.carried) {
                 // Nothing sealed: the lines stay where they are. (A partial line is
                 // skipped when read, and the file is emptied at the next try's start.)
-                eprintln!("skyspool: journal: cannot move the lines start-up left: {e}");
                 let _ = part.file.set_len(0);
                 part.reread_len();
-                return None;
+                return Err(e);
             }
             part.len = carried;
         }
         self.sealed = Some(self.current);
         self.current = other;
         self.since = None;
-        self.sealed
+        Ok(self.sealed)
     }
 
     /// The checkpoint for the sealed file `part` is through: the file is emptied. (Not
@@ -449,17 +449,21 @@ mod tests {
         let mut j = Journal::open(dir.path()).unwrap();
         let now = std::time::Instant::now;
         assert!(j.checkpoint_due(now()).is_none(), "nothing to checkpoint");
-        assert_eq!(j.seal(), None);
+        assert_eq!(j.seal().unwrap(), None);
         let first = j.append(&[record(1)]).unwrap();
         let due = j
             .checkpoint_due(now())
             .expect("a record waits for a checkpoint");
         assert!(due > now() + CHECKPOINT_AFTER / 2);
-        let sealed = j.seal().expect("the file with the record");
+        let sealed = j.seal().unwrap().expect("the file with the record");
         // Appends made while the checkpoint runs go to the other file and stay.
         let second = j.append(&[record(2)]).unwrap();
         assert_ne!(first, second);
-        assert_eq!(j.seal(), Some(sealed), "sealed until it is emptied");
+        assert_eq!(
+            j.seal().unwrap(),
+            Some(sealed),
+            "sealed until it is emptied"
+        );
         j.checkpointed(sealed);
         let ids: Vec<JobId> = j.records().iter().map(|r| r.id).collect();
         assert_eq!(ids, vec![2]);
@@ -469,7 +473,7 @@ mod tests {
         let t = now();
         assert_eq!(j.checkpoint_due(t), Some(t), "due at once");
         j.parts[j.current].len = 1;
-        let sealed = j.seal().unwrap();
+        let sealed = j.seal().unwrap().unwrap();
         assert_eq!(j.append(&[record(3)]).unwrap(), first);
         j.checkpointed(sealed);
         let ids: Vec<JobId> = j.records().iter().map(|r| r.id).collect();
@@ -539,12 +543,12 @@ mod tests {
             j.checkpoint_due(now()).is_none(),
             "no timer for kept lines alone"
         );
-        assert_eq!(j.seal(), None, "nothing to checkpoint");
+        assert_eq!(j.seal().unwrap(), None, "nothing to checkpoint");
         // A checkpoint moves them to the file appends go to next, then empties the other.
         for round in 5..8 {
             j.append(&[record(round)]).unwrap();
             assert!(j.holds_records());
-            let sealed = j.seal().expect("a new record to checkpoint");
+            let sealed = j.seal().unwrap().expect("a new record to checkpoint");
             let mut both = ids(&j);
             both.sort_unstable();
             assert_eq!(both, vec![2, 2, round], "kept lines in both files");

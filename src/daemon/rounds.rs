@@ -264,7 +264,15 @@ impl Daemon {
         let now = std::time::Instant::now();
         if self.checkpoint_due(now).is_some_and(|t| t <= now) {
             self.lazy.retry_checkpoint_at = None;
-            if let Some(sealed) = self.journal.as_mut().and_then(|j| j.seal()) {
+            let sealed = match self.journal.as_mut().map(|j| j.seal()) {
+                Some(Ok(sealed)) => sealed,
+                Some(Err(e)) => {
+                    note!("journal: cannot move the lines start-up left: {e}");
+                    None
+                }
+                None => None,
+            };
+            if let Some(sealed) = sealed {
                 self.lazy.due = None;
                 self.lazy.next.clear();
                 self.lazy.next_set.clear();
