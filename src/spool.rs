@@ -1331,13 +1331,42 @@ impl Spool {
         dirs.iter().map(|dir| remove_own_temps(dir, |_| true)).sum()
     }
 
-    /// [`Spool::remove_stale_temps`] in job `id`'s directory, for its `info.json` only (the
-    /// daemon's; where the filesystem cannot exchange files, it is replaced through a
-    /// temporary file). A `status` temporary may be a live supervisor's, so it stays.
-    pub fn remove_stale_info_temps(&self, id: JobId) -> usize {
-        remove_own_temps(&self.job_dir(id), |stem| stem == "info.json")
+    /// [`Spool::remove_stale_temps`] in job `id`'s directory: the daemon's temporary
+    /// `info.json` (where the filesystem cannot exchange files, it is replaced through one),
+    /// and a cancel request of the FUSE view ([`CANCEL_TEMP_PREFIX`]: chowned to the
+    /// requester before it is renamed to `cancel`, so of any owner; a regular file or link
+    /// only). A `status` temporary may be a live supervisor's, so it stays.
+    pub fn remove_stale_job_temps(&self, id: JobId) -> usize {
+        let dir = self.job_dir(id);
+        let mut removed = remove_own_temps(&dir, |stem| stem == "info.json");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let fuse_cancel = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(CANCEL_TEMP_PREFIX))
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(pid, n)| {
+                    [pid, n]
+                        .iter()
+                        .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                });
+            let plain = entry
+                .file_type()
+                .is_ok_and(|t| t.is_file() || t.is_symlink());
+            if fuse_cancel && plain && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
     }
 }
+
+/// The start of the temporary name under which the FUSE view writes a job's `cancel`
+/// (`.cancel.fuse.PID.N`), before it chowns it to the requester and renames it.
+pub const CANCEL_TEMP_PREFIX: &str = ".cancel.fuse.";
 
 /// Removes `dir`'s temporary files of the daemon's naming ([`is_daemon_temp`]) whose stem
 /// `wanted` accepts, when they are this user's regular files or links.
@@ -1420,12 +1449,26 @@ mod tests {
 
         let job = spool.job_dir(7);
         fs::create_dir_all(&job).unwrap();
-        for name in [".info.json.tmp.8", ".status.tmp.9", "info.json"] {
+        let names = [
+            ".info.json.tmp.8",
+            ".cancel.fuse.12.3",
+            ".status.tmp.9",
+            "info.json",
+            ".cancel.fuse.12",
+            ".cancel.fuse.x.3",
+        ];
+        for name in names {
             fs::write(job.join(name), "x").unwrap();
         }
-        assert_eq!(spool.remove_stale_info_temps(7), 1);
-        assert!(!job.join(".info.json.tmp.8").exists());
-        assert!(job.join(".status.tmp.9").exists() && job.join("info.json").exists());
+        fs::create_dir(job.join(".cancel.fuse.12.4")).unwrap();
+        assert_eq!(spool.remove_stale_job_temps(7), 2);
+        for gone in &names[..2] {
+            assert!(!job.join(gone).exists(), "{gone} stayed");
+        }
+        for kept in &names[2..] {
+            assert!(job.join(kept).exists(), "{kept} went");
+        }
+        assert!(job.join(".cancel.fuse.12.4").is_dir());
     }
 
     #[test]

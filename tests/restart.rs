@@ -210,6 +210,7 @@ fn temporaries_of_a_killed_daemon_are_removed_at_the_next_start() {
         "rejected/.bad.yaml.reason.tmp.4000001".into(),
         "rejected/.bad.yaml.tmp.4000001".into(),
         format!("{job}/.info.json.tmp.4000001"),
+        format!("{job}/.cancel.fuse.4000001.7"),
     ];
     let kept = [
         "incoming/.mine.yaml.tmp".to_string(),
@@ -231,7 +232,7 @@ fn temporaries_of_a_killed_daemon_are_removed_at_the_next_start() {
         assert!(d.path(rel).exists(), "{rel} was removed");
     }
     assert!(
-        d.daemon_log().contains("removed 5 temporary file(s)"),
+        d.daemon_log().contains("removed 6 temporary file(s)"),
         "{}",
         d.daemon_log()
     );

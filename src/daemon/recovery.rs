@@ -30,7 +30,7 @@ impl Daemon {
             info.status = status;
             if !(settled && status.is_terminal()) {
                 // Its records may still be rewritten: a dead daemon's temporary goes.
-                temps += self.spool.remove_stale_info_temps(id);
+                temps += self.spool.remove_stale_job_temps(id);
             }
             if status.is_terminal() {
                 self.jobs.insert(id, info);

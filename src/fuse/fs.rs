@@ -687,7 +687,11 @@ impl Shared {
         self.may_cancel(uid, &info)?;
         let dir = self.spool.job_dir(id);
         let n = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".cancel.fuse.{}.{n}", std::process::id()));
+        let tmp = dir.join(format!(
+            "{}{}.{n}",
+            crate::spool::CANCEL_TEMP_PREFIX,
+            std::process::id()
+        ));
         let f = OpenOptions::new()
             .write(true)
             .create_new(true)
