@@ -1309,13 +1309,17 @@ fn finish_claimed_entries(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `t` is a decimal number (digits only, at least one).
+fn is_number(t: &str) -> bool {
+    !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// The stem of `name` when it is a temporary file the daemon writes and renames at once:
 /// `.STEM.tmp.PID` ([`write_atomic`]) or a state link's `.ID.tmp` ([`Spool::link_state`]).
 fn is_daemon_temp(name: &OsStr) -> Option<&str> {
     let rest = name.to_str()?.strip_prefix('.')?;
-    let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
     let (stem, pid) = rest.rsplit_once(".tmp")?;
-    let ours = pid.is_empty() || pid.strip_prefix('.').is_some_and(digits);
+    let ours = pid.is_empty() || pid.strip_prefix('.').is_some_and(is_number);
     (ours && !stem.is_empty()).then_some(stem)
 }
 
@@ -1348,11 +1352,7 @@ impl Spool {
                 .to_str()
                 .and_then(|n| n.strip_prefix(CANCEL_TEMP_PREFIX))
                 .and_then(|rest| rest.split_once('.'))
-                .is_some_and(|(pid, n)| {
-                    [pid, n]
-                        .iter()
-                        .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-                });
+                .is_some_and(|(pid, n)| is_number(pid) && is_number(n));
             let plain = entry
                 .file_type()
                 .is_ok_and(|t| t.is_file() || t.is_symlink());
