@@ -43,11 +43,17 @@ pub struct Node {
     pub cpus: Milli,
     /// An ssh node whose cluster file entry gives no `cpus`: they are counted on the node
     /// (`nproc` over ssh) when the daemon starts, or when the node first answers after
-    /// that; 0 until then.
+    /// that, or at the next health check after a count that failed; 0 until then.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cpus_to_probe: bool,
+    /// An ssh node whose cluster file entry gives no `accelerators`: its GPUs are found on
+    /// the node (`nvidia-smi` over ssh), as its CPUs are (see `cpus_to_probe`); none until
+    /// then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gpus_to_probe: bool,
     /// Where `gpus` came from: `nvml`, `declared (--gpus)`, `declared (config)`,
-    /// `none (NVML unavailable: ...)`, `none (remote node: not probed)`.
+    /// `none (NVML unavailable: ...)`, `none (remote node: not probed)`, `nvidia-smi`,
+    /// `none (nvidia-smi found no GPU)`, `none (remote node: not probed yet: ...)`.
     pub gpu_source: String,
     /// ssh destination (`user@host` or `host`) of a remote node; `None` when local.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,15 +89,17 @@ impl Node {
     }
 
     /// Whether this ssh node's GPUs and CPUs are still to be found on it: the cluster file
-    /// gives none, and the node has not answered a probe yet.
+    /// gives none, and no probe of the node has found them yet.
     pub fn wants_probe(&self) -> (bool, bool) {
-        let gpus = self.gpus.is_empty() && self.gpu_source == GPUS_NOT_PROBED;
-        (gpus, self.cpus_to_probe)
+        (self.gpus_to_probe, self.cpus_to_probe)
     }
 
     /// Takes what a probe of this ssh node found (see [`Node::wants_probe`]): its GPUs
-    /// (`nvidia-smi`), its CPUs (`nproc`). A node that answered but could not say is not
-    /// asked again (none; the cluster file can give them).
+    /// (`nvidia-smi`), its CPUs (`nproc`). What a probe could not find out (ssh failed or
+    /// timed out, `nproc` printed no count) stays to be found: the node is asked again at
+    /// the next health check, and gets no job until then. A failure is not taken for "no
+    /// GPU": one ssh hiccup, or one hung `nvidia-smi`, would leave a GPU node without its
+    /// GPUs until the daemon restarted.
     pub fn take_probe(&mut self, probe: &NodeProbe) {
         match &probe.gpus {
             Some(Ok(list)) => {
@@ -101,17 +109,14 @@ impl Node {
                     "nvidia-smi".into()
                 };
                 self.gpus = list.clone();
+                self.gpus_to_probe = false;
             }
-            Some(Err(e)) => self.gpu_source = format!("none (nvidia-smi failed: {e})"),
+            Some(Err(e)) => self.gpu_source = format!("{GPUS_NOT_PROBED_YET}: {e})"),
             None => {}
         }
-        match probe.cpus {
-            Some(Ok(n)) => {
-                self.cpus = n;
-                self.cpus_to_probe = false;
-            }
-            Some(Err(_)) => self.cpus_to_probe = false,
-            None => {}
+        if let Some(Ok(n)) = probe.cpus {
+            self.cpus = n;
+            self.cpus_to_probe = false;
         }
     }
 }
@@ -126,6 +131,8 @@ pub struct NodeProbe {
 
 /// The `gpu_source` of an ssh node whose GPUs are to be found with `nvidia-smi`.
 const GPUS_NOT_PROBED: &str = "none (remote node: not probed)";
+/// The `gpu_source` of an ssh node whose probe failed, before the reason and a `)`.
+const GPUS_NOT_PROBED_YET: &str = "none (remote node: not probed yet";
 
 /// The cluster: its name and its nodes. `nodes[0]` is the head.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -845,6 +852,7 @@ fn detect_on(
     let mut nvml_owner: Option<String> = None;
     let mut nodes = Vec::with_capacity(planned.len());
     for p in planned {
+        let gpus_to_probe = matches!(p.gpus, GpuPlan::RemoteUnknown);
         let (gpus, gpu_source) = match p.gpus {
             GpuPlan::Declared(g, src) => (g, src.to_string()),
             GpuPlan::RemoteUnknown => (Vec::new(), GPUS_NOT_PROBED.to_string()),
@@ -884,6 +892,7 @@ fn detect_on(
             gpus,
             cpus,
             cpus_to_probe,
+            gpus_to_probe,
             gpu_source,
             ssh_destination: p.ssh_destination,
             ssh_port: p.ssh_port,
@@ -1246,6 +1255,48 @@ mod tests {
         assert!(detect_on(&m, None, None, None, Some("bad name")).is_err());
     }
 
+    /// A probe that could not find out (ssh failed, a hung `nvidia-smi`, `nproc` printing
+    /// no count) leaves the node to be asked again, with no job until then; one that did
+    /// find out is final, "no GPU" included.
+    #[test]
+    fn a_failed_probe_is_asked_again_and_a_found_answer_is_kept() {
+        let text = "nodes:\n  - name: head\n    host: local\n  - name: w\n    host: 10.0.0.9\n";
+        let inv = detect_text(&no_gpu_machine(), text).unwrap();
+        let mut w = inv.nodes[1].clone();
+        assert_eq!(w.wants_probe(), (true, true));
+        assert!(w.capacity().unknown);
+        assert_eq!(inv.nodes[0].wants_probe(), (false, false));
+
+        w.take_probe(&NodeProbe {
+            gpus: Some(Err("ssh timed out after 20s".into())),
+            cpus: Some(Err("ssh 10.0.0.9 exited with 255: refused".into())),
+        });
+        assert_eq!(w.wants_probe(), (true, true));
+        assert!(w.capacity().unknown, "no job before it is known");
+        assert_eq!(
+            w.gpu_source,
+            "none (remote node: not probed yet: ssh timed out after 20s)"
+        );
+
+        w.take_probe(&NodeProbe {
+            gpus: Some(Ok(vec![])),
+            cpus: Some(Err("nproc printed \"\"".into())),
+        });
+        assert_eq!(w.wants_probe(), (false, true));
+        assert!(w.capacity().unknown);
+        assert_eq!(w.gpu_source, "none (nvidia-smi found no GPU)");
+
+        // Asked for the CPUs only now; the GPUs found stay.
+        w.take_probe(&NodeProbe {
+            gpus: None,
+            cpus: Some(Ok(Milli::from_units(16))),
+        });
+        assert_eq!(w.wants_probe(), (false, false));
+        assert!(!w.capacity().unknown);
+        assert_eq!(w.cpus, Milli::from_units(16));
+        assert_eq!(w.gpu_source, "none (nvidia-smi found no GPU)");
+    }
+
     #[test]
     fn good_config() {
         let text = r#"
@@ -1435,6 +1486,7 @@ nodes:
                         .collect(),
                     cpus: Milli::from_units(16),
                     cpus_to_probe: false,
+                    gpus_to_probe: false,
                     gpu_source: "nvml".into(),
                     ssh_destination: None,
                     ssh_port: None,
@@ -1448,6 +1500,7 @@ nodes:
                     gpus: declared_gpus(&[("T4".into(), 1), ("L4".into(), 1)]),
                     cpus: Milli::from_units(8),
                     cpus_to_probe: false,
+                    gpus_to_probe: false,
                     gpu_source: "declared (config)".into(),
                     ssh_destination: Some("u@10.0.0.2".into()),
                     ssh_port: None,
@@ -1461,6 +1514,7 @@ nodes:
                     gpus: vec![],
                     cpus: Milli(2500),
                     cpus_to_probe: false,
+                    gpus_to_probe: false,
                     gpu_source: "none (NVML unavailable: x)".into(),
                     ssh_destination: None,
                     ssh_port: None,

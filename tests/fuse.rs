@@ -192,18 +192,6 @@ fn is_live(status: &str) -> bool {
     matches!(status, "PENDING" | "SETTING_UP" | "RUNNING")
 }
 
-const SSH_KEY: &str = "/root/.ssh/skyspool_test_ed25519";
-const SSH_OPTS: [&str; 8] = [
-    "-o",
-    "BatchMode=yes",
-    "-o",
-    "StrictHostKeyChecking=no",
-    "-o",
-    "UserKnownHostsFile=/dev/null",
-    "-o",
-    "LogLevel=ERROR",
-];
-
 fn ssh_reachable() -> bool {
     Path::new(SSH_KEY).exists()
         && Command::new("ssh")

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use std::process::Command;
 
-const KEY: &str = "/root/.ssh/skyspool_test_ed25519";
+const KEY: &str = SSH_KEY;
 
 /// Whether the test sshd answers on both worker addresses.
 fn sshd_up() -> bool {
@@ -13,26 +13,7 @@ fn sshd_up() -> bool {
         return false;
     }
     for ip in ["127.0.0.2", "127.0.0.3"] {
-        let ok = Command::new("ssh")
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "ConnectTimeout=5",
-                "-i",
-                KEY,
-            ])
-            .arg(format!("skyspool-runner@{ip}"))
-            .arg("true")
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
+        if !ssh_answers(ip) {
             skip(&format!(
                 "no test sshd on {ip} (run scripts/test-sshd as root)"
             ));
@@ -40,6 +21,18 @@ fn sshd_up() -> bool {
         }
     }
     true
+}
+
+/// Whether `ssh skyspool-runner@IP true` succeeds with the test key.
+fn ssh_answers(ip: &str) -> bool {
+    Command::new("ssh")
+        .args(SSH_OPTS)
+        .args(["-o", "ConnectTimeout=5", "-i", KEY])
+        .arg(format!("skyspool-runner@{ip}"))
+        .arg("true")
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Starts a daemon on the cluster file `text` (kept for restarts: the daemon reads it at
@@ -408,6 +401,11 @@ struct ExtraSshd(std::process::Child);
 
 impl ExtraSshd {
     fn start(addr: &str, tmp: &std::path::Path) -> ExtraSshd {
+        ExtraSshd::start_with(addr, tmp, "")
+    }
+
+    /// [`ExtraSshd::start`] with `extra` (sshd_config lines) first in its config.
+    fn start_with(addr: &str, tmp: &std::path::Path, extra: &str) -> ExtraSshd {
         let base = std::fs::read_to_string("/run/skyspool-test-sshd/sshd_config")
             .expect("scripts/test-sshd's config");
         let text: String = base
@@ -419,7 +417,7 @@ impl ExtraSshd {
         std::fs::write(
             &cfg,
             format!(
-                "ListenAddress {addr}\nPidFile {}\n{text}",
+                "ListenAddress {addr}\nPidFile {}\n{extra}{text}",
                 tmp.join("sshd.pid").display()
             ),
         )
@@ -441,6 +439,43 @@ impl Drop for ExtraSshd {
     }
 }
 
+/// A cluster file: a head with 1 CPU and no GPU, and the ssh node `name` at `ip` whose GPUs
+/// and CPUs are found over ssh.
+fn head_and_unprobed(name: &str, ip: &str) -> String {
+    format!(
+        "nodes:\n\
+         \x20 - name: head\n    host: local\n    accelerators: {{}}\n    cpus: 1\n\
+         \x20 - name: {name}\n    host: skyspool-runner@{ip}\n    identity: {KEY}\n"
+    )
+}
+
+/// Node `name`'s line in the `nodes` file (empty while there is none).
+fn nodes_line(d: &Daemon, name: &str) -> String {
+    std::fs::read_to_string(d.path("nodes"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Submits a 2-node job that prints its rank, and checks that it waits (not refused).
+fn submit_two_ranks_pending(d: &mut Daemon) -> u64 {
+    let id = d.submit(
+        "two.yaml",
+        "num_nodes: 2\nrun: echo \"on $SKYPILOT_NODE_RANK\"\n",
+    );
+    assert_eq!(d.status(id), "PENDING");
+    id
+}
+
+/// Waits for [`submit_two_ranks_pending`]'s job to succeed, with both ranks in its log.
+fn wait_both_ranks_ran(d: &Daemon, id: u64) {
+    d.wait_done(id, "SUCCEEDED");
+    let log = d.log(id);
+    assert!(log.contains("on 0") && log.contains("on 1"), "{log}");
+}
+
 /// A worker that does not answer when the daemon starts (its GPUs and CPUs not in the
 /// cluster file) is asked for them once it answers, and then takes jobs: no restart needed.
 #[test]
@@ -448,30 +483,14 @@ fn a_worker_that_comes_up_later_is_probed_then_and_takes_jobs() {
     if !sshd_up() {
         return;
     }
-    let text = format!(
-        "nodes:\n\
-         \x20 - name: head\n    host: local\n    accelerators: {{}}\n    cpus: 1\n\
-         \x20 - name: late\n    host: skyspool-runner@127.0.0.4\n    identity: {KEY}\n"
-    );
-    let mut d = start_with_cluster(&text, &[]);
-    let line = |d: &Daemon| {
-        std::fs::read_to_string(d.path("nodes"))
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("late "))
-            .unwrap_or_default()
-            .to_string()
-    };
+    let mut d = start_with_cluster(&head_and_unprobed("late", "127.0.0.4"), &[]);
+    let line = |d: &Daemon| nodes_line(d, "late");
     assert!(
         line(&d).contains("0/0") && line(&d).contains("DOWN"),
         "{}",
         line(&d)
     );
-    let id = d.submit(
-        "two.yaml",
-        "num_nodes: 2\nrun: echo \"on $SKYPILOT_NODE_RANK\"\n",
-    );
-    assert_eq!(d.status(id), "PENDING");
+    let id = submit_two_ranks_pending(&mut d);
     let tmp = tempfile::tempdir().unwrap();
     let _sshd = ExtraSshd::start("127.0.0.4:22", tmp.path());
     let nproc = std::thread::available_parallelism().unwrap().get();
@@ -484,10 +503,82 @@ fn a_worker_that_comes_up_later_is_probed_then_and_takes_jobs() {
         },
         || d.diagnostics(),
     );
-    d.wait_done(id, "SUCCEEDED");
+    wait_both_ranks_ran(&d, id);
     assert!(line(&d).contains(&format!("/{nproc} ")), "{}", line(&d));
-    let log = d.log(id);
-    assert!(log.contains("on 0") && log.contains("on 1"), "{log}");
+}
+
+/// A worker that answers but whose probe fails (an ssh hiccup, a hung `nvidia-smi`) is not
+/// taken for a node without GPUs or CPUs: it gets no job until a later health check finds
+/// them out, then takes the queued job. No restart needed.
+#[test]
+fn a_worker_whose_probe_fails_is_asked_again_and_then_takes_jobs() {
+    if !sshd_up() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // sshd runs the wrapper as skyspool-runner.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let refuse = tmp.path().join("refuse-probes");
+    std::fs::write(&refuse, "").unwrap();
+    let wrapper = tmp.path().join("force-command");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\
+             # The daemon's probes fail while {r} exists; anything else runs.\n\
+             case \"$SSH_ORIGINAL_COMMAND\" in\n\
+             \x20 nproc*|nvidia-smi*) if [ -e {r} ]; then echo 'probe refused by the test' >&2; exit 1; fi ;;\n\
+             esac\n\
+             exec /bin/bash -c \"$SSH_ORIGINAL_COMMAND\"\n",
+            r = refuse.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _sshd = ExtraSshd::start_with(
+        "127.0.0.5:22",
+        tmp.path(),
+        &format!("ForceCommand {}\n", wrapper.display()),
+    );
+    // Up before the daemon starts, so that its start-up probe is the one refused.
+    wait_until(
+        DEADLINE,
+        "the extra sshd on 127.0.0.5 to answer",
+        || ssh_answers("127.0.0.5"),
+        String::new,
+    );
+    let mut d = start_with_cluster(&head_and_unprobed("flaky", "127.0.0.5"), &[]);
+    let line = |d: &Daemon| nodes_line(d, "flaky");
+    d.wait_daemon_log(
+        "node flaky: could not count its CPUs",
+        "the refused CPU count in the daemon's log",
+    );
+    let log = d.daemon_log();
+    assert!(
+        log.contains("node flaky: could not ask for its GPUs")
+            && log.contains("asked again at the next health check"),
+        "{log}"
+    );
+    assert!(
+        line(&d).contains(" up ") && line(&d).contains("not probed yet"),
+        "{}",
+        line(&d)
+    );
+    // Not refused as "can never run": the node may hold it once it is known.
+    let id = submit_two_ranks_pending(&mut d);
+    std::fs::remove_file(&refuse).unwrap();
+    let nproc = std::thread::available_parallelism().unwrap().get();
+    wait_until(
+        DEADLINE,
+        "the worker's GPUs and CPUs to be found at a later health check",
+        || {
+            let l = line(&d);
+            l.contains("none (nvidia-smi found no GPU)") && l.contains(&format!("/{nproc} "))
+        },
+        || d.diagnostics(),
+    );
+    wait_both_ranks_ran(&d, id);
 }
 
 /// Waits until every process of `pids` has ended.

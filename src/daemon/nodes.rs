@@ -1,5 +1,5 @@
 //! Remote nodes: probed at start-up (GPUs, CPUs), health-checked, probed again when one
-//! that did not answer at start does.
+//! that did not answer at start does, or when a probe could not find out.
 
 use super::*;
 
@@ -58,10 +58,19 @@ pub(super) fn probe_node(target: &SshTarget, (gpus, cpus): (bool, bool)) -> Node
 
 /// Says in the daemon's log what a node's probe left unknown.
 pub(super) fn note_probe(node: &inventory::Node, probe: &NodeProbe) {
+    if let Some(Err(e)) = &probe.gpus {
+        note!(
+            "node {}: could not ask for its GPUs ({e}): no job goes there until they are \
+             found; asked again at the next health check (or give `accelerators` in the \
+             cluster file)",
+            node.name
+        );
+    }
     if let Some(Err(e)) = &probe.cpus {
         note!(
-            "node {}: could not count its CPUs ({e}): none for jobs (give `cpus` in the \
-             cluster file)",
+            "node {}: could not count its CPUs ({e}): no job goes there until they are \
+             counted; asked again at the next health check (or give `cpus` in the cluster \
+             file)",
             node.name
         );
     } else if node.cpus_to_probe {

@@ -13,6 +13,22 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_skyspool");
 /// Default deadline for a condition (generous: CI machines are small and busy).
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The key `scripts/test-sshd` lets in (root and skyspool-runner on the test sshd).
+#[allow(dead_code)]
+pub const SSH_KEY: &str = "/root/.ssh/skyspool_test_ed25519";
+/// ssh options for the test sshd: no prompt, no host key kept.
+#[allow(dead_code)]
+pub const SSH_OPTS: [&str; 8] = [
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+];
+
 /// True when CI asked that every environment-dependent skip be a failure.
 pub fn strict() -> bool {
     std::env::var_os("SKYSPOOL_TEST_STRICT").is_some_and(|v| v == "1")
