@@ -70,7 +70,7 @@ mod admission;
 mod early;
 mod launcher;
 mod nodes;
-use nodes::{note_probe, probe_node, probe_remote_nodes};
+use nodes::{note_probe, probe_node, probe_remote_nodes, write_nodes_json};
 mod recovery;
 mod rounds;
 mod running;
@@ -670,8 +670,7 @@ async fn serve_async(cfg: DaemonConfig) -> anyhow::Result<()> {
     probe_remote_nodes(&mut inventory, &ssh_dir);
     let mut sched = Scheduler::new(inventory.capacities());
     sched.set_starvation_bound(cfg.starvation_bound.map(|b| b.as_millis() as u64));
-    let inventory_json = serde_json::to_vec_pretty(&inventory).context("encoding the inventory")?;
-    spool::write_atomic(spool.root(), "nodes.json", &inventory_json, false)?;
+    write_nodes_json(&spool, &inventory)?;
     let watcher = Watcher::new(&spool.incoming()).context("watching incoming/ (inotify)")?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (sub_tx, mut sub_rx) = mpsc::unbounded_channel::<Submission>();
@@ -1090,17 +1089,19 @@ impl Daemon {
                 let Some(node) = self.inventory.nodes.get_mut(i) else {
                     return;
                 };
+                let (up, wants) = (down.is_none(), node.wants_probe());
                 if node.down != down {
                     match &down {
                         None => note!("node {} is reachable again", node.name),
                         Some(why) => note!("node {} is down: {why}", node.name),
                     }
                     node.down = down;
-                    self.sched.set_available(i, node.down.is_none());
+                    self.sched.set_available(i, up);
                     self.dirty = true;
+                    self.inventory_changed();
                 }
-                // A node that did not answer the start-up probe is asked now that it does.
-                let (up, wants) = (node.down.is_none(), node.wants_probe());
+                // A node that did not answer the start-up probe, or whose probe could not find
+                // out, is asked now that it answers.
                 if !up || wants == (false, false) || self.probing.contains(&i) {
                     return;
                 }
@@ -1132,6 +1133,7 @@ impl Daemon {
                     );
                     self.inventory.nodes[i] = found;
                     self.dirty = true;
+                    self.inventory_changed();
                     self.warn_unfit_pending();
                 }
             }

@@ -459,6 +459,16 @@ fn nodes_line(d: &Daemon, name: &str) -> String {
         .to_string()
 }
 
+/// Node `name` in `nodes.json` (the inventory `skyspool check` reads).
+fn nodes_json_entry(d: &Daemon, name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(d.path("nodes.json")).unwrap_or_default();
+    let inv: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    inv["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["name"] == name).cloned())
+        .unwrap_or_default()
+}
+
 /// Submits a 2-node job that prints its rank, and checks that it waits (not refused).
 fn submit_two_ranks_pending(d: &mut Daemon) -> u64 {
     let id = d.submit(
@@ -485,6 +495,7 @@ fn a_worker_that_comes_up_later_is_probed_then_and_takes_jobs() {
     }
     let mut d = start_with_cluster(&head_and_unprobed("late", "127.0.0.4"), &[]);
     let line = |d: &Daemon| nodes_line(d, "late");
+    assert!(nodes_json_entry(&d, "late")["down"].is_string());
     assert!(
         line(&d).contains("0/0") && line(&d).contains("DOWN"),
         "{}",
@@ -505,6 +516,13 @@ fn a_worker_that_comes_up_later_is_probed_then_and_takes_jobs() {
     );
     wait_both_ranks_ran(&d, id);
     assert!(line(&d).contains(&format!("/{nproc} ")), "{}", line(&d));
+    // `skyspool check` sees the node as it is now, not as it was at start.
+    let late = nodes_json_entry(&d, "late");
+    assert!(late["down"].is_null(), "{late:#}");
+    assert_eq!(
+        late["gpu_source"], "none (nvidia-smi found no GPU)",
+        "{late:#}"
+    );
 }
 
 /// A worker that answers but whose probe fails (an ssh hiccup, a hung `nvidia-smi`) is not
@@ -565,6 +583,7 @@ fn a_worker_whose_probe_fails_is_asked_again_and_then_takes_jobs() {
         "{}",
         line(&d)
     );
+    assert_eq!(nodes_json_entry(&d, "flaky")["gpus_to_probe"], true);
     // Not refused as "can never run": the node may hold it once it is known.
     let id = submit_two_ranks_pending(&mut d);
     std::fs::remove_file(&refuse).unwrap();
@@ -579,6 +598,11 @@ fn a_worker_whose_probe_fails_is_asked_again_and_then_takes_jobs() {
         || d.diagnostics(),
     );
     wait_both_ranks_ran(&d, id);
+    let flaky = nodes_json_entry(&d, "flaky");
+    assert!(
+        flaky["gpus_to_probe"].is_null() && flaky["cpus_to_probe"].is_null(),
+        "{flaky:#}"
+    );
 }
 
 /// Waits until every process of `pids` has ended.

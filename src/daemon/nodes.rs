@@ -56,6 +56,14 @@ pub(super) fn probe_node(target: &SshTarget, (gpus, cpus): (bool, bool)) -> Node
     }
 }
 
+/// Writes `nodes.json`, the inventory for `skyspool check`: at start, and whenever a node
+/// goes down or comes back or a probe finds its GPUs and CPUs.
+pub(super) fn write_nodes_json(spool: &Spool, inventory: &Inventory) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(inventory).context("encoding the inventory")?;
+    spool::write_atomic(spool.root(), "nodes.json", &json, false)?;
+    Ok(())
+}
+
 /// Says in the daemon's log what a node's probe left unknown.
 pub(super) fn note_probe(node: &inventory::Node, probe: &NodeProbe) {
     if let Some(Err(e)) = &probe.gpus {
@@ -83,6 +91,14 @@ pub(super) fn note_probe(node: &inventory::Node, probe: &NodeProbe) {
 }
 
 impl Daemon {
+    /// Keeps `nodes.json` up to date after a change to the inventory (a failure leaves the
+    /// old one and says so: `skyspool check` then judges by the cluster as it was).
+    pub(super) fn inventory_changed(&self) {
+        if let Err(e) = write_nodes_json(&self.spool, &self.inventory) {
+            note!("could not rewrite nodes.json: {e:#}");
+        }
+    }
+
     /// Checks remote nodes every [`HEALTH_INTERVAL`] (blocking ssh calls run off the event
     /// loop); nothing runs when every node is local.
     pub(super) fn start_health_checks(&self) {
