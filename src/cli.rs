@@ -288,7 +288,10 @@ fn queue_rows<'t>(
             queue::row_cells(&info, now, TimeStyle::Relative).map(std::borrow::Cow::Owned),
         ));
     }
-    rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    if rows.len() > from_table.len() {
+        // Rows the table did not have were added after its (sorted) ones.
+        rows.sort_by_key(|r| std::cmp::Reverse(r.0));
+    }
     Ok(rows.into_iter().map(|(_, cells)| cells).collect())
 }
 
