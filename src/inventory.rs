@@ -1057,7 +1057,12 @@ fn plain_table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         .force_no_tty()
         .set_header(header.to_vec());
     for row in rows {
-        table.add_row(row);
+        // One line per node, whatever a reason holds (ssh's stderr can be several lines):
+        // `grep '^w2 ' nodes` finds the whole row.
+        table.add_row(
+            row.into_iter()
+                .map(|cell| cell.split_whitespace().collect::<Vec<_>>().join(" ")),
+        );
     }
     for column in table.column_iter_mut() {
         column.set_padding((0, 2));
@@ -1549,5 +1554,17 @@ head  3    H100  GPU-3  81559 MiB
         let mut small = inv.clone();
         small.nodes.remove(0);
         assert!(!small.render_nodes(&[]).contains("UUID"));
+
+        // A reason of several lines (ssh's stderr) stays on its node's row.
+        small.nodes[0].down = Some("unreachable: ssh exited with 255: warning\n  refused".into());
+        small.nodes[1].gpu_source = "none (remote node: not probed yet: a\nb)".into();
+        let text = small.render_nodes(&[]);
+        let rows: Vec<&str> = text.lines().skip(2).collect();
+        assert_eq!(rows.len(), 2, "\n{text}");
+        assert!(
+            rows[0].starts_with("w1 ") && rows[0].ends_with("warning refused)  declared (config)"),
+            "\n{text}"
+        );
+        assert!(rows[1].ends_with("not probed yet: a b)"), "\n{text}");
     }
 }
