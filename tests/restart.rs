@@ -531,6 +531,82 @@ fn job_given_to_a_supervisor_that_dies_before_reading_it_runs_on_another() {
     assert_ne!(again, sup);
 }
 
+/// A job whose supervisors keep dying before they read it goes back to the queue three times
+/// (`MAX_UNTAKEN`), then ends FAILED_DRIVER instead of going round for ever; nothing of it
+/// ran. Four free supervisors are stopped, and each one the job is handed to is killed.
+#[test]
+fn job_whose_supervisors_keep_dying_unread_fails_after_three_requeues() {
+    let mut d = Daemon::start(&["--gpus", "none", "--cpus", "8", "--prestart", "0"]);
+    let s = d.scratch();
+    let ran = s.join("ran");
+    // Four supervisors at once, free once their jobs are over.
+    let gates: Vec<Gate> = (0..4).map(|i| Gate::new(&s, &format!("w{i}"))).collect();
+    let workers: Vec<u64> = (0..4)
+        .map(|i| {
+            let yaml = format!("run: |\n  echo before\n  {}\n", gates[i].wait_cmd());
+            d.submit(&format!("w{i}.yaml"), &yaml)
+        })
+        .collect();
+    for &w in &workers {
+        wait_until(
+            DEADLINE,
+            "the four workers to run at once",
+            || d.log(w).contains("before"),
+            || d.diagnostics(),
+        );
+    }
+    let sups: Vec<u32> = workers
+        .iter()
+        .map(|&w| d.supervisor_pid(w).expect("a worker's supervisor record"))
+        .collect();
+    gates.iter().for_each(Gate::open);
+    for (&w, &sup) in workers.iter().zip(&sups) {
+        d.wait_done(w, "SUCCEEDED");
+        wait_until(
+            DEADLINE,
+            "each worker's supervisor to wait, free, for its next job",
+            || in_recvmsg(sup),
+            || d.diagnostics(),
+        );
+    }
+    // Stopped, none of them can read a launch; killed, each leaves it untaken.
+    let mut stopped: std::collections::HashMap<u32, Stopped> = sups
+        .iter()
+        .map(|&p| (p, stop_process(p, "a free supervisor")))
+        .collect();
+    let x = d.submit_new("x.yaml", &once_job("x", None, &ran));
+    for round in 1..=4 {
+        let mut handed = None;
+        wait_until(
+            DEADLINE,
+            &format!("job x to be handed to a stopped supervisor (hand-over {round})"),
+            || {
+                handed = stopped.keys().copied().find(|p| {
+                    d.daemon_log()
+                        .contains(&format!("job {x} started (supervisor pid {p})"))
+                });
+                handed.is_some()
+            },
+            || d.diagnostics(),
+        );
+        let pid = handed.unwrap_or_default();
+        drop(stopped.remove(&pid)); // SIGKILL
+        if round < 4 {
+            d.wait_daemon_log(
+                &format!("job {x}: its supervisor (pid {pid}) exited before it took the job"),
+                "job x back in the queue",
+            );
+        }
+    }
+    d.wait_done(x, "FAILED_DRIVER");
+    let requeued = d
+        .daemon_log()
+        .matches(&format!("job {x}: its supervisor"))
+        .count();
+    assert_eq!(requeued, 3, "{}", d.diagnostics());
+    assert_eq!(count_lines(&ran, "x"), 0, "job x ran");
+}
+
 /// The daemon hands job A to its supervisor and dies before rewriting `info.json` and moving
 /// the link: `info.json` still says PENDING with no start or placement, and the link is in
 /// `pending/`. The next start takes both from the launch record, re-adopts A as RUNNING on
