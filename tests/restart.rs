@@ -429,10 +429,12 @@ fn has_open(pid: u32, path: &Path) -> bool {
 /// A supervisor that has finished its job takes the next one (no fork per job). A SIGTERM
 /// meant for the last job (a cancel that crossed its end), pending when the next job comes
 /// or arriving while it runs, does not cancel the next: only a `cancel` file does. When the
-/// daemon stops, the free supervisors leave with the launcher.
+/// daemon stops, the free supervisors leave with the launcher. (Without prestarts: the bash
+/// started ahead after job one, for its user's next job, would take job two, on whichever
+/// supervisor the launcher had free or forked at that moment.)
 #[test]
 fn free_supervisor_takes_the_next_job_and_leaves_with_the_launcher() {
-    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8"]);
+    let mut d = Daemon::start(&["--gpus", "H100:1", "--cpus", "8", "--prestart", "0"]);
     let s = d.scratch();
     let ran = s.join("ran");
     let term = |pid: u32| {
