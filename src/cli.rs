@@ -580,8 +580,8 @@ fn check(spool: &Spool, spool_given: bool, files: &[PathBuf]) -> anyhow::Result<
                 path.display()
             )
         })?;
-        let inv: Inventory =
-            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let inv = Inventory::from_nodes_json(&text)
+            .with_context(|| format!("parsing {}", path.display()))?;
         Some((Scheduler::new(inv.capacities()), inv.cluster_name))
     } else {
         None

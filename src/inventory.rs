@@ -916,6 +916,20 @@ fn detect_on(
 // ---------------------------------------------------------------------------
 
 impl Inventory {
+    /// An inventory as the daemon wrote it to `nodes.json`, from this version or an earlier
+    /// one: a daemon from before `gpus_to_probe` marked an unprobed ssh node only by its
+    /// `gpu_source`, and `skyspool check` would otherwise take that node for one with no
+    /// GPU while the old daemon still serves the spool.
+    pub fn from_nodes_json(bytes: &[u8]) -> serde_json::Result<Inventory> {
+        let mut inv: Inventory = serde_json::from_slice(bytes)?;
+        for n in &mut inv.nodes {
+            if n.gpus.is_empty() && n.gpu_source == GPUS_NOT_PROBED {
+                n.gpus_to_probe = true;
+            }
+        }
+        Ok(inv)
+    }
+
     /// The scheduler's view: one [`NodeCapacity`] per node, in node order.
     pub fn capacities(&self) -> Vec<NodeCapacity> {
         self.nodes.iter().map(Node::capacity).collect()
@@ -1300,6 +1314,40 @@ mod tests {
         assert!(!w.capacity().unknown);
         assert_eq!(w.cpus, Milli::from_units(16));
         assert_eq!(w.gpu_source, "none (nvidia-smi found no GPU)");
+    }
+
+    /// `nodes.json` from a daemon before `gpus_to_probe`: its unprobed ssh node is still
+    /// unknown (may hold a GPU job), not a node without GPUs.
+    #[test]
+    fn nodes_json_of_an_earlier_daemon_keeps_an_unprobed_node_unknown() {
+        let text = "nodes:\n  - name: head\n    host: local\n  - name: w\n    host: 10.0.0.9\n    cpus: 8\n";
+        let inv = detect_text(&no_gpu_machine(), text).unwrap();
+        let mut old = serde_json::to_value(&inv).unwrap();
+        for n in old["nodes"].as_array_mut().unwrap() {
+            n.as_object_mut().unwrap().remove("gpus_to_probe");
+        }
+        let bytes = serde_json::to_vec(&old).unwrap();
+        let plain: Inventory = serde_json::from_slice(&bytes).unwrap();
+        assert!(
+            !plain.nodes[1].capacity().unknown,
+            "the old file as it reads plainly"
+        );
+        let read = Inventory::from_nodes_json(&bytes).unwrap();
+        assert_eq!(read, inv);
+        assert!(read.nodes[1].capacity().unknown);
+        assert!(!read.nodes[0].capacity().unknown);
+        // A node whose probe found no GPU stays known.
+        let mut probed = inv.clone();
+        probed.nodes[1].take_probe(&NodeProbe {
+            gpus: Some(Ok(vec![])),
+            cpus: None,
+        });
+        let bytes = serde_json::to_vec(&probed).unwrap();
+        assert!(
+            !Inventory::from_nodes_json(&bytes).unwrap().nodes[1]
+                .capacity()
+                .unknown
+        );
     }
 
     #[test]
