@@ -1341,26 +1341,17 @@ impl Spool {
     /// requester before it is renamed to `cancel`, so of any owner; a regular file or link
     /// only). A `status` temporary may be a live supervisor's, so it stays.
     pub fn remove_stale_job_temps(&self, id: JobId) -> usize {
-        let dir = self.job_dir(id);
-        let mut removed = remove_own_temps(&dir, |stem| stem == "info.json");
-        let Ok(entries) = fs::read_dir(&dir) else {
-            return removed;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
+        remove_plain_entries(&self.job_dir(id), |name| {
+            if is_daemon_temp(name) == Some("info.json") {
+                return Some(Owner::Daemon);
+            }
             let fuse_cancel = name
                 .to_str()
                 .and_then(|n| n.strip_prefix(CANCEL_TEMP_PREFIX))
                 .and_then(|rest| rest.split_once('.'))
                 .is_some_and(|(pid, n)| is_number(pid) && is_number(n));
-            let plain = entry
-                .file_type()
-                .is_ok_and(|t| t.is_file() || t.is_symlink());
-            if fuse_cancel && plain && fs::remove_file(entry.path()).is_ok() {
-                removed += 1;
-            }
-        }
-        removed
+            fuse_cancel.then_some(Owner::Anyone)
+        })
     }
 }
 
@@ -1371,20 +1362,39 @@ pub const CANCEL_TEMP_PREFIX: &str = ".cancel.fuse.";
 /// Removes `dir`'s temporary files of the daemon's naming ([`is_daemon_temp`]) whose stem
 /// `wanted` accepts, when they are this user's regular files or links.
 fn remove_own_temps(dir: &Path, wanted: impl Fn(&str) -> bool) -> usize {
+    remove_plain_entries(dir, |name| {
+        is_daemon_temp(name)
+            .is_some_and(&wanted)
+            .then_some(Owner::Daemon)
+    })
+}
+
+/// Whose entry [`remove_plain_entries`] may remove.
+enum Owner {
+    /// Only this process's user's.
+    Daemon,
+    Anyone,
+}
+
+/// Removes the entries of `dir` that `pick` names (by name alone, so that only those are
+/// looked at), when they are regular files or links (a link is not followed) of the owner it
+/// says. Returns how many were removed.
+fn remove_plain_entries(dir: &Path, pick: impl Fn(&OsStr) -> Option<Owner>) -> usize {
     let me = nix::unistd::geteuid().as_raw();
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
     for entry in entries.flatten() {
-        if !is_daemon_temp(&entry.file_name()).is_some_and(&wanted) {
+        let Some(owner) = pick(&entry.file_name()) else {
             continue;
-        }
+        };
         // (`DirEntry::metadata` does not follow a link.)
-        let ours = entry.metadata().is_ok_and(|m| {
-            m.uid() == me && (m.file_type().is_file() || m.file_type().is_symlink())
+        let removable = entry.metadata().is_ok_and(|m| {
+            (m.file_type().is_file() || m.file_type().is_symlink())
+                && (matches!(owner, Owner::Anyone) || m.uid() == me)
         });
-        if ours && fs::remove_file(entry.path()).is_ok() {
+        if removable && fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -1469,6 +1479,18 @@ mod tests {
             assert!(job.join(kept).exists(), "{kept} went");
         }
         assert!(job.join(".cancel.fuse.12.4").is_dir());
+        // The FUSE view chowns its cancel request to the requester: it goes whoever owns it.
+        // An `info.json` temporary of another user is not the daemon's, and stays.
+        if nix::unistd::geteuid().is_root() {
+            let other = Some(nix::unistd::Uid::from_raw(65534));
+            for name in [".cancel.fuse.13.1", ".info.json.tmp.14"] {
+                fs::write(job.join(name), "x").unwrap();
+                nix::unistd::chown(&job.join(name), other, None).unwrap();
+            }
+            assert_eq!(spool.remove_stale_job_temps(7), 1);
+            assert!(!job.join(".cancel.fuse.13.1").exists());
+            assert!(job.join(".info.json.tmp.14").exists());
+        }
     }
 
     #[test]
